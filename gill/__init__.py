@@ -1,0 +1,20 @@
+"""GILL: a frozen causal LM and a frozen CLIP vision encoder joined by small trained layers and learned
+[IMG] tokens, reading interleaved images and text and answering with text, retrieved and generated images.
+
+``import gill`` stays light: torch only; transformers, diffusers, faiss and friends load where used.
+"""
+
+from gill.checkpoint import CheckpointError, convert_original, load_model, read_model_dir, save_model
+from gill.config import ConfigError, DecisionConfig, GILLConfig, MapperConfig, PreprocessConfig, TokenConfig
+from gill.decision import DecisionHead
+from gill.model import GILLAdapter, GILLModel, ImageEncoding, ImgTokenOutput, CaptionOutput, LMOutput
+from gill.tokens import ImageTokens, add_image_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptionOutput", "CheckpointError", "ConfigError", "DecisionConfig", "DecisionHead", "GILLAdapter",
+    "GILLConfig", "GILLModel", "ImageEncoding", "ImageTokens", "ImgTokenOutput", "LMOutput", "MapperConfig",
+    "PreprocessConfig", "TokenConfig", "add_image_tokens", "convert_original", "load_model", "read_model_dir",
+    "save_model",
+]

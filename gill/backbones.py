@@ -1,0 +1,215 @@
+"""The only code that loads backbones (hub id or local path) or builds tiny random ones.
+
+Everything else receives modules. No device or dtype is chosen here: callers pass ``torch_dtype`` and
+move the modules themselves. transformers is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from gill.config import GILLConfig, PreprocessConfig
+from gill.tokens import ImageTokens, add_image_tokens, check_image_tokens
+
+# OPT's special-token layout: <s>=0, <pad>=1, </s>=2 (also its BOS), <unk>=3.
+OPT_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+
+
+@dataclass
+class Backbones:
+    lm: nn.Module
+    vision: nn.Module
+    tokenizer: Any
+    image_processor: Any
+    img_tokens: ImageTokens
+
+
+# ---- loading real backbones ------------------------------------------------------------------------
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+
+
+def load_lm(name_or_path: str, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+
+
+def load_vision(name_or_path: str, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+
+
+def image_processor(preprocess: PreprocessConfig) -> Any:
+    """A CLIPImageProcessor built from the config (no file needed)."""
+    from PIL import Image
+
+    try:  # transformers >= 5: the PIL backend needs no torchvision
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
+
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+    if preprocess.interpolation not in resample:
+        raise ValueError(f"preprocess.interpolation {preprocess.interpolation!r} not one of {sorted(resample)}")
+    if preprocess.resize == "shortest_edge":
+        size = {"shortest_edge": preprocess.image_size}
+    elif preprocess.resize == "squash":
+        size = {"height": preprocess.image_size, "width": preprocess.image_size}
+    else:
+        raise ValueError(f"preprocess.resize {preprocess.resize!r} not one of ['shortest_edge', 'squash']")
+    return CLIPImageProcessor(
+        do_resize=True, size=size, resample=resample[preprocess.interpolation], do_center_crop=True,
+        crop_size={"height": preprocess.image_size, "width": preprocess.image_size}, do_rescale=True,
+        do_normalize=True, image_mean=list(preprocess.mean), image_std=list(preprocess.std), do_convert_rgb=True,
+    )
+
+
+def load_backbones(config: GILLConfig, torch_dtype: torch.dtype | None = None, **lm_kwargs: Any) -> Backbones:
+    """Load the frozen LM, vision encoder and tokenizer a config names, and add the [IMG] tokens.
+
+    Raises if the tokenizer gives the [IMG] tokens other ids than the config records.
+    """
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    img_tokens = check_image_tokens(tokenizer, config.tokens, source=f"tokenizer {config.tokenizer_path}")
+    lm = load_lm(config.lm, torch_dtype, **lm_kwargs)
+    vision = load_vision(config.vision, torch_dtype)
+    return Backbones(lm, vision, tokenizer, image_processor(config.preprocess), img_tokens)
+
+
+def config_for_backbones(lm: nn.Module, vision: nn.Module, img_tokens: ImageTokens, /, **overrides: Any) -> GILLConfig:
+    """A GILLConfig whose widths, tying and token ids are read off the given backbones."""
+    base = GILLConfig(
+        lm=getattr(lm, "name_or_path", "") or "",
+        vision=getattr(vision, "name_or_path", "") or "",
+        diffusion=None,
+        lm_hidden_size=lm.get_input_embeddings().embedding_dim,
+        vision_hidden_size=vision.config.hidden_size,
+        tie_img_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    base = replace(base, **overrides)
+    return replace(base, tokens=img_tokens.to_config(base.tokens))
+
+
+# ---- tiny random backbones for tests and demos -----------------------------------------------------
+
+DEFAULT_CORPUS = tuple(
+    f"a {size} {color} {shape} {where}"
+    for size in ("small", "large")
+    for color in ("red", "green", "blue", "yellow")
+    for shape in ("circle", "square", "triangle")
+    for where in ("on the left", "on the right", "in the middle", "moves to the right", "next to it")
+)
+
+
+def build_tokenizer(vocab_size: int, corpus: Iterable[str] = DEFAULT_CORPUS) -> Any:
+    """A byte-level BPE tokenizer with OPT's special-token layout, trained offline on ``corpus`` and
+    padded with unused entries to exactly ``vocab_size`` (so id layouts like OPT's 50265 can be rebuilt).
+
+    Like OPT's, it prepends ``</s>`` (its BOS) and appends nothing.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    min_size = 256 + len(OPT_SPECIALS)
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size must be at least {min_size} (bytes + specials), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(OPT_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab: dict[str, int] = model["vocab"]
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<unused{i}>"] = i
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok.model = models.BPE(vocab=vocab, merges=merges)
+    tok.decoder = decoders.ByteLevel()
+    bos = OPT_SPECIALS[2]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=bos, pad_token="<pad>", unk_token="<unk>",
+    )
+
+
+def tiny_opt(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4, seed: int = 0) -> nn.Module:
+    """A tiny random OPTForCausalLM (tied embeddings, OPT's ids: pad 1, bos/eos 2)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, word_embed_proj_dim=hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, ffn_dim=4 * hidden_size,
+        max_position_embeddings=256, pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0,
+    )
+    return OPTForCausalLM(cfg).eval()
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4, seed: int = 0) -> nn.Module:
+    """A tiny random Llama-style LM (untied embeddings, rotary positions, RMSNorm, grouped-query attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_clip_vision(hidden_size: int = 32, image_size: int = 32, patch_size: int = 8, num_layers: int = 2, seed: int = 0) -> nn.Module:
+    """A tiny random CLIPVisionModel."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+    )
+    return CLIPVisionModel(cfg).eval()
+
+
+def tiny_backbones(
+    lm_kind: str = "opt",
+    vocab_size: int = 320,
+    hidden_size: int = 32,
+    vision_hidden_size: int = 32,
+    image_size: int = 32,
+    seed: int = 0,
+) -> tuple[Backbones, GILLConfig]:
+    """Tiny random backbones and a matching small GILLConfig, built offline.
+
+    As with OPT-6.7B (50272 rows for a 50265-entry tokenizer), the LM has 7 more rows than the tokenizer,
+    so the [IMG] ids straddle the end of the LM's embedding table.
+    """
+    tokenizer = build_tokenizer(vocab_size)
+    img_tokens = add_image_tokens(tokenizer)
+    builders = {"opt": tiny_opt, "llama": tiny_llama}
+    if lm_kind not in builders:
+        raise ValueError(f"lm_kind {lm_kind!r} not one of {sorted(builders)}")
+    lm = builders[lm_kind](vocab_size + 7, hidden_size=hidden_size, seed=seed)
+    vision = tiny_clip_vision(hidden_size=vision_hidden_size, image_size=image_size, seed=seed + 1)
+    preprocess = PreprocessConfig(image_size=image_size)
+    config = config_for_backbones(
+        lm, vision, img_tokens, lm=f"tiny-random-{lm_kind}", vision="tiny-random-clip", ret_emb_dim=16,
+        gen_seq_len=5, gen_emb_dim=24, preprocess=preprocess,
+    )
+    config.mapper = replace(config.mapper, hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64)
+    return Backbones(lm, vision, tokenizer, image_processor(preprocess), img_tokens), config

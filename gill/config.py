@@ -1,0 +1,260 @@
+"""Configuration dataclasses for GILL, their JSON round trip, and the reader of the original
+``model_args.json``.
+
+This module imports no torch, so a config can be read and edited anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gill._io import atomic_write_text
+
+FORMAT_VERSION = 1
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A config file or dict that does not describe a valid GILL model."""
+
+
+@dataclass
+class MapperConfig:
+    """The GILLMapper: Linear -> encoder-decoder transformer with learned queries -> Linear.
+
+    Defaults are the original's (``nn.Transformer`` with pre-LN, final norms, ReLU).
+    """
+
+    hidden_dim: int = 512
+    num_heads: int = 4
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    ffn_dim: int = 2048
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class TokenConfig:
+    """The [IMG] tokens added to the LM's tokenizer (see ``gill.tokens``)."""
+
+    num_img_tokens: int = 8
+    template: str = "[IMG{}]"  # formatted with 0..num_img_tokens-1
+    # Added as the tokenizer's cls_token before the [IMG] tokens, never placed in a sequence; the original
+    # adds it, which is why [IMG0] is 50266 and not 50265 for OPT. None adds nothing.
+    image_placeholder: str | None = "<|image|>"
+    # Filled in from the tokenizer after the tokens are added: ids of [IMG0..n-1] and the tokenizer length.
+    img_token_ids: list[int] = field(default_factory=list)
+    vocab_size: int | None = None
+
+    @property
+    def strings(self) -> list[str]:
+        return [self.template.format(i) for i in range(self.num_img_tokens)]
+
+
+@dataclass
+class PreprocessConfig:
+    """Image preprocessing for the vision encoder (CLIP's by default)."""
+
+    image_size: int = 224
+    resize: str = "shortest_edge"  # "shortest_edge" then center crop (CLIP), or "squash" to a square
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass
+class DecisionConfig:
+    """The retrieve-vs-generate classifier: Dropout -> Linear(features, len(labels))."""
+
+    labels: tuple[str, ...] = ("gen", "ret")
+    dropout: float = 0.5
+    # The paper-time classifier also read the max retrieval score (Linear(4097, 2)); the release's reads
+    # the [IMG0] hidden state only (Linear(4096, 2)).
+    use_ret_score: bool = False
+
+
+@dataclass
+class GILLConfig:
+    """Everything needed to rebuild a GILL model around its frozen backbones."""
+
+    # Backbones: hub ids or local paths. `tokenizer` defaults to `lm`.
+    lm: str = "facebook/opt-6.7b"
+    vision: str = "openai/clip-vit-large-patch14"
+    tokenizer: str | None = None
+    diffusion: str | None = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+    lm_hidden_size: int = 4096  # width of the LM's input embeddings and last hidden states
+    vision_hidden_size: int = 1024  # width of the vision encoder's pooled output (pre-projection)
+    n_visual_tokens: int = 4  # soft tokens per image in the captioning prefix
+    ret_emb_dim: int = 256  # shared retrieval space
+    gen_seq_len: int = 77  # length of the diffusion model's text conditioning
+    gen_emb_dim: int = 768  # width of the diffusion model's text conditioning
+    # Whether the [IMG] output embeddings are the input ones (as in OPT, whose lm_head is tied).
+    tie_img_embeddings: bool = True
+    logit_scale_init: float = math.log(1 / 0.07)
+
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.lm
+
+    @property
+    def decision_features(self) -> int:
+        return self.lm_hidden_size + int(self.decision.use_ret_score)
+
+    # ---- JSON round trip -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> GILLConfig:
+        cfg = _from_dict(cls, data, source)
+        if cfg.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"{source}: format_version {cfg.format_version} is newer than this library reads "
+                f"({FORMAT_VERSION}); upgrade gill"
+            )
+        return cfg
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> GILLConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error naming each of them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value, f"{where}.{name}")
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+# ---- the original release's model_args.json --------------------------------------------------------
+
+# Widths of the backbones the original release names; other backbones need them passed explicitly.
+KNOWN_LM_HIDDEN = {
+    "facebook/opt-125m": 768,
+    "facebook/opt-350m": 512,
+    "facebook/opt-1.3b": 2048,
+    "facebook/opt-2.7b": 2560,
+    "facebook/opt-6.7b": 4096,
+    "facebook/opt-13b": 5120,
+}
+KNOWN_VISION_HIDDEN = {
+    "openai/clip-vit-base-patch32": 768,
+    "openai/clip-vit-base-patch16": 768,
+    "openai/clip-vit-large-patch14": 1024,
+}
+
+
+def config_from_model_args(
+    args: dict[str, Any] | str | os.PathLike,
+    *,
+    lm_hidden_size: int | None = None,
+    vision_hidden_size: int | None = None,
+    vocab_size: int | None = None,
+) -> GILLConfig:
+    """Read the original release's ``model_args.json`` (a path or its parsed dict) into a GILLConfig.
+
+    Only the settings the released model uses are accepted (``text_fc_mode="gill_mapper"``,
+    ``ret_text_fc_mode="linear"``, ``text_emb_layers=[-1]``, shared retrieval/generation tokens); anything
+    else is an error naming the field. Backbone widths come from the known ids or must be passed.
+    """
+    source = "model_args"
+    if not isinstance(args, dict):
+        source = str(args)
+        try:
+            args = json.loads(Path(args).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+    required = ["opt_version", "visual_encoder", "n_visual_tokens", "ret_emb_dim", "gen_emb_dim",
+                "num_tokens", "num_clip_tokens", "retrieval_token_idx"]
+    missing = [k for k in required if k not in args]
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {missing}")
+
+    def expect(key: str, value: Any, default: Any) -> None:
+        got = args.get(key, default)
+        if got != value:
+            raise ConfigError(f"{source}: field {key!r} is {got!r}; only {value!r} is supported")
+
+    expect("text_fc_mode", "gill_mapper", "gill_mapper")
+    expect("ret_text_fc_mode", "linear", "linear")
+    expect("text_emb_layers", [-1], [-1])
+    expect("norm_image_embed", "none", "none")
+    ret_ids = list(args["retrieval_token_idx"])
+    gen_ids = list(args.get("gen_token_idx", ret_ids))
+    if not args.get("share_ret_gen", True) or gen_ids != ret_ids:
+        raise ConfigError(f"{source}: separate retrieval and generation tokens (share_ret_gen=false) "
+                          "are not supported; gen_token_idx must equal retrieval_token_idx")
+    if len(ret_ids) != args["num_tokens"]:
+        raise ConfigError(f"{source}: retrieval_token_idx has {len(ret_ids)} ids but num_tokens is "
+                          f"{args['num_tokens']}")
+
+    lm, vision = args["opt_version"], args["visual_encoder"]
+    lm_hidden_size = lm_hidden_size or KNOWN_LM_HIDDEN.get(lm)
+    vision_hidden_size = vision_hidden_size or KNOWN_VISION_HIDDEN.get(vision)
+    if lm_hidden_size is None:
+        raise ConfigError(f"{source}: unknown LM {lm!r}; pass lm_hidden_size")
+    if vision_hidden_size is None:
+        raise ConfigError(f"{source}: unknown visual encoder {vision!r}; pass vision_hidden_size")
+    return GILLConfig(
+        lm=lm,
+        vision=vision,
+        lm_hidden_size=lm_hidden_size,
+        vision_hidden_size=vision_hidden_size,
+        n_visual_tokens=args["n_visual_tokens"],
+        ret_emb_dim=args["ret_emb_dim"],
+        gen_seq_len=args["num_clip_tokens"],
+        gen_emb_dim=args["gen_emb_dim"],
+        tie_img_embeddings=True,
+        tokens=TokenConfig(
+            num_img_tokens=args["num_tokens"],
+            img_token_ids=ret_ids,
+            # The original tokenizer ends with the [IMG] tokens (OPT: 50274).
+            vocab_size=vocab_size if vocab_size is not None else max(ret_ids) + 1,
+        ),
+    )

@@ -1,0 +1,105 @@
+"""GILL's training losses and the label masks they read. Pure functions of tensors.
+
+Weights and definitions follow the original (see the project's reference notes): captioning CE, the
+[IMG0] CE of the retrieval and generation forwards (0.5 each), symmetric InfoNCE between the text-side and
+image-side retrieval embeddings, and the mapper loss, a per-token Euclidean distance averaged over tokens
+and batch (not an MSE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits (N, T, V) predict labels (N, T) shifted by one; -100 is ignored.
+
+    Mean over the predicted tokens of the whole batch (as Hugging Face's causal-LM loss).
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def retrieval_logits(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Scaled cosine similarities: (Nt, D), (Ni, D) -> (Nt, Ni) = exp(logit_scale) * cos."""
+    text = F.normalize(text.float(), dim=-1)
+    image = F.normalize(image.float(), dim=-1)
+    return logit_scale.float().exp() * text @ image.T
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over matched pairs (row i of ``text`` goes with row i of ``image``).
+
+    (CE(text -> image) + CE(image -> text)) / 2 with logits exp(logit_scale) * cosine.
+    """
+    if text.shape[0] != image.shape[0]:
+        raise ValueError(f"contrastive_loss needs matched pairs, got {text.shape[0]} texts and {image.shape[0]} images")
+    logits = retrieval_logits(text, image, logit_scale)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def mapper_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token Euclidean distance over the last dim, averaged over tokens and batch: (N, L, D) -> ()."""
+    if pred.shape != target.shape:
+        raise ValueError(f"mapper_loss: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    # vector_norm has a zero (not NaN) gradient where pred == target, unlike sqrt(sum(...)).
+    return torch.linalg.vector_norm(pred.float() - target.float(), dim=-1).mean()
+
+
+@dataclass
+class LossWeights:
+    """The original's loss weights."""
+
+    caption: float = 1.0
+    retrieval_ce: float = 0.5
+    contrastive: float = 1.0
+    generation_ce: float = 0.5
+    mapper: float = 1.0
+
+
+@dataclass
+class GILLLosses:
+    caption: torch.Tensor
+    img_token_ce: torch.Tensor  # CE of the [IMG]-token forward (shared by retrieval and generation)
+    contrastive: torch.Tensor
+    mapper: torch.Tensor
+    total: torch.Tensor
+
+
+def gill_losses(
+    caption: torch.Tensor,
+    img_token_ce: torch.Tensor,
+    contrastive: torch.Tensor,
+    mapper: torch.Tensor,
+    weights: LossWeights | None = None,
+) -> GILLLosses:
+    """Weighted total. With one shared forward for retrieval and generation, their two CE terms are the
+    same tensor, so it enters with weight retrieval_ce + generation_ce (the original's 0.5 + 0.5)."""
+    w = weights or LossWeights()
+    total = (
+        w.caption * caption
+        + (w.retrieval_ce + w.generation_ce) * img_token_ce
+        + w.contrastive * contrastive
+        + w.mapper * mapper
+    )
+    return GILLLosses(caption, img_token_ce, contrastive, mapper, total)
+
+
+def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, img_token_ids: torch.Tensor) -> torch.Tensor:
+    """Captioning targets: the text tokens; padding and [IMG] tokens are ignored."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return labels.masked_fill(torch.isin(input_ids, img_token_ids), IGNORE_INDEX)
+
+
+def img_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, img_token_ids: torch.Tensor) -> torch.Tensor:
+    """Targets of the [IMG]-token forward: the text and [IMG0]; [IMG1..n] (forced at inference) and
+    padding are ignored, as in the original."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return labels.masked_fill(torch.isin(input_ids, img_token_ids[1:]), IGNORE_INDEX)
