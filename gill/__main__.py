@@ -28,6 +28,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from gill.checkpoint import CheckpointError
+    from gill.config import ConfigError
+
+    try:
+        return _run(args)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
 
     if args.command == "demo":
         from gill import demo as demo_mod

@@ -1,0 +1,18 @@
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_quick_start_runs():
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["gen"].shape == (1, scope["config"].gen_seq_len, scope["config"].gen_emb_dim)
+    assert scope["scores"].shape == (1, 1)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    command = 'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q'
+    assert command in README.read_text() and command in ci
