@@ -172,3 +172,23 @@ def test_width_mismatch_is_named(tiny_opt):
     config.lm_hidden_size = 64
     with pytest.raises(ValueError, match="lm_hidden_size is 64 but the LM's embeddings are 32-d"):
         GILLModel(backbones.lm, backbones.vision, config)
+
+
+def test_bf16_backbones_with_fp32_adapter_train(tiny_opt):
+    # Frozen backbones in bf16, trainable adapter in fp32 (fp32 master weights): gradients reach the
+    # adapter and the heads compute in the adapter's dtype.
+    backbones, config = tiny_opt
+    backbones.lm.to(torch.bfloat16)
+    backbones.vision.to(torch.bfloat16)
+    model = GILLModel(backbones.lm, backbones.vision, config)
+    ids, mask = batch(backbones, with_img(backbones, "a red circle"))
+    image = model.encode_images(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
+    caption = model.caption(image.prefix, *batch(backbones, ["a red circle"]))
+    out = model.img_token_forward(ids, mask)
+    gen = model.generation_embeddings(out.img_hidden)
+    ret = model.text_retrieval_embeddings(out.img_hidden)
+    assert out.logits.dtype == torch.bfloat16 and gen.dtype == ret.dtype == torch.float32
+    (caption.loss + out.loss + losses.mapper_loss(gen, torch.zeros_like(gen)) + ret.square().sum()).backward()
+    for name in ["img_embeddings", "visual_prefix.proj.weight", "text_retrieval.weight", "mapper.queries"]:
+        grad = model.adapter.get_parameter(name).grad
+        assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0, name
