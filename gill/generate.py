@@ -1,0 +1,234 @@
+"""KV-cached interleaved decoding.
+
+The prompt is prefilled once; then one token per step. When a row picks ``[IMG0]``, the whole group
+``[IMG0..n-1]`` is fed as one cached chunk, and the group's last-layer hidden states come straight out of
+that forward (no extra step, unlike the original's ``num_words=2``). Rows of a batch decode
+independently: a row that feeds one token while another feeds an [IMG] group pads its chunk with masked
+positions, and a finished row feeds masked padding until the batch is done.
+
+``decode_uncached`` is the original's loop (a full forward over the whole sequence every step), kept as the
+reference the cached path is tested against and as the baseline of ``scripts/bench_decode.py``.
+
+No I/O here: the caller embeds the prompt and turns token ids and [IMG] states into text and images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from gill import sampling
+from gill.model import GILLModel
+
+
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int = 32  # counts text tokens and each [IMG] token
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_on_eos: bool = True
+    stop_strings: tuple[str, ...] = ()  # checked on the decoded text of the row
+    img_scale_factor: float = 1.0  # the original's ret/gen scale factor: logit[IMG0] <- |logit| * factor
+    min_tokens_before_image: int = 0  # the original's min_word_tokens
+    max_images: int | None = None  # per row; None is unlimited
+    allow_images: bool = True
+
+
+@dataclass
+class ImageSlot:
+    position: int  # index of [IMG0] in the row's generated tokens
+    hidden: torch.Tensor  # (n, d) last-layer states of [IMG0..n-1]
+
+
+@dataclass
+class DecodeResult:
+    token_ids: list[int] = field(default_factory=list)  # generated tokens, [IMG] ids included
+    images: list[ImageSlot] = field(default_factory=list)
+    stop_reason: str = ""  # "eos", "stop_string" or "max_new_tokens"
+
+
+@dataclass
+class TokenEvent:
+    row: int
+    token_id: int
+
+
+@dataclass
+class ImageEvent:
+    row: int
+    slot: ImageSlot
+
+
+@dataclass
+class DoneEvent:
+    row: int
+    stop_reason: str
+
+
+DecodeEvent = TokenEvent | ImageEvent | DoneEvent
+
+
+class _Rows:
+    """Per-row bookkeeping shared by the cached and the uncached loop."""
+
+    def __init__(self, n_rows: int, model: GILLModel, options: DecodeOptions, eos_token_id: int | None,
+                 decode_text: Callable[[list[int]], str] | None):
+        if options.stop_strings and decode_text is None:
+            raise ValueError("stop_strings need decode_text (e.g. a tokenizer's decode)")
+        self.results = [DecodeResult() for _ in range(n_rows)]
+        self.done = [False] * n_rows
+        self.model, self.options, self.eos, self.decode_text = model, options, eos_token_id, decode_text
+        self.n_img = model.config.tokens.num_img_tokens
+        self.img_ids = model.img_token_ids
+        self.img0 = int(model.img_token_ids[0])
+
+    def select(self, logits: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+        """Next token of every row from the last-position logits (N, V)."""
+        o = self.options
+        logits = sampling.scale_img_logit(logits.float(), self.img0, o.img_scale_factor)
+        logits = sampling.mask_ids(logits, self.img_ids[1:])  # [IMG1..] are forced, never sampled
+        no_img = [not self.image_allowed(r) for r in range(len(self.results))]
+        if any(no_img):
+            rows = torch.tensor(no_img, device=logits.device)
+            logits = sampling.mask_ids(logits, self.img_ids[:1], rows)
+        return sampling.sample(logits, o.temperature, o.top_p, o.top_k, generator).tolist()
+
+    def image_allowed(self, row: int) -> bool:
+        o, r = self.options, self.results[row]
+        return (
+            o.allow_images
+            and len(r.token_ids) >= o.min_tokens_before_image
+            and (o.max_images is None or len(r.images) < o.max_images)
+            and len(r.token_ids) + self.n_img <= o.max_new_tokens
+        )
+
+    def push(self, row: int, token: int) -> list[int]:
+        """Record a chosen token; returns the ids the row feeds next ([IMG0..n-1] for [IMG0])."""
+        ids = self.img_ids.tolist() if token == self.img0 else [token]
+        self.results[row].token_ids.extend(ids)
+        return ids
+
+    def stop_reason(self, row: int) -> str | None:
+        o, r = self.options, self.results[row]
+        if o.stop_on_eos and self.eos is not None and r.token_ids and r.token_ids[-1] == self.eos:
+            return "eos"
+        if o.stop_strings:
+            text = self.decode_text([t for t in r.token_ids[-32:] if t not in self.img_ids.tolist()])
+            if any(s in text for s in o.stop_strings):
+                return "stop_string"
+        if len(r.token_ids) >= o.max_new_tokens:
+            return "max_new_tokens"
+        return None
+
+
+@torch.no_grad()
+def iter_decode(
+    model: GILLModel,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    options: DecodeOptions | None = None,
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+    decode_text: Callable[[list[int]], str] | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[DecodeEvent]:
+    """Decode a left-padded batch of prompt embeddings (N, T, d) with a KV cache, yielding events as
+    tokens, [IMG] groups and stops happen. ``attention_mask`` (N, T) marks the real prompt positions."""
+    options = options or DecodeOptions()
+    n_rows, device = inputs_embeds.shape[0], inputs_embeds.device
+    rows = _Rows(n_rows, model, options, eos_token_id, decode_text)
+    n = rows.n_img
+    out = model.lm_forward(inputs_embeds, attention_mask, use_cache=True, logits_to_keep=1)
+    past, mask, next_logits = out.past_key_values, attention_mask, out.logits[:, -1]
+
+    while not all(rows.done):
+        tokens = rows.select(next_logits, generator)
+        feeds = [[pad_token_id] if rows.done[r] else rows.push(r, tokens[r]) for r in range(n_rows)]
+        width = max(len(f) for f in feeds)
+        chunk = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+        chunk_mask = torch.zeros((n_rows, width), dtype=mask.dtype)
+        for r, f in enumerate(feeds):
+            chunk[r, : len(f)] = torch.tensor(f)
+            chunk_mask[r, : len(f)] = 0 if rows.done[r] else 1
+        chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
+        mask = torch.cat([mask, chunk_mask], dim=1)
+        out = model.lm_forward(model.embed_tokens(chunk), mask, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        last = torch.tensor([len(f) - 1 for f in feeds], device=device)
+        next_logits = out.logits[torch.arange(n_rows, device=device), last]
+
+        for r in range(n_rows):
+            if rows.done[r]:
+                continue
+            result = rows.results[r]
+            if len(feeds[r]) == n and feeds[r][0] == rows.img0:
+                slot = ImageSlot(position=len(result.token_ids) - n, hidden=out.hidden[r, :n].clone())
+                result.images.append(slot)
+                yield ImageEvent(r, slot)
+            else:
+                yield TokenEvent(r, feeds[r][0])
+            reason = rows.stop_reason(r)
+            if reason is not None:
+                rows.done[r] = True
+                result.stop_reason = reason
+                yield DoneEvent(r, reason)
+
+
+def decode(model: GILLModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+           options: DecodeOptions | None = None, **kwargs) -> list[DecodeResult]:
+    """``iter_decode`` run to the end: one DecodeResult per row."""
+    n_rows = inputs_embeds.shape[0]
+    results = [DecodeResult() for _ in range(n_rows)]
+    for event in iter_decode(model, inputs_embeds, attention_mask, options, **kwargs):
+        r = results[event.row]
+        if isinstance(event, TokenEvent):
+            r.token_ids.append(event.token_id)
+        elif isinstance(event, ImageEvent):
+            r.token_ids.extend(model.img_token_ids.tolist())
+            r.images.append(event.slot)
+        else:
+            r.stop_reason = event.stop_reason
+    return results
+
+
+@torch.no_grad()
+def decode_uncached(
+    model: GILLModel,
+    inputs_embeds: torch.Tensor,
+    options: DecodeOptions | None = None,
+    *,
+    eos_token_id: int | None = None,
+    decode_text: Callable[[list[int]], str] | None = None,
+    generator: torch.Generator | None = None,
+) -> DecodeResult:
+    """The original's loop for one prompt (1, T, d): every step a full forward over the prompt and all
+    tokens so far, without a cache. [IMG] states come from one final full forward."""
+    options = options or DecodeOptions()
+    rows = _Rows(1, model, options, eos_token_id, decode_text)
+    result = rows.results[0]
+
+    def forward() -> torch.Tensor:
+        ids = torch.tensor([result.token_ids], dtype=torch.long, device=inputs_embeds.device)
+        embeds = torch.cat([inputs_embeds, model.embed_tokens(ids)], dim=1)
+        return model.lm_forward(embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device))
+
+    out = model.lm_forward(inputs_embeds, torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device))
+    while True:
+        token = rows.select(out.logits[:, -1], generator)[0]
+        rows.push(0, token)
+        reason = rows.stop_reason(0)
+        if reason is not None:
+            result.stop_reason = reason
+            break
+        out = forward()
+    out = forward()
+    prompt_len = inputs_embeds.shape[1]
+    for pos, t in enumerate(result.token_ids):
+        if t == rows.img0:
+            hidden = out.hidden[0, prompt_len + pos : prompt_len + pos + rows.n_img]
+            result.images.append(ImageSlot(position=pos, hidden=hidden.clone()))
+    return result
