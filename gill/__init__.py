@@ -7,12 +7,18 @@
 from gill.checkpoint import CheckpointError, convert_original, load_model, read_model_dir, save_model
 from gill.config import ConfigError, DecisionConfig, GILLConfig, MapperConfig, PreprocessConfig, TokenConfig
 from gill.decision import DecisionHead
-from gill.model import GILLAdapter, GILLModel, ImageEncoding, ImgTokenOutput, CaptionOutput, LMOutput
+from gill.generate import DecodeOptions
+from gill.diffusion import DiffusionOptions
+from gill.model import CaptionOutput, GILLAdapter, GILLModel, ImageEncoding, ImgTokenOutput, LMOutput
+from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Segment, Text
+from gill.retrieval import EmbeddingIndex, ImageRecord
 from gill.tokens import ImageTokens, add_image_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GILL", "DecodeOptions", "DiffusionOptions", "EmbeddingIndex", "GeneratedImage", "ImageRecord",
+    "RetrievedImage", "Segment", "Text",
     "CaptionOutput", "CheckpointError", "ConfigError", "DecisionConfig", "DecisionHead", "GILLAdapter",
     "GILLConfig", "GILLModel", "ImageEncoding", "ImageTokens", "ImgTokenOutput", "LMOutput", "MapperConfig",
     "PreprocessConfig", "TokenConfig", "add_image_tokens", "convert_original", "load_model", "read_model_dir",

@@ -213,3 +213,44 @@ def tiny_backbones(
     )
     config.mapper = replace(config.mapper, hidden_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64)
     return Backbones(lm, vision, tokenizer, image_processor(preprocess), img_tokens), config
+
+
+# ---- diffusion -------------------------------------------------------------------------------------
+
+
+def load_diffusion(name_or_path: str, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> Any:
+    """A diffusers pipeline (Stable Diffusion or another that takes ``prompt_embeds``)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=torch_dtype, **kwargs)
+
+
+def tiny_stable_diffusion(cross_attention_dim: int, seq_len: int, image_size: int = 32, seed: int = 0) -> Any:
+    """A tiny random StableDiffusionPipeline (UNet + VAE + CLIP text encoder) whose conditioning is
+    (seq_len, cross_attention_dim), built offline. No safety checker."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+        norm_num_groups=8, attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=image_size,
+    )
+    tokenizer = build_tokenizer(300)
+    tokenizer.model_max_length = seq_len
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
+        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=seq_len, pad_token_id=1,
+        bos_token_id=2, eos_token_id=2,
+    ))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

@@ -1,0 +1,90 @@
+"""Image generation: GILL's mapper output drives a stock diffusers pipeline through ``prompt_embeds``.
+
+Works with ``StableDiffusionPipeline`` and any SD-family pipeline whose ``__call__`` takes
+``prompt_embeds`` (and ``negative_prompt_embeds``). diffusers is imported where used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Scheduler names -> diffusers class names; built from the pipeline's own scheduler config.
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+@dataclass
+class DiffusionOptions:
+    steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int | None = None  # image i of a call uses seed + i
+    scheduler: str | None = None  # one of SCHEDULERS; None keeps the pipeline's (SD v1.5: PNDM)
+    height: int | None = None
+    width: int | None = None
+
+
+class DiffusionGenerator:
+    """Wraps a diffusers pipeline; one ``generate`` call renders every image slot of a batch."""
+
+    def __init__(self, pipe: Any):
+        self.pipe = pipe
+        self._scheduler_name: str | None = None
+
+    def set_scheduler(self, name: str) -> None:
+        if name == self._scheduler_name:
+            return
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+        import diffusers
+
+        cls = getattr(diffusers, SCHEDULERS[name])
+        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
+        self._scheduler_name = name
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_embeds: torch.Tensor,
+        options: DiffusionOptions | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        seeds: list[int] | None = None,
+    ) -> list[Any]:
+        """(G, L, D) conditioning -> G PIL images. Image i is seeded with ``seeds[i]`` if given, else with
+        ``options.seed + i``. Without negative embeddings the pipeline encodes the empty prompt, as the
+        original did."""
+        options = options or DiffusionOptions()
+        if options.scheduler is not None:
+            self.set_scheduler(options.scheduler)
+        device = getattr(self.pipe, "device", torch.device("cpu"))
+        if seeds is None and options.seed is not None:
+            seeds = [options.seed + i for i in range(len(prompt_embeds))]
+        generator = None
+        if seeds is not None:
+            if len(seeds) != len(prompt_embeds):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompt_embeds)} images")
+            generator = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] == 1 < prompt_embeds.shape[0]:
+            negative_prompt_embeds = negative_prompt_embeds.expand(prompt_embeds.shape[0], -1, -1)
+        kwargs = dict(
+            prompt_embeds=prompt_embeds.to(device),
+            num_inference_steps=options.steps,
+            guidance_scale=options.guidance_scale,
+            generator=generator,
+            output_type="pil",
+        )
+        if negative_prompt_embeds is not None:
+            kwargs["negative_prompt_embeds"] = negative_prompt_embeds.to(device)
+        if options.height is not None:
+            kwargs["height"] = options.height
+        if options.width is not None:
+            kwargs["width"] = options.width
+        return list(self.pipe(**kwargs).images)

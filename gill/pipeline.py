@@ -1,0 +1,355 @@
+"""``GILL``: the model, its tokenizer and image processor, the decision head, a retrieval index and a
+diffusion pipeline, behind one call, ``generate_interleaved(inputs)``.
+
+Inputs are ordered lists of ``str`` (text), ``PIL.Image.Image`` and ``pathlib.Path`` (an image file). The
+answer is an ordered list of segments: ``Text``, ``GeneratedImage`` and ``RetrievedImage``, each image
+with the decision taken at its slot.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from gill.decision import Decision, DecisionHead, decide, decision_probs
+from gill.diffusion import DiffusionGenerator, DiffusionOptions
+from gill.generate import DecodeOptions, DoneEvent, ImageEvent, ImageSlot, TokenEvent, decode, iter_decode
+from gill.model import GILLModel
+from gill.retrieval import EmbeddingIndex, image_keys
+from gill.tokens import ImageTokens
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL.Image.Image
+    decision: Decision
+
+
+@dataclass
+class RetrievedImage:
+    image: Any  # PIL.Image.Image, or None when the index could not load it
+    score: float  # exp(logit_scale) * cosine
+    source: str
+    caption: str
+    sha256: str
+    license: str
+    decision: Decision
+
+
+Segment = Union[Text, GeneratedImage, RetrievedImage]
+InputItem = Union[str, "os.PathLike[str]", Any]
+
+
+def truncate_like_original(text: str) -> str:
+    """The original's ``truncate_caption``: cut at the first newline, else at the first period."""
+    if "\n" in text:
+        return text[: text.index("\n")]
+    if "." in text:
+        return text[: text.index(".") + 1]
+    return text
+
+
+@dataclass
+class _Prompt:
+    embeds: torch.Tensor  # (T, d)
+    exclude: set[str] = field(default_factory=set)  # keys of the conversation's images
+
+
+class GILL:
+    """GILL behind one call. Build with ``GILL.from_pretrained`` or from parts (tests inject tiny ones)."""
+
+    def __init__(
+        self,
+        model: GILLModel,
+        tokenizer: Any,
+        image_processor: Any,
+        img_tokens: ImageTokens,
+        decision: DecisionHead | None = None,
+        retriever: EmbeddingIndex | None = None,
+        diffusion: DiffusionGenerator | Any | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.img_tokens = img_tokens
+        self.decision = decision.eval() if decision is not None else None
+        self.retriever = retriever
+        if diffusion is not None and not isinstance(diffusion, DiffusionGenerator):
+            diffusion = DiffusionGenerator(diffusion)
+        self.diffusion = diffusion
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        index: EmbeddingIndex | None = None,
+        load_diffusion: bool = True,
+    ) -> GILL:
+        """A model directory or a preset name (see ``gill.presets``). Backbones load from the ids or paths
+        in its config; ``device`` and ``torch_dtype`` are the caller's choice (default: CPU, stored dtype)."""
+        from gill import presets
+
+        return presets.load(name_or_dir, torch_dtype=torch_dtype, device=device, index=index, load_diffusion=load_diffusion)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.adapter.logit_scale.device
+
+    # ---- 1. prompts ------------------------------------------------------------------------------
+
+    def _load_image(self, item: Any) -> Any:
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(item, Image.Image):
+            return item.convert("RGB")
+        try:
+            with Image.open(item) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {item}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {item}: {e}") from None
+
+    def build_prompts(self, conversations: Sequence[Sequence[InputItem]]) -> list[_Prompt]:
+        """Embed each conversation: images -> k soft tokens each (one vision pass for all images of the
+        batch), text -> token embeddings, BOS only before the first text segment (as the original)."""
+        from PIL import Image
+
+        images, where = [], []
+        for c, conv in enumerate(conversations):
+            if not conv:
+                raise ValueError(f"conversation {c} is empty: give at least one text or image")
+            for i, item in enumerate(conv):
+                if isinstance(item, (Path, Image.Image)):
+                    images.append(self._load_image(item))
+                    where.append((c, i))
+                elif not isinstance(item, str):
+                    raise TypeError(
+                        f"conversation {c}, item {i}: expected str (text), pathlib.Path or PIL.Image, got {type(item).__name__}"
+                    )
+        prefixes: dict[tuple[int, int], torch.Tensor] = {}
+        if images:
+            pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            vision_dtype = next(self.model.vision.parameters()).dtype
+            prefix = self.model.encode_images(pixels.to(self.device, vision_dtype)).prefix
+            prefixes = {w: prefix[j] for j, w in enumerate(where)}
+
+        prompts = []
+        embed_dtype = self.model.lm.get_input_embeddings().weight.dtype
+        for c, conv in enumerate(conversations):
+            parts, exclude, seen_text = [], set(), False
+            for i, item in enumerate(conv):
+                if (c, i) in prefixes:
+                    parts.append(prefixes[(c, i)].to(embed_dtype))
+                    exclude |= image_keys(item)
+                    continue
+                ids = self.tokenizer(item, add_special_tokens=not seen_text)["input_ids"]
+                seen_text = True
+                if ids:
+                    ids_t = torch.tensor([ids], device=self.device)
+                    with torch.no_grad():
+                        parts.append(self.model.embed_tokens(ids_t)[0])
+            prompts.append(_Prompt(torch.cat(parts, dim=0), exclude))
+        return prompts
+
+    def _batch(self, prompts: list[_Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad the prompts into (N, T, d) with an attention mask."""
+        width = max(p.embeds.shape[0] for p in prompts)
+        first = prompts[0].embeds
+        embeds = first.new_zeros(len(prompts), width, first.shape[-1])
+        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=first.device)
+        for r, p in enumerate(prompts):
+            embeds[r, width - p.embeds.shape[0]:] = p.embeds
+            mask[r, width - p.embeds.shape[0]:] = 1
+        return embeds, mask
+
+    # ---- 2. decoding -----------------------------------------------------------------------------
+
+    def _decode_options(self, options: DecodeOptions | None, overrides: dict[str, Any]) -> DecodeOptions:
+        options = replace(options or DecodeOptions(), **overrides)
+        if self.diffusion is None and self.retriever is None:
+            options = replace(options, allow_images=False)
+        return options
+
+    def _decode_args(self, prompts: list[_Prompt], options: DecodeOptions, seed: int | None) -> dict[str, Any]:
+        embeds, mask = self._batch(prompts)
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        return dict(
+            model=self.model, inputs_embeds=embeds, attention_mask=mask, options=options,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id or 0,
+            decode_text=self.tokenizer.decode, generator=generator,
+        )
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ---- 3. image slots --------------------------------------------------------------------------
+
+    def _images(
+        self,
+        slots: list[tuple[int, ImageSlot]],
+        prompts: list[_Prompt],
+        policy: str,
+        diffusion_options: DiffusionOptions,
+        already_retrieved: list[set[str]],
+        image_counts: list[int],
+    ) -> list[list[Segment]]:
+        """Image segments for each slot: decision, then only the branches it needs, batched."""
+        if not slots:
+            return []
+        model = self.model
+        hidden = torch.stack([s.hidden for _, s in slots])  # (G, n, d)
+        with torch.no_grad():
+            ret_emb = model.text_retrieval_embeddings(hidden)
+        scale = model.adapter.logit_scale.exp().item()
+        need_ret_score = self.decision is not None and model.config.decision.use_ret_score
+        hits: list[list[Any]] | None = None
+
+        def search() -> list[list[Any]]:
+            exclude = [prompts[r].exclude | already_retrieved[r] for r, _ in slots]
+            return self.retriever.search(ret_emb, k=1, exclude=exclude, scale=scale)
+
+        probs = None
+        if self.decision is not None and policy in ("auto", "both"):
+            max_score = None
+            if need_ret_score:
+                hits = search() if self.retriever is not None else None
+                if hits is None:
+                    raise ValueError("this decision head reads the max retrieval score; load a retrieval index")
+                max_score = torch.tensor([h[0].score if h else 0.0 for h in hits], device=self.device)
+            probs = decision_probs(self.decision, model.decision_features(hidden, max_score))
+        decisions = decide(policy, probs, len(slots), self.diffusion is not None, self.retriever is not None)
+
+        first_of_row: dict[int, int] = {}
+        for j, (row, _) in enumerate(slots):
+            first_of_row.setdefault(row, j)
+        out: list[list[Segment]] = [[] for _ in slots]
+        ret_rows = [j for j, d in enumerate(decisions) if d.run_retrieval]
+        if ret_rows:
+            if hits is None:
+                hits = search()
+            for j in ret_rows:
+                if not hits[j]:
+                    continue
+                hit = hits[j][0]
+                try:
+                    image = self.retriever.load_image(hit.record)
+                except (OSError, ValueError):
+                    image = None
+                rec = hit.record
+                already_retrieved[slots[j][0]] |= {k for k in (rec.sha256, rec.source) if k}
+                out[j].append(RetrievedImage(image, hit.score, rec.source, rec.caption, rec.sha256, rec.license, decisions[j]))
+        gen_rows = [j for j, d in enumerate(decisions) if d.run_generation]
+        if gen_rows:
+            with torch.no_grad():
+                embeds = model.generation_embeddings(hidden[gen_rows])
+            seeds = None
+            if diffusion_options.seed is not None:  # per conversation: its k-th image gets seed + k
+                seeds = [diffusion_options.seed + image_counts[slots[j][0]] + j - first_of_row[slots[j][0]] for j in gen_rows]
+            images = self.diffusion.generate(embeds, diffusion_options, seeds=seeds)
+            for j, image in zip(gen_rows, images):
+                segment = GeneratedImage(image, decisions[j])
+                # the chosen branch comes first
+                out[j].insert(0 if decisions[j].choice == "gen" else len(out[j]), segment)
+        return out
+
+    # ---- 4. assembling the answer ----------------------------------------------------------------
+
+    def generate_interleaved(
+        self,
+        inputs: Sequence[InputItem] | Sequence[Sequence[InputItem]],
+        *,
+        policy: str = "auto",
+        options: DecodeOptions | None = None,
+        diffusion: DiffusionOptions | None = None,
+        seed: int | None = None,
+        original_truncation: bool = False,
+        **decode_overrides: Any,
+    ) -> list[Segment] | list[list[Segment]]:
+        """Answer one conversation (a list of items) or several (a list of lists, decoded as one batch).
+
+        ``decode_overrides`` set fields of ``DecodeOptions`` (max_new_tokens, temperature, top_p, top_k,
+        stop_strings, img_scale_factor, min_tokens_before_image, ...). ``original_truncation`` reproduces
+        the original's post-processing for evaluation parity: each text cut at its first newline or
+        period, and text after the last image dropped.
+        """
+        if not inputs:
+            raise ValueError("no input: give a list of texts and images (or a list of such lists)")
+        batched = all(isinstance(c, (list, tuple)) for c in inputs)
+        conversations = list(inputs) if batched else [list(inputs)]
+        options = self._decode_options(options, decode_overrides)
+        diffusion = diffusion or DiffusionOptions(seed=seed)
+        prompts = self.build_prompts(conversations)
+        results = decode(**self._decode_args(prompts, options, seed))
+        slots = [(row, s) for row, r in enumerate(results) for s in r.images]
+        images = self._images(slots, prompts, policy, diffusion, [set() for _ in prompts], [0] * len(prompts))
+        answers = []
+        k = 0
+        for r in results:
+            segments: list[Segment] = []
+            start = 0
+            for s in r.images:
+                segments.append(Text(self._text(r.token_ids[start:s.position])))
+                segments.extend(images[k])
+                k += 1
+                start = s.position + len(self.img_tokens.ids)
+            segments.append(Text(self._text(r.token_ids[start:])))
+            answers.append(_finish(segments, original_truncation))
+        return answers if batched else answers[0]
+
+    def stream(
+        self,
+        inputs: Sequence[InputItem],
+        *,
+        policy: str = "auto",
+        options: DecodeOptions | None = None,
+        diffusion: DiffusionOptions | None = None,
+        seed: int | None = None,
+        **decode_overrides: Any,
+    ) -> Iterator[Segment]:
+        """Answer one conversation, yielding each segment as soon as it is complete: a text run when an
+        image slot starts or decoding ends, an image when it has been retrieved or generated."""
+        options = self._decode_options(options, decode_overrides)
+        diffusion = diffusion or DiffusionOptions(seed=seed)
+        prompts = self.build_prompts([list(inputs)])
+        retrieved: list[set[str]] = [set()]
+        pending: list[int] = []
+        count = [0]
+        for event in iter_decode(**self._decode_args(prompts, options, seed)):
+            if isinstance(event, TokenEvent):
+                pending.append(event.token_id)
+            elif isinstance(event, ImageEvent):
+                text = self._text(pending)
+                pending = []
+                if text:
+                    yield Text(text)
+                yield from self._images([(0, event.slot)], prompts, policy, diffusion, retrieved, count)[0]
+                count[0] += 1
+            elif isinstance(event, DoneEvent):
+                text = self._text(pending)
+                if text:
+                    yield Text(text)
+
+
+def _finish(segments: list[Segment], original_truncation: bool) -> list[Segment]:
+    if original_truncation:
+        last_image = max((i for i, s in enumerate(segments) if not isinstance(s, Text)), default=None)
+        if last_image is not None:
+            segments = segments[: last_image + 1]
+        segments = [Text(truncate_like_original(s.text)) if isinstance(s, Text) else s for s in segments]
+    return [s for s in segments if not (isinstance(s, Text) and not s.text)]

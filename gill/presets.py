@@ -1,0 +1,95 @@
+"""Named models for ``GILL.from_pretrained``.
+
+- ``tiny-random``: tiny random backbones, a tiny random Stable Diffusion and a small corpus of solid-colour
+  images, built offline in seconds (for tests and smoke runs; its outputs mean nothing).
+- ``gill-opt-6.7b``: the original GILL (OPT-6.7B, CLIP ViT-L/14, SD v1.5). Its trained weights come from
+  the original release: convert them once with ``scripts/convert_original_checkpoint.py`` and pass the
+  directory.
+Anything else is read as a model directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRESETS = ("tiny-random", "gill-opt-6.7b")
+
+
+def load(
+    name_or_dir: str | os.PathLike,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    index: Any = None,
+    load_diffusion: bool = True,
+) -> Any:
+    from gill.pipeline import GILL
+
+    name = str(name_or_dir)
+    if name == "tiny-random":
+        gill = tiny_random(index=index, with_diffusion=load_diffusion)
+    elif Path(name).is_dir():
+        gill = from_model_dir(Path(name), torch_dtype=torch_dtype, index=index, load_diffusion=load_diffusion)
+    elif name == "gill-opt-6.7b":
+        raise FileNotFoundError(
+            "preset 'gill-opt-6.7b' needs the original release converted once: run "
+            "scripts/convert_original_checkpoint.py --model-args ... --checkpoint pretrained_ckpt.pth.tar "
+            "--decision decision_model.pth.tar --out DIR, then load DIR"
+        )
+    else:
+        raise FileNotFoundError(f"{name!r} is neither a model directory nor a preset (presets: {list(PRESETS)})")
+    if device is not None:
+        gill.model.to(device)
+        if gill.decision is not None:
+            gill.decision.to(device)
+        if gill.diffusion is not None:
+            gill.diffusion.pipe.to(device)
+    assert isinstance(gill, GILL)
+    return gill
+
+
+def from_model_dir(path: Path, *, torch_dtype: torch.dtype | None, index: Any, load_diffusion: bool) -> Any:
+    from gill.backbones import load_backbones, load_diffusion as load_sd
+    from gill.checkpoint import load_model, read_model_dir
+    from gill.pipeline import GILL
+
+    config = read_model_dir(path).config
+    backbones = load_backbones(config, torch_dtype=torch_dtype)
+    model, decision = load_model(path, backbones.lm, backbones.vision)
+    pipe = None
+    if load_diffusion and config.diffusion:
+        pipe = load_sd(config.diffusion, torch_dtype=torch_dtype)
+        pipe.set_progress_bar_config(disable=True)
+    return GILL(model, backbones.tokenizer, backbones.image_processor, backbones.img_tokens, decision, index, pipe)
+
+
+def tiny_random(index: Any = None, with_diffusion: bool = True, seed: int = 0) -> Any:
+    from PIL import Image
+
+    from gill.backbones import tiny_backbones, tiny_stable_diffusion
+    from gill.decision import DecisionHead
+    from gill.model import GILLModel
+    from gill.pipeline import GILL
+    from gill.retrieval import EmbeddingIndex, ImageRecord
+
+    backbones, config = tiny_backbones(seed=seed)
+    torch.manual_seed(seed)
+    model = GILLModel(backbones.lm, backbones.vision, config).eval()
+    decision = DecisionHead.from_config(config).eval()
+    if index is None:
+        colors = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+        images = {name: Image.new("RGB", (32, 32), rgb) for name, rgb in colors.items()}
+        records = [ImageRecord(i, f"tiny-random://{name}", f"a {name} square", sha256=f"tiny-{name}")
+                   for i, name in enumerate(colors)]
+        pixels = backbones.image_processor(images=list(images.values()), return_tensors="pt")["pixel_values"]
+        embeddings = model.encode_images(pixels).retrieval.detach()
+        index = EmbeddingIndex(embeddings, records, image_loader=lambda r: images[r.source.split("://")[1]])
+    pipe = None
+    if with_diffusion:
+        pipe = tiny_stable_diffusion(config.gen_emb_dim, config.gen_seq_len, image_size=32, seed=seed)
+        pipe.set_progress_bar_config(disable=True)
+    return GILL(model, backbones.tokenizer, backbones.image_processor, backbones.img_tokens, decision, index, pipe)

@@ -1,0 +1,166 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gill.diffusion import DiffusionOptions
+from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Text, truncate_like_original
+from gill.retrieval import EmbeddingIndex, ImageRecord, file_sha256
+
+
+@pytest.fixture(scope="module")
+def gill():
+    g = GILL.from_pretrained("tiny-random")
+    torch.manual_seed(0)
+    with torch.no_grad():  # large [IMG] rows so that images appear in the answers
+        g.model.adapter.img_embeddings.normal_(0, 1.0)
+    return g
+
+
+FAST = DiffusionOptions(steps=2, seed=0)
+CONVERSATIONS = [
+    ["a red circle"],
+    ["next to it", Image.new("RGB", (40, 40), "blue"), "a small square"],
+    ["a large green triangle moves to the right"],
+]
+
+
+def kinds(segments):
+    return [type(s).__name__ for s in segments]
+
+
+def test_answer_interleaves_text_and_images_with_decisions(gill):
+    out = gill.generate_interleaved(CONVERSATIONS[2], max_new_tokens=24, diffusion=FAST)
+    assert any(isinstance(s, Text) for s in out) and any(isinstance(s, GeneratedImage) for s in out)
+    for s in out:
+        if not isinstance(s, Text):
+            assert s.decision.policy == "auto"
+            assert s.decision.p_gen + s.decision.p_ret == pytest.approx(1.0)
+            assert s.decision.choice == ("ret" if s.decision.p_ret > s.decision.p_gen else "gen")
+        if isinstance(s, GeneratedImage):
+            assert s.image.size == (32, 32)
+
+
+def test_batched_equals_unbatched(gill):
+    batched = gill.generate_interleaved(CONVERSATIONS, max_new_tokens=24, policy="both", diffusion=FAST)
+    assert len(batched) == len(CONVERSATIONS)
+    for conv, row in zip(CONVERSATIONS, batched):
+        single = gill.generate_interleaved(conv, max_new_tokens=24, policy="both", diffusion=FAST)
+        assert kinds(row) == kinds(single)
+        for a, b in zip(row, single):
+            if isinstance(a, Text):
+                assert a.text == b.text
+            elif isinstance(a, RetrievedImage):
+                assert (a.source, a.caption) == (b.source, b.caption) and a.score == pytest.approx(b.score, abs=1e-4)
+            else:
+                diff = np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max()
+                assert diff <= 2
+                assert a.decision.p_ret == pytest.approx(b.decision.p_ret, abs=1e-4)
+
+
+def test_retrieve_never_runs_diffusion_and_generate_never_searches(gill, monkeypatch):
+    calls = {"diffusion": 0, "search": 0}
+    real_generate, real_search = gill.diffusion.generate, gill.retriever.search
+
+    def spy_generate(*a, **k):
+        calls["diffusion"] += 1
+        return real_generate(*a, **k)
+
+    def spy_search(*a, **k):
+        calls["search"] += 1
+        return real_search(*a, **k)
+
+    monkeypatch.setattr(gill.diffusion, "generate", spy_generate)
+    monkeypatch.setattr(gill.retriever, "search", spy_search)
+    out = gill.generate_interleaved(CONVERSATIONS[0], max_new_tokens=24, policy="retrieve", diffusion=FAST)
+    assert calls == {"diffusion": 0, "search": 1} and "RetrievedImage" in kinds(out) and "GeneratedImage" not in kinds(out)
+    out = gill.generate_interleaved(CONVERSATIONS[0], max_new_tokens=24, policy="generate", diffusion=FAST)
+    assert calls == {"diffusion": 1, "search": 1} and "GeneratedImage" in kinds(out) and "RetrievedImage" not in kinds(out)
+
+
+def test_several_image_slots_share_one_diffusion_call(gill, monkeypatch):
+    calls = []
+    real = gill.diffusion.generate
+    monkeypatch.setattr(gill.diffusion, "generate", lambda e, *a, **k: calls.append(len(e)) or real(e, *a, **k))
+    out = gill.generate_interleaved(CONVERSATIONS, max_new_tokens=24, policy="generate", diffusion=FAST)
+    n_images = sum(isinstance(s, GeneratedImage) for row in out for s in row)
+    assert n_images >= 3 and calls == [n_images]
+
+
+def test_stream_yields_the_same_segments(gill):
+    conv = CONVERSATIONS[2]
+    whole = gill.generate_interleaved(conv, max_new_tokens=24, policy="both", diffusion=FAST)
+    streamed = list(gill.stream(conv, max_new_tokens=24, policy="both", diffusion=FAST))
+    assert kinds(streamed) == kinds(whole)
+    assert [s.text for s in streamed if isinstance(s, Text)] == [s.text for s in whole if isinstance(s, Text)]
+
+
+def test_conversation_images_are_not_retrieved(tmp_path):
+    g = GILL.from_pretrained("tiny-random", load_diffusion=False)
+    path = tmp_path / "mine.png"
+    Image.new("RGB", (32, 32), "red").save(path)
+    records = [ImageRecord(0, str(path), "my red square", sha256=file_sha256(path)),
+               ImageRecord(1, "elsewhere.png", "a far one", sha256="x")]
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    index = EmbeddingIndex(emb, records, image_loader=lambda r: None)
+    # Query along the first record: rank 1 normally, excluded when the image is in the conversation.
+    assert index.search(torch.tensor([[1.0, 0.1]]))[0][0].record.id == 0
+    from gill.retrieval import image_keys
+    assert index.search(torch.tensor([[1.0, 0.1]]), exclude=[image_keys(Path(path))])[0][0].record.id == 1
+    # and through the pipeline, by file hash of an image given as a path
+    prompts = g.build_prompts([[path, "a red circle"]])
+    assert prompts[0].exclude == {str(path), file_sha256(path)}
+
+
+def test_original_truncation():
+    assert truncate_like_original("A dog. It runs.") == "A dog."
+    assert truncate_like_original("first line\nsecond. x") == "first line"
+    assert truncate_like_original("no stop") == "no stop"
+
+
+def test_original_truncation_drops_text_after_the_last_image(gill):
+    kwargs = dict(max_new_tokens=24, policy="generate", diffusion=FAST)
+    full = gill.generate_interleaved(CONVERSATIONS[2], **kwargs)
+    cut = gill.generate_interleaved(CONVERSATIONS[2], original_truncation=True, **kwargs)
+    assert isinstance(full[-1], Text) and full[0].text  # text before and after the images
+    assert not isinstance(cut[-1], Text)
+    assert cut[0].text == truncate_like_original(full[0].text)
+
+
+def test_bad_inputs_are_named(gill, tmp_path):
+    with pytest.raises(ValueError, match="no input"):
+        gill.generate_interleaved([])
+    with pytest.raises(ValueError, match="conversation 1 is empty"):
+        gill.generate_interleaved([["a"], []])
+    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
+        gill.generate_interleaved(["a", tmp_path / "missing.png"])
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read image .*notes.png"):
+        gill.generate_interleaved([bad])
+    with pytest.raises(TypeError, match="item 0: expected str"):
+        gill.generate_interleaved([3])
+    with pytest.raises(ValueError, match="unknown policy 'sometimes'"):
+        gill.generate_interleaved(["a red circle"], policy="sometimes", img_scale_factor=1e5, max_new_tokens=8)
+    with pytest.raises(FileNotFoundError, match="neither a model directory nor a preset"):
+        GILL.from_pretrained("no-such-model")
+    with pytest.raises(FileNotFoundError, match="convert_original_checkpoint"):
+        GILL.from_pretrained("gill-opt-6.7b")
+
+
+def test_model_dir_loads_through_from_pretrained(tmp_path, tiny_opt):
+    from gill.checkpoint import save_model
+    from gill.model import GILLModel
+
+    backbones, config = tiny_opt
+    backbones.lm.save_pretrained(tmp_path / "lm")
+    backbones.tokenizer.save_pretrained(tmp_path / "lm")
+    backbones.vision.save_pretrained(tmp_path / "vision")
+    config.lm, config.vision, config.diffusion = str(tmp_path / "lm"), str(tmp_path / "vision"), None
+    save_model(tmp_path / "model", GILLModel(backbones.lm, backbones.vision, config))
+    g = GILL.from_pretrained(tmp_path / "model")
+    assert g.diffusion is None and g.retriever is None
+    out = g.generate_interleaved(["a red circle"], max_new_tokens=5, img_scale_factor=1e5)
+    assert kinds(out) == ["Text"]  # nothing to show images with: images are not decoded
