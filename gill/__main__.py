@@ -1,4 +1,4 @@
-"""Command line: ``python -m gill {demo,convert,info}``."""
+"""Command line: ``python -m gill {demo,convert,info,generate}``."""
 
 from __future__ import annotations
 
@@ -26,14 +26,39 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="print a model directory's config and weight counts")
     info.add_argument("model_dir")
 
-    args = parser.parse_args(argv)
+    gen = sub.add_parser("generate", help="answer interleaved text and images with text and images",
+                         description="Texts and --image files are read in the order given, e.g. "
+                                     "'python -m gill generate --model DIR \"a photo of\" --image a.png \"and?\"'.")
+    gen.add_argument("items", nargs="*", help="text segments (in order with the --image options)")
+    gen.add_argument("--image", action="append", default=[], help="an image file (repeatable, keeps its position)")
+    gen.add_argument("--model", default="tiny-random", help="model directory or preset (default: tiny-random)")
+    gen.add_argument("--out", default="gill-output", help="folder for the answer's images")
+    gen.add_argument("--policy", choices=["auto", "generate", "retrieve", "both"], default="auto")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--img-scale-factor", type=float, default=1.0, help="the original's image-frequency factor")
+    gen.add_argument("--steps", type=int, default=50, help="diffusion steps")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--scheduler", default=None, help="diffusion scheduler (pndm, ddim, euler, euler_a, dpm++, lms)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser.parse_known_args(argv)  # texts after an --image option come back as extra
+    if extra and (args.command != "generate" or any(e.startswith("--") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "generate":
+        args.ordered = _ordered_items(argv[1:], parser_options(gen))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from gill.checkpoint import CheckpointError
     from gill.config import ConfigError
 
     try:
         return _run(args)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -64,7 +89,72 @@ def _run(args: argparse.Namespace) -> int:
         if files.decision is not None:
             print(f"decision head: {sum(t.numel() for t in files.decision.values()):,} parameters")
         return 0
+    if args.command == "generate":
+        return _generate(args)
     return 2
+
+
+def parser_options(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Option string -> whether it takes a value."""
+    return {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
+
+
+def _ordered_items(argv: list[str], options: dict[str, bool]) -> list[tuple[str, str]]:
+    """("text"|"image", value) in command-line order."""
+    items, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, value = tok.partition("=")
+        if name in options:
+            if options[name] and not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                i += 1
+            if name == "--image":
+                items.append(("image", value))
+        else:
+            items.append(("text", tok))
+        i += 1
+    return items
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from gill.diffusion import DiffusionOptions
+    from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Text
+
+    inputs = [Path(v) if kind == "image" else v for kind, v in args.ordered]
+    if not inputs:
+        print("error: give at least one text or --image", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
+    answer = gill.generate_interleaved(
+        inputs, policy=args.policy, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, img_scale_factor=args.img_scale_factor,
+        diffusion=DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler),
+    )
+    out = Path(args.out)
+    n = 0
+    for segment in answer:
+        if isinstance(segment, Text):
+            print(segment.text)
+            continue
+        d = segment.decision
+        probs = f"p_gen={d.p_gen:.3f} p_ret={d.p_ret:.3f}" if d.p_gen is not None else "no classifier"
+        if segment.image is None:
+            print(f"[retrieved image {segment.source} could not be loaded; {probs}]")
+            continue
+        n += 1
+        out.mkdir(parents=True, exist_ok=True)
+        kind = "generated" if isinstance(segment, GeneratedImage) else "retrieved"
+        path = out / f"{n:02d}-{kind}.png"
+        segment.image.save(path)
+        extra = f" from {segment.source} ({segment.caption!r}, score {segment.score:.2f})" if isinstance(segment, RetrievedImage) else ""
+        print(f"[{kind} image {path}{extra}; policy {d.policy}, chose {d.choice}, {probs}]")
+    return 0
 
 
 if __name__ == "__main__":
