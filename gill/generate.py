@@ -35,6 +35,9 @@ class DecodeOptions:
     min_tokens_before_image: int = 0  # the original's min_word_tokens
     max_images: int | None = None  # per row; None is unlimited
     allow_images: bool = True
+    # "auto": the static-cache OPT decoder (one-token steps replayed as a CUDA graph on GPUs) when the LM
+    # is a pre-LN OPT, else Hugging Face's dynamic cache; "static" or "hf" force one.
+    backend: str = "auto"
 
 
 @dataclass
@@ -83,7 +86,8 @@ class _Rows:
         self.model, self.options, self.eos, self.decode_text = model, options, eos_token_id, decode_text
         self.n_img = model.config.tokens.num_img_tokens
         self.img_ids = model.img_token_ids
-        self.img0 = int(model.img_token_ids[0])
+        self.img_id_list = model.img_token_ids.tolist()
+        self.img0 = self.img_id_list[0]
 
     def select(self, logits: torch.Tensor, generator: torch.Generator | None) -> list[int]:
         """Next token of every row from the last-position logits (N, V)."""
@@ -107,7 +111,7 @@ class _Rows:
 
     def push(self, row: int, token: int) -> list[int]:
         """Record a chosen token; returns the ids the row feeds next ([IMG0..n-1] for [IMG0])."""
-        ids = self.img_ids.tolist() if token == self.img0 else [token]
+        ids = self.img_id_list if token == self.img0 else [token]
         self.results[row].token_ids.extend(ids)
         return ids
 
@@ -116,12 +120,44 @@ class _Rows:
         if o.stop_on_eos and self.eos is not None and r.token_ids and r.token_ids[-1] == self.eos:
             return "eos"
         if o.stop_strings:
-            text = self.decode_text([t for t in r.token_ids[-32:] if t not in self.img_ids.tolist()])
+            text = self.decode_text([t for t in r.token_ids[-32:] if t not in self.img_id_list])
             if any(s in text for s in o.stop_strings):
                 return "stop_string"
         if len(r.token_ids) >= o.max_new_tokens:
             return "max_new_tokens"
         return None
+
+
+class _HFCache:
+    """Decoding through the LM's own forward and a Hugging Face dynamic cache (any causal LM)."""
+
+    def __init__(self, model: GILLModel):
+        self.model, self.past, self.mask = model, None, None
+
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model.lm_forward(embeds, attention_mask, use_cache=True, logits_to_keep=1)
+        self.past, self.mask = out.past_key_values, attention_mask
+        return out.logits[:, -1]
+
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.mask = torch.cat([self.mask, valid.to(self.mask.dtype)], dim=1)
+        out = self.model.lm_forward(self.model.embed_tokens(ids), self.mask, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits, out.hidden
+
+
+def _backend(model: GILLModel, options: DecodeOptions, batch: int, prompt_len: int, device: torch.device):
+    from gill import opt_static
+
+    if options.backend not in ("auto", "static", "hf"):
+        raise ValueError(f"unknown decoding backend {options.backend!r}; choose auto, static or hf")
+    use_static = options.backend == "static" or (options.backend == "auto" and opt_static.supports(model.lm))
+    if not use_static:
+        return _HFCache(model)
+    n = model.config.tokens.num_img_tokens
+    # Cache columns are shared: one step takes as many columns as the widest row feeds.
+    needed = prompt_len + options.max_new_tokens * (n if batch > 1 else 1) + n
+    return opt_static.decoder_for(model, batch, needed)
 
 
 @torch.no_grad()
@@ -142,31 +178,28 @@ def iter_decode(
     n_rows, device = inputs_embeds.shape[0], inputs_embeds.device
     rows = _Rows(n_rows, model, options, eos_token_id, decode_text)
     n = rows.n_img
-    out = model.lm_forward(inputs_embeds, attention_mask, use_cache=True, logits_to_keep=1)
-    past, mask, next_logits = out.past_key_values, attention_mask, out.logits[:, -1]
+    cache = _backend(model, options, n_rows, inputs_embeds.shape[1], device)
+    next_logits = cache.prefill(inputs_embeds, attention_mask)
 
     while not all(rows.done):
         tokens = rows.select(next_logits, generator)
         feeds = [[pad_token_id] if rows.done[r] else rows.push(r, tokens[r]) for r in range(n_rows)]
         width = max(len(f) for f in feeds)
         chunk = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
-        chunk_mask = torch.zeros((n_rows, width), dtype=mask.dtype)
+        chunk_mask = torch.zeros((n_rows, width), dtype=torch.long)
         for r, f in enumerate(feeds):
             chunk[r, : len(f)] = torch.tensor(f)
             chunk_mask[r, : len(f)] = 0 if rows.done[r] else 1
-        chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
-        mask = torch.cat([mask, chunk_mask], dim=1)
-        out = model.lm_forward(model.embed_tokens(chunk), mask, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        logits, hidden = cache.feed(chunk.to(device), chunk_mask.to(device))
         last = torch.tensor([len(f) - 1 for f in feeds], device=device)
-        next_logits = out.logits[torch.arange(n_rows, device=device), last]
+        next_logits = logits[torch.arange(n_rows, device=device), last]
 
         for r in range(n_rows):
             if rows.done[r]:
                 continue
             result = rows.results[r]
             if len(feeds[r]) == n and feeds[r][0] == rows.img0:
-                slot = ImageSlot(position=len(result.token_ids) - n, hidden=out.hidden[r, :n].clone())
+                slot = ImageSlot(position=len(result.token_ids) - n, hidden=hidden[r, :n].clone())
                 result.images.append(slot)
                 yield ImageEvent(r, slot)
             else:

@@ -3,7 +3,7 @@
     python scripts/bench_decode.py                                    # small CPU config
     python scripts/bench_decode.py --size opt-6.7b --device cuda --dtype bfloat16   # real size, random weights
 
-Both paths decode the same prompt greedily (text only, [IMG] tokens disabled so both emit the same number
+Both paths (and, for reference, transformers' own ``generate()`` on the bare LM) decode the same prompt greedily (text only, [IMG] tokens disabled so both emit the same number
 of tokens) and must produce the same tokens; the script prints tokens/s of each (median of --repeats)
 and their ratio. Weights are random: timings do not depend on their values.
 """
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", choices=["auto", "static", "hf"], default="auto", help="cached path (auto: static on GPU)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     model = build(args.size, args.device, dtype)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         embeds = model.embed_tokens(ids)
     mask = torch.ones(ids.shape, dtype=torch.long, device=args.device)
-    opts = DecodeOptions(max_new_tokens=args.new_tokens, allow_images=False, stop_on_eos=False)
+    opts = DecodeOptions(max_new_tokens=args.new_tokens, allow_images=False, stop_on_eos=False, backend=args.backend)
 
     def cached() -> list[int]:
         return decode(model, embeds, mask, opts)[0].token_ids
@@ -80,9 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     def uncached() -> list[int]:
         return decode_uncached(model, embeds, opts).token_ids
 
+    def hf_generate() -> list[int]:
+        with torch.no_grad():
+            out = model.lm.generate(input_ids=ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                    do_sample=False, pad_token_id=1)
+        return out[0, ids.shape[1]:].tolist()
+
     results = {}
     tokens = {}
-    for name, fn in (("cached", cached), ("uncached", uncached)):
+    for name, fn in (("cached", cached), ("uncached", uncached), ("hf_generate", hf_generate)):
         tokens[name] = fn()  # warm-up
         times = []
         for _ in range(args.repeats):
@@ -95,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     same = tokens["cached"] == tokens["uncached"]
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"size={args.size} dtype={args.dtype} device={device_name} prompt={args.prompt_len} new={args.new_tokens} batch=1")
-    print(f"cached   (prefill + KV cache): {results['cached']:8.1f} tokens/s (incl. prefill)")
+    print(f"cached   ({args.backend} backend, incl. prefill): {results['cached']:8.1f} tokens/s")
     print(f"uncached (original's loop)   : {results['uncached']:8.1f} tokens/s")
+    print(f"transformers generate()      : {results['hf_generate']:8.1f} tokens/s (text only, dynamic cache)")
     print(f"ratio cached/uncached        : {results['cached'] / results['uncached']:8.2f}x   same tokens: {same}")
+    print(f"ratio cached/generate()      : {results['cached'] / results['hf_generate']:8.2f}x")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return 0 if same else 1

@@ -140,3 +140,54 @@ def test_sampling_is_seeded(model_with_images):
     a = decode(model, embeds, mask, opts, generator=torch.Generator().manual_seed(3))[0]
     b = decode(model, embeds, mask, opts, generator=torch.Generator().manual_seed(3))[0]
     assert a.token_ids == b.token_ids
+
+
+@pytest.fixture
+def opt_model(tiny_opt):
+    backbones, config = tiny_opt
+    model = GILLModel(backbones.lm, backbones.vision, config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.adapter.img_embeddings.normal_(0, 1.0)
+    return model, backbones
+
+
+def test_static_opt_decoder_equals_the_hf_cache(opt_model):
+    model, backbones = opt_model
+    with torch.no_grad():
+        embeds = [prompt(model, backbones, t, im, seed=i) for i, (t, im) in enumerate(PROMPTS)]
+        batch, mask = left_pad(embeds)
+        opts = dict(max_new_tokens=24, stop_on_eos=False)
+        hf = decode(model, batch, mask, DecodeOptions(**opts, backend="hf"))
+        static = decode(model, batch, mask, DecodeOptions(**opts, backend="static"))
+    assert sum(len(r.images) for r in hf) >= 2
+    for a, b in zip(hf, static):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.images, b.images):
+            torch.testing.assert_close(x.hidden, y.hidden, rtol=1e-4, atol=1e-4)
+
+
+def test_static_decoder_refuses_other_lms(tiny):
+    backbones, config = tiny
+    model = GILLModel(backbones.lm, backbones.vision, config).eval()
+    embeds = prompt(model, backbones, "a red circle")
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    if config.tie_img_embeddings:  # OPT
+        assert decode(model, embeds, mask, DecodeOptions(max_new_tokens=4, backend="static"))[0].token_ids
+    else:
+        with pytest.raises(ValueError, match="needs a pre-LN OPT"):
+            decode(model, embeds, mask, DecodeOptions(max_new_tokens=4, backend="static"))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_steps_equal_the_hf_cache(opt_model):
+    model, backbones = opt_model
+    with torch.no_grad():
+        batch, mask = left_pad([prompt(model, backbones, t, im, seed=i) for i, (t, im) in enumerate(PROMPTS)])
+        model.to("cuda")
+        batch, mask = batch.cuda(), mask.cuda()
+        opts = dict(max_new_tokens=24, stop_on_eos=False)
+        hf = decode(model, batch, mask, DecodeOptions(**opts, backend="hf"))
+        for _ in range(2):  # the second call replays the captured graph of the first
+            graph = decode(model, batch, mask, DecodeOptions(**opts, backend="static"))
+            assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
