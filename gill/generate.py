@@ -1,8 +1,9 @@
 """KV-cached interleaved decoding.
 
-The prompt is prefilled once; then one token per step. When a row picks ``[IMG0]``, the whole group
-``[IMG0..n-1]`` is fed as one cached chunk, and the group's last-layer hidden states come straight out of
-that forward (no extra step, unlike the original's ``num_words=2``). Rows of a batch decode
+The prompt is prefilled once; then one token per step, fed to the model as soon as it is picked (before
+the host reads it, so the host's bookkeeping overlaps the GPU's work). When a row picks ``[IMG0]``,
+``[IMG1..n-1]`` are fed next as one cached chunk, and the group's last-layer hidden states come straight
+out of those forwards (no extra step, unlike the original's ``num_words=2``). Rows of a batch decode
 independently: a row that feeds one token while another feeds an [IMG] group pads its chunk with masked
 positions, and a finished row feeds masked padding until the batch is done.
 
@@ -88,17 +89,20 @@ class _Rows:
         self.img_ids = model.img_token_ids
         self.img_id_list = model.img_token_ids.tolist()
         self.img0 = self.img_id_list[0]
+        self._no_img_key: tuple[bool, ...] | None = None
+        self._no_img: torch.Tensor | None = None
 
-    def select(self, logits: torch.Tensor, generator: torch.Generator | None) -> list[int]:
-        """Next token of every row from the last-position logits (N, V)."""
+    def select(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Next token of every row (N,), on the device, from the last-position logits (N, V)."""
         o = self.options
         logits = sampling.scale_img_logit(logits.float(), self.img0, o.img_scale_factor)
         logits = sampling.mask_ids(logits, self.img_ids[1:])  # [IMG1..] are forced, never sampled
-        no_img = [not self.image_allowed(r) for r in range(len(self.results))]
+        no_img = tuple(not self.image_allowed(r) for r in range(len(self.results)))
         if any(no_img):
-            rows = torch.tensor(no_img, device=logits.device)
-            logits = sampling.mask_ids(logits, self.img_ids[:1], rows)
-        return sampling.sample(logits, o.temperature, o.top_p, o.top_k, generator).tolist()
+            if self._no_img_key != no_img:  # copied to the device only when it changes
+                self._no_img_key, self._no_img = no_img, torch.tensor(no_img, device=logits.device)
+            logits = sampling.mask_ids(logits, self.img_ids[:1], self._no_img)
+        return sampling.sample(logits, o.temperature, o.top_p, o.top_k, generator)
 
     def image_allowed(self, row: int) -> bool:
         o, r = self.options, self.results[row]
@@ -181,34 +185,45 @@ def iter_decode(
     cache = _backend(model, options, n_rows, inputs_embeds.shape[1], device)
     next_logits = cache.prefill(inputs_embeds, attention_mask)
 
+    pad = torch.full((n_rows,), pad_token_id, dtype=torch.long, device=device)
+    active = torch.ones(n_rows, dtype=torch.bool, device=device)  # rows still decoding, on the device
     while not all(rows.done):
-        tokens = rows.select(next_logits, generator)
-        feeds = [[pad_token_id] if rows.done[r] else rows.push(r, tokens[r]) for r in range(n_rows)]
-        width = max(len(f) for f in feeds)
-        chunk = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
-        chunk_mask = torch.zeros((n_rows, width), dtype=torch.long)
-        for r, f in enumerate(feeds):
-            chunk[r, : len(f)] = torch.tensor(f)
-            chunk_mask[r, : len(f)] = 0 if rows.done[r] else 1
-        logits, hidden = cache.feed(chunk.to(device), chunk_mask.to(device))
-        last = torch.tensor([len(f) - 1 for f in feeds], device=device)
-        next_logits = logits[torch.arange(n_rows, device=device), last]
-
+        # 1. Pick every row's token and feed it at once: the host reads it while the GPU runs the step.
+        tokens = torch.where(active, rows.select(next_logits, generator), pad)
+        logits, hidden = cache.feed(tokens[:, None], active[:, None])
+        next_logits = logits[:, -1]
+        chosen = tokens.tolist()
+        # 2. Rows that chose [IMG0] feed [IMG1..n-1] as one chunk; their states come from both forwards.
+        img_rows = [r for r in range(n_rows) if not rows.done[r] and chosen[r] == rows.img0]
+        if img_rows:
+            is_img = torch.zeros(n_rows, dtype=torch.bool)
+            is_img[img_rows] = True
+            is_img = is_img.to(device)
+            chunk = torch.where(is_img[:, None], rows.img_ids[1:], pad[:, None])
+            img0_hidden = hidden[:, -1:].clone()
+            chunk_logits, chunk_hidden = cache.feed(chunk, is_img[:, None].expand_as(chunk))
+            next_logits = torch.where(is_img[:, None], chunk_logits[:, -1], next_logits)
+            img_hidden = torch.cat([img0_hidden, chunk_hidden], dim=1)
+        # 3. Bookkeeping and events.
+        stopped = False
         for r in range(n_rows):
             if rows.done[r]:
                 continue
             result = rows.results[r]
-            if len(feeds[r]) == n and feeds[r][0] == rows.img0:
-                slot = ImageSlot(position=len(result.token_ids) - n, hidden=hidden[r, :n].clone())
+            rows.push(r, chosen[r])
+            if chosen[r] == rows.img0:
+                slot = ImageSlot(position=len(result.token_ids) - n, hidden=img_hidden[r])
                 result.images.append(slot)
                 yield ImageEvent(r, slot)
             else:
-                yield TokenEvent(r, feeds[r][0])
+                yield TokenEvent(r, chosen[r])
             reason = rows.stop_reason(r)
             if reason is not None:
-                rows.done[r] = True
+                rows.done[r] = stopped = True
                 result.stop_reason = reason
                 yield DoneEvent(r, reason)
+        if stopped:
+            active = torch.tensor([not d for d in rows.done], device=device)
 
 
 def decode(model: GILLModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
@@ -251,7 +266,7 @@ def decode_uncached(
 
     out = model.lm_forward(inputs_embeds, torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device))
     while True:
-        token = rows.select(out.logits[:, -1], generator)[0]
+        token = int(rows.select(out.logits[:, -1], generator)[0])
         rows.push(0, token)
         reason = rows.stop_reason(0)
         if reason is not None:
