@@ -30,6 +30,8 @@ class DiffusionOptions:
     scheduler: str | None = None  # one of SCHEDULERS; None keeps the pipeline's (SD v1.5: PNDM)
     height: int | None = None
     width: int | None = None
+    # (1, L, D) or (G, L, D) conditioning for classifier-free guidance; None encodes the empty prompt.
+    negative_prompt_embeds: torch.Tensor | None = None
 
 
 class DiffusionGenerator:
@@ -62,6 +64,8 @@ class DiffusionGenerator:
         ``options.seed + i``. Without negative embeddings the pipeline encodes the empty prompt, as the
         original did."""
         options = options or DiffusionOptions()
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = options.negative_prompt_embeds
         if options.scheduler is not None:
             self.set_scheduler(options.scheduler)
         device = getattr(self.pipe, "device", torch.device("cpu"))

@@ -164,3 +164,51 @@ def test_model_dir_loads_through_from_pretrained(tmp_path, tiny_opt):
     assert g.diffusion is None and g.retriever is None
     out = g.generate_interleaved(["a red circle"], max_new_tokens=5, img_scale_factor=1e5)
     assert kinds(out) == ["Text"]  # nothing to show images with: images are not decoded
+
+
+def test_diffusion_options_reach_the_pipeline(gill, monkeypatch):
+    seen = {}
+    pipe = gill.diffusion.pipe
+    real_call = type(pipe).__call__
+
+    def spy(self, **kwargs):
+        seen.update(kwargs)
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    neg = torch.zeros(1, gill.model.config.gen_seq_len, gill.model.config.gen_emb_dim)
+    opts = DiffusionOptions(steps=3, guidance_scale=2.0, seed=5, scheduler="ddim", negative_prompt_embeds=neg)
+    out = gill.generate_interleaved(CONVERSATIONS[0], max_new_tokens=12, policy="generate", diffusion=opts)
+    n = sum(isinstance(s, GeneratedImage) for s in out)
+    assert n >= 1
+    assert seen["num_inference_steps"] == 3 and seen["guidance_scale"] == 2.0
+    assert seen["prompt_embeds"].shape == (n, 5, 24) and seen["negative_prompt_embeds"].shape == (n, 5, 24)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert [g.initial_seed() for g in seen["generator"]] == list(range(5, 5 + n))
+    with pytest.raises(ValueError, match="unknown scheduler 'fast'"):
+        gill.generate_interleaved(CONVERSATIONS[0], max_new_tokens=12, policy="generate",
+                                  diffusion=DiffusionOptions(steps=1, scheduler="fast"), img_scale_factor=1e5)
+
+
+def test_generate_command_keeps_the_order_of_texts_and_images(tmp_path):
+    import subprocess
+    import sys
+
+    from gill.__main__ import _ordered_items
+
+    options = {"--image": True, "--model": True, "--steps": True, "--out": True}
+    argv = ["a photo of", "--image", "a.png", "--steps", "2", "and", "--image=b.png", "--model", "tiny-random"]
+    assert _ordered_items(argv, options) == [("text", "a photo of"), ("image", "a.png"), ("text", "and"), ("image", "b.png")]
+
+    img = tmp_path / "in.png"
+    Image.new("RGB", (40, 40), "green").save(img)
+    out = subprocess.run(
+        [sys.executable, "-m", "gill", "generate", "a red circle", "--image", str(img), "what is it?",
+         "--steps", "2", "--img-scale-factor", "1e5", "--max-new-tokens", "10", "--policy", "both", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, check=True,
+    )
+    assert "[generated image" in out.stdout and "[retrieved image" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "o").iterdir())[:2] == ["01-generated.png", "02-retrieved.png"]
+    bad = subprocess.run([sys.executable, "-m", "gill", "generate", "x", "--image", str(tmp_path / "none.png")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "image file not found" in bad.stderr
