@@ -4,10 +4,19 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_quick_start_runs():
-    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+def python_blocks():
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_pipeline_quick_start_runs():
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(python_blocks()[0], "README.md", "exec"), scope)
+    assert scope["answer"] and len(scope["batch"]) == 2
+
+
+def test_readme_model_quick_start_runs():
+    scope: dict = {}
+    exec(compile(python_blocks()[1], "README.md", "exec"), scope)
     assert scope["gen"].shape == (1, scope["config"].gen_seq_len, scope["config"].gen_emb_dim)
     assert scope["scores"].shape == (1, 1)
 
