@@ -97,14 +97,17 @@ class GILL:
         *,
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-        index: EmbeddingIndex | None = None,
+        index: Any = None,
         load_diffusion: bool = True,
+        allow_index_mismatch: bool = False,
     ) -> GILL:
         """A model directory or a preset name (see ``gill.presets``). Backbones load from the ids or paths
-        in its config; ``device`` and ``torch_dtype`` are the caller's choice (default: CPU, stored dtype)."""
+        in its config; ``device`` and ``torch_dtype`` are the caller's choice (default: CPU, stored dtype).
+        ``index``: an index directory (checked against this model's fingerprint) or an index object."""
         from gill import presets
 
-        return presets.load(name_or_dir, torch_dtype=torch_dtype, device=device, index=index, load_diffusion=load_diffusion)
+        return presets.load(name_or_dir, torch_dtype=torch_dtype, device=device, index=index,
+                            load_diffusion=load_diffusion, allow_index_mismatch=allow_index_mismatch)
 
     @property
     def device(self) -> torch.device:

@@ -26,10 +26,17 @@ def load(
     device: str | torch.device | None = None,
     index: Any = None,
     load_diffusion: bool = True,
+    allow_index_mismatch: bool = False,
 ) -> Any:
+    """``index``: an ``EmbeddingIndex``/``FaissIndex``, or an index directory, which is refused if it was
+    built with another image-retrieval projection (unless ``allow_index_mismatch``)."""
     from gill.pipeline import GILL
+    from gill.retrieval import open_index, projection_fingerprint
 
     name = str(name_or_dir)
+    index_dir = None
+    if isinstance(index, (str, os.PathLike)):
+        index_dir, index = index, None
     if name == "tiny-random":
         gill = tiny_random(index=index, with_diffusion=load_diffusion)
     elif Path(name).is_dir():
@@ -42,6 +49,9 @@ def load(
         )
     else:
         raise FileNotFoundError(f"{name!r} is neither a model directory nor a preset (presets: {list(PRESETS)})")
+    if index_dir is not None:
+        fingerprint = projection_fingerprint(gill.model.adapter.image_retrieval)
+        gill.retriever = open_index(index_dir, fingerprint, allow_mismatch=allow_index_mismatch)
     if device is not None:
         gill.model.to(device)
         if gill.decision is not None:

@@ -1,16 +1,28 @@
-"""Image retrieval: exact search over the image-side retrieval embeddings of a corpus, with provenance.
+"""Image retrieval: search over the image-side retrieval embeddings of a corpus, with provenance.
 
-``EmbeddingIndex`` holds L2-normalised embeddings in memory and searches them exactly (a matrix product);
-scores are ``exp(logit_scale) * cosine`` as in the original. Images already in the conversation are
-excluded by content hash (sha256 of the file's bytes) or by source path.
+``EmbeddingIndex`` holds L2-normalised embeddings in memory and searches them exactly (a matrix product).
+``FaissIndex`` reads an index directory written by ``python -m index.build`` (format below). Both score
+``exp(logit_scale) * cosine`` as the original, and exclude images already in the conversation by content
+hash (sha256 of the file's bytes) or by source path. ``ImageEmbedder`` is the image side of a GILL
+model alone (vision encoder + retrieval projection), for building indexes without loading the LM.
+
+Index directory (``FORMAT_VERSION`` 1):
+- ``manifest.json``: format_version, dim, metric ("inner_product" over L2-normalised vectors), count,
+  index_type ("flat", "ivf", "ivfpq", "hnsw"), index_params, fingerprint (of the model's image-retrieval
+  projection, ``projection_fingerprint``), model (name or path it was built with);
+- ``index.faiss``: the FAISS index; vector i is the image with id i;
+- ``metadata.sqlite``: table ``images(id, source, caption, sha256, width, height, license)``;
+- ``report.json`` (build counts, skipped items) and ``work/`` (resumable build state) are the builder's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +122,202 @@ class EmbeddingIndex:
 
     def load_image(self, record: ImageRecord) -> Any:
         return self.image_loader(record)
+
+
+# ---- index directories ---------------------------------------------------------------------------------
+
+INDEX_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INDEX_NAME = "index.faiss"
+METADATA_NAME = "metadata.sqlite"
+
+
+class IndexMismatchError(ValueError):
+    """An index built with another model's image-retrieval projection."""
+
+
+@dataclass
+class IndexManifest:
+    dim: int
+    count: int
+    index_type: str
+    fingerprint: str
+    model: str = ""
+    metric: str = "inner_product"
+    index_params: dict[str, Any] = field(default_factory=dict)
+    format_version: int = INDEX_FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> IndexManifest:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no index manifest (is this an index directory?)") from None
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown manifest field(s) {unknown}")
+        manifest = cls(**data)
+        if manifest.format_version > INDEX_FORMAT_VERSION:
+            raise ValueError(f"{path}: index format {manifest.format_version} is newer than this library reads")
+        return manifest
+
+
+def projection_fingerprint(projection: torch.nn.Linear) -> str:
+    """sha256 of the image-retrieval projection's weight and bias (as float32), which fixes the space
+    an index's vectors live in."""
+    h = hashlib.sha256()
+    for t in (projection.weight, projection.bias):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_records(db: sqlite3.Connection, ids: Sequence[int]) -> dict[int, ImageRecord]:
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    rows = db.execute(
+        f"SELECT id, source, caption, sha256, width, height, license FROM images WHERE id IN ({marks})", list(ids)
+    ).fetchall()
+    return {r[0]: ImageRecord(*r) for r in rows}
+
+
+class FaissIndex:
+    """An index directory opened for search (same interface as ``EmbeddingIndex``)."""
+
+    def __init__(self, path: str | os.PathLike, image_loader: Callable[[ImageRecord], Any] = open_local_image):
+        import faiss
+
+        self.path = Path(path)
+        self.manifest = IndexManifest.read(self.path / MANIFEST_NAME)
+        self.index = faiss.read_index(str(self.path / INDEX_NAME))
+        if self.index.ntotal != self.manifest.count or self.index.d != self.manifest.dim:
+            raise ValueError(
+                f"{self.path}: {INDEX_NAME} holds {self.index.ntotal} vectors of dim {self.index.d}, the manifest "
+                f"says {self.manifest.count} of dim {self.manifest.dim}"
+            )
+        for name, value in self.manifest.index_params.items():
+            if name == "nprobe":
+                faiss.extract_index_ivf(self.index).nprobe = value
+            elif name == "ef_search":
+                self.index.hnsw.efSearch = value
+        self.db = sqlite3.connect(f"file:{self.path / METADATA_NAME}?mode=ro", uri=True, check_same_thread=False)
+        self.image_loader = image_loader
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    def __len__(self) -> int:
+        return self.manifest.count
+
+    def _excluded_ids(self, keys: set[str]) -> set[int]:
+        if not keys:
+            return set()
+        marks = ",".join("?" * len(keys))
+        rows = self.db.execute(
+            f"SELECT id FROM images WHERE sha256 IN ({marks}) OR source IN ({marks})", [*keys, *keys]
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def search(
+        self, queries: torch.Tensor, k: int = 1, exclude: Sequence[set[str]] | None = None, scale: float = 1.0
+    ) -> list[list[Hit]]:
+        import numpy as np
+
+        if queries.shape[-1] != self.dim:
+            raise ValueError(f"queries are {queries.shape[-1]}-d but the index holds {self.dim}-d embeddings")
+        q = F.normalize(queries.detach().float().cpu(), dim=-1).numpy().astype(np.float32)
+        excluded = [self._excluded_ids(exclude[i]) if exclude else set() for i in range(len(q))]
+        k_search = min(k + max((len(e) for e in excluded), default=0), len(self))
+        scores, ids = self.index.search(q, k_search)
+        records = read_records(self.db, sorted({int(i) for i in ids.ravel() if i >= 0}))
+        hits = []
+        for row in range(len(q)):
+            kept = [Hit(records[int(i)], float(s) * scale) for s, i in zip(scores[row], ids[row])
+                    if i >= 0 and int(i) not in excluded[row]]
+            hits.append(kept[:k])
+        return hits
+
+    def load_image(self, record: ImageRecord) -> Any:
+        return self.image_loader(record)
+
+
+def open_index(
+    path: str | os.PathLike,
+    fingerprint: str | None = None,
+    *,
+    allow_mismatch: bool = False,
+    image_loader: Callable[[ImageRecord], Any] = open_local_image,
+) -> FaissIndex:
+    """Open an index directory; refuse it if it was built with another image-retrieval projection than
+    the one whose ``fingerprint`` is given (``allow_mismatch=True`` overrides)."""
+    index = FaissIndex(path, image_loader=image_loader)
+    if fingerprint is not None and index.manifest.fingerprint != fingerprint and not allow_mismatch:
+        raise IndexMismatchError(
+            f"{path} was built with another model's image-retrieval projection (index fingerprint "
+            f"{index.manifest.fingerprint[:16]}..., built by {index.manifest.model or 'an unnamed model'}; this model "
+            f"{fingerprint[:16]}...). Rebuild it with this model, or pass allow_mismatch=True to use it anyway."
+        )
+    return index
+
+
+# ---- the image side of a model ----------------------------------------------------------------------
+
+
+class ImageEmbedder:
+    """Vision encoder + image-retrieval projection: images -> retrieval embeddings (not normalised)."""
+
+    def __init__(self, vision: torch.nn.Module, projection: torch.nn.Linear, image_processor: Any, name: str = ""):
+        self.vision = vision.eval()
+        self.projection = projection.eval()
+        self.image_processor = image_processor
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> ImageEmbedder:
+        """A model directory (loads only the vision encoder, not the LM) or a preset."""
+        path = Path(name_or_dir)
+        if path.is_dir():
+            from gill.backbones import image_processor, load_vision
+            from gill.checkpoint import read_model_dir
+
+            files = read_model_dir(path)
+            cfg = files.config
+            projection = torch.nn.Linear(cfg.vision_hidden_size, cfg.ret_emb_dim)
+            projection.load_state_dict({k.split(".", 1)[1]: v for k, v in files.adapter.items() if k.startswith("image_retrieval.")})
+            vision = load_vision(cfg.vision, torch_dtype)
+            embedder = cls(vision, projection, image_processor(cfg.preprocess), str(path))
+        else:
+            from gill import presets
+
+            gill = presets.load(name_or_dir, torch_dtype=torch_dtype, load_diffusion=False)
+            embedder = cls(gill.model.vision, gill.model.adapter.image_retrieval, gill.image_processor, str(name_or_dir))
+        if device is not None:
+            embedder.vision.to(device)
+            embedder.projection.to(device)
+        return embedder
+
+    @property
+    def fingerprint(self) -> str:
+        return projection_fingerprint(self.projection)
+
+    @property
+    def dim(self) -> int:
+        return self.projection.out_features
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images -> (N, dim) float32 on the CPU."""
+        param = next(self.vision.parameters())
+        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pooled = self.vision(pixel_values=pixels.to(param.device, param.dtype)).pooler_output
+        return self.projection(pooled.to(self.projection.weight.dtype)).float().cpu()
 
 
 def image_keys(item: Any) -> set[str]:

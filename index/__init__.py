@@ -1,0 +1,1 @@
+"""Recipes to build, update, query and import retrieval indexes (``python -m index.build`` ...)."""

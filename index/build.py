@@ -1,0 +1,193 @@
+"""Build a retrieval index from an image folder, a table of paths/URLs, or webdataset shards.
+
+    python -m index.build --model DIR|PRESET --source SRC --out INDEX_DIR [--index-type flat|ivf|ivfpq|hnsw]
+    torchrun --nproc_per_node 8 -m index.build --model DIR --source 'cc3m/{00000..00331}.tar' --out cc3m-index
+
+Images are embedded in batches by the model's vision encoder and image-retrieval projection (the LM is
+not loaded). Rerunning the same command resumes a killed build: committed batches are skipped, so no
+image is embedded twice and none is lost. Unreadable images, corrupt files, broken shards and
+unreachable URLs are skipped, counted and listed in ``report.json``; duplicates (same sha256) are dropped.
+Under torchrun each rank embeds a disjoint part (shards for webdataset, rows for folders and tables) and
+rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import os
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+LOG = logging.getLogger("index.build")
+SOURCE_STRIDE = 1_000_000  # order key of the k-th source added to an index: shard + k * SOURCE_STRIDE
+
+
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory or preset (e.g. tiny-random)")
+    p.add_argument("--source", required=True, help="image folder, .tsv/.csv/.parquet table, or .tar shards")
+    p.add_argument("--out", required=True, help="index directory")
+    p.add_argument("--index-type", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], default="auto",
+                   help="auto: exact up to 200k images, IVF beyond")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="e.g. cuda; under torchrun each rank takes cuda:LOCAL_RANK")
+    p.add_argument("--url-timeout", type=float, default=10.0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def batched(items, n):
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+def decode_image(data: bytes):
+    """bytes -> (RGB PIL image, None) or (None, reason)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB"), None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return None, f"corrupt image: {type(e).__name__}: {e}"
+
+
+def dist_info() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size: int, url_timeout: float,
+                 progress: bool) -> dict:
+    """Read ``source`` into this rank's work DB (resumable). Returns counts for this run."""
+    from index.sources import iter_items
+    from index.store import Row, WorkDB
+
+    rank, world, _ = dist_info()
+    work = WorkDB(out / "work" / f"rank-{rank:05d}.sqlite")
+    done = work.done_uids()
+    hashes = work.known_hashes()
+    counts = {"embedded": 0, "duplicates": 0, "failed": 0, "skipped_done": 0}
+    exit_after = int(os.environ.get("GILL_INDEX_TEST_EXIT_AFTER_BATCHES", "0"))  # test hook: simulate a kill
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="img", desc=f"embedding {source}", smoothing=0.05)
+    items = iter_items(source, shard_filter=lambda s: s % world == rank, skip=done.__contains__, url_timeout=url_timeout)
+    start = time.perf_counter()
+    for n_batch, batch in enumerate(batched(items, batch_size), start=1):
+        rows, images, image_rows = [], [], []
+        for item in batch:
+            if item.uid in done:
+                counts["skipped_done"] += 1
+                continue
+            row = Row(item.uid, item.order[0] + source_no * SOURCE_STRIDE, item.order[1], "failed",
+                      source=item.source, caption=item.caption, license=item.license)
+            rows.append(row)
+            if item.error:
+                row.reason = item.error
+                continue
+            image, reason = decode_image(item.data)
+            if image is None:
+                row.reason = reason
+                continue
+            row.sha256 = hashlib.sha256(item.data).hexdigest()
+            row.width, row.height = image.size
+            if row.sha256 in hashes:
+                row.status = "duplicate"
+                continue
+            hashes.add(row.sha256)
+            row.status = "ok"
+            images.append(image)
+            image_rows.append(row)
+        if images:
+            vectors = embedder.embed(images).numpy().astype(np.float32)
+            for row, v in zip(image_rows, vectors):
+                row.vector = v.tobytes()
+        if exit_after and n_batch > exit_after:
+            os._exit(137)  # dies before committing this batch, like a kill
+        work.commit(rows)
+        for row in rows:
+            counts[{"ok": "embedded", "duplicate": "duplicates", "failed": "failed"}[row.status]] += 1
+        if bar is not None:
+            bar.update(len(batch))
+            bar.set_postfix(img_per_s=f"{counts['embedded'] / max(time.perf_counter() - start, 1e-9):.1f}",
+                            failed=counts["failed"])
+    if bar is not None:
+        bar.close()
+    work.close()
+    return counts
+
+
+def barrier() -> None:
+    _, world, _ = dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+
+
+def main(argv: list[str] | None = None, *, update: bool = False) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    from gill.retrieval import MANIFEST_NAME, IndexManifest, ImageEmbedder
+    from index.store import WorkDB, finalize
+
+    rank, world, local_rank = dist_info()
+    out = Path(args.out)
+    device = args.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    embedder = ImageEmbedder.from_pretrained(args.model, device=device)
+    fingerprint = embedder.fingerprint
+
+    manifest_path = out / MANIFEST_NAME
+    meta = WorkDB(out / "work" / "sources.sqlite")
+    sources = (meta.get_meta("sources") or "").split("\n") if meta.get_meta("sources") else []
+    if manifest_path.exists() and not update and args.source not in sources:
+        print(f"error: {out} already holds an index of other sources; use python -m index.update to add one",
+              file=sys.stderr)
+        return 1
+    if manifest_path.exists():
+        existing = IndexManifest.read(manifest_path)
+        if existing.fingerprint != fingerprint:
+            print(f"error: {out} was built with another model's image-retrieval projection; "
+                  "use that model or a new index directory", file=sys.stderr)
+            return 1
+    if args.source not in sources:
+        sources.append(args.source)
+        if rank == 0:
+            meta.set_meta("sources", "\n".join(sources))
+    meta.close()
+    counts = embed_source(embedder, args.source, out, source_no=sources.index(args.source),
+                          batch_size=args.batch_size, url_timeout=args.url_timeout, progress=not args.no_progress)
+    LOG.info("rank %d: %s", rank, counts)
+    barrier()
+    if rank != 0:
+        return 0
+    index_type = None if args.index_type == "auto" else args.index_type
+    if update and manifest_path.exists() and index_type is None:
+        index_type = IndexManifest.read(manifest_path).index_type
+    report = finalize(out, dim=embedder.dim, fingerprint=fingerprint, model=str(args.model), index_type=index_type,
+                      nlist=args.nlist, nprobe=args.nprobe)
+    print(f"{out}: {report['count']} images ({report['index_type']}), {report['duplicates']} duplicates, "
+          f"{report['failed']} failed (listed in {out / 'report.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

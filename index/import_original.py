@@ -1,0 +1,92 @@
+"""Import the original release's CC3M embeddings (``cc3m_embeddings_urls.npy``) as an index directory.
+
+    python -m index.import_original --embeddings cc3m_embeddings_urls.npy --model DIR --out cc3m-index
+
+Despite its name the file is a Python pickle of ``{'paths': [urls], 'embeddings': [256-d vectors]}``. It
+is read by a restricted unpickler that admits only lists, dicts, tuples, strings, numbers and numpy
+arrays: a pickle that asks for anything else (a function to call, another class) is refused. The
+vectors are the original model's un-normalised image-side embeddings, so ``--model`` must be the
+converted original checkpoint: its image-retrieval fingerprint is stamped into the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# (module, name) pairs a numpy-array pickle needs, across numpy 1.x and 2.x.
+ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "str"),
+    ("builtins", "int"), ("builtins", "float"), ("builtins", "bytes"), ("builtins", "bytearray"),
+    ("_codecs", "encode"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED:
+            raise pickle.UnpicklingError(f"refused: the pickle asks for {module}.{name}, which is not data")
+        return super().find_class(module, name)
+
+
+def read_original(path: str | Path) -> tuple[list[str], np.ndarray]:
+    with open(path, "rb") as f:
+        try:
+            data = RestrictedUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if not isinstance(data, dict) or "paths" not in data or "embeddings" not in data:
+        raise ValueError(f"{path}: expected a dict with 'paths' and 'embeddings'")
+    paths = [str(p) for p in data["paths"]]
+    vectors = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in data["embeddings"]])
+    if len(paths) != len(vectors):
+        raise ValueError(f"{path}: {len(paths)} paths but {len(vectors)} embeddings")
+    return paths, vectors
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embeddings", required=True, help="the original cc3m_embeddings_urls.npy")
+    p.add_argument("--model", required=True, help="the converted original model (its fingerprint is stamped)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--index-type", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], default="auto")
+    args = p.parse_args(argv)
+
+    from gill.retrieval import ImageEmbedder
+    from index.store import Row, WorkDB, finalize
+
+    try:
+        paths, vectors = read_original(args.embeddings)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    embedder = ImageEmbedder.from_pretrained(args.model)
+    if vectors.shape[1] != embedder.dim:
+        print(f"error: embeddings are {vectors.shape[1]}-d, the model's retrieval space is {embedder.dim}-d", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    work = WorkDB(out / "work" / "rank-00000.sqlite")
+    rows = []
+    for i, (url, v) in enumerate(zip(paths, vectors)):
+        # no image bytes: the URL stands in for the content hash, so repeated URLs are dropped
+        rows.append(Row(url, 0, i, "ok", source=url, sha256=f"url:{url}", vector=v.tobytes()))
+        if len(rows) == 10_000:
+            work.commit(rows)
+            rows = []
+    work.commit(rows)
+    work.close()
+    report = finalize(out, dim=embedder.dim, fingerprint=embedder.fingerprint, model=str(args.model),
+                      index_type=None if args.index_type == "auto" else args.index_type)
+    print(f"{out}: {report['count']} images ({report['index_type']}), {report['duplicates']} repeated URLs dropped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

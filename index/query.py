@@ -1,0 +1,68 @@
+"""Query an index with a text or an image; prints the top-k images with their provenance.
+
+    python -m index.query --model DIR|PRESET --index INDEX_DIR --text "a red car" -k 5
+    python -m index.query --model DIR|PRESET --index INDEX_DIR --image photo.jpg -k 5
+
+A text is embedded as GILL retrieves: the caption followed by the [IMG] tokens, the [IMG0] state through
+the text-side projection. An image is embedded by the image side. Scores are exp(logit_scale) * cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def text_query(gill, text: str) -> torch.Tensor:
+    tok = gill.tokenizer(text + gill.img_tokens.text, return_tensors="pt")
+    model = gill.model
+    with torch.no_grad():
+        out = model.img_token_forward(tok.input_ids.to(gill.device), tok.attention_mask.to(gill.device))
+        return model.text_retrieval_embeddings(out.img_hidden)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--index", required=True)
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text")
+    q.add_argument("--image")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--allow-mismatch", action="store_true", help="use an index built by another model")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    args = p.parse_args(argv)
+
+    from PIL import Image
+
+    from gill import GILL
+
+    try:
+        gill = GILL.from_pretrained(args.model, index=args.index, load_diffusion=False,
+                                    allow_index_mismatch=args.allow_mismatch)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.text is not None:
+        query = text_query(gill, args.text)
+    else:
+        with Image.open(args.image) as im:
+            pixels = gill.image_processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            query = gill.model.encode_images(pixels.to(gill.device)).retrieval
+    scale = gill.model.adapter.logit_scale.exp().item()
+    for rank, hit in enumerate(gill.retriever.search(query, k=args.k, scale=scale)[0], start=1):
+        r = hit.record
+        if args.json:
+            print(json.dumps({"rank": rank, "score": hit.score, "id": r.id, "source": r.source, "caption": r.caption,
+                              "sha256": r.sha256, "width": r.width, "height": r.height, "license": r.license}))
+        else:
+            print(f"{rank:3d}  {hit.score:7.3f}  {r.source}  {r.caption!r}  {r.width}x{r.height}  {r.license}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

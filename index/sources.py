@@ -1,0 +1,198 @@
+"""Image sources for index builds: an image folder, a table (TSV / CSV / parquet) of paths or URLs with
+captions, or a webdataset shard set (local paths, brace patterns, ``pipe:`` URLs).
+
+Every source yields ``Item``s in a fixed order, with a stable ``uid`` and an order key, so a build can be
+resumed and split over ranks. Reading an item never raises: a failure is carried in ``item.error``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+LOCATION_COLUMNS = ("path", "url", "image", "file", "filepath", "image_url")
+CAPTION_COLUMNS = ("caption", "text", "title")
+LICENSE_COLUMNS = ("license", "licence")
+
+
+@dataclass
+class Item:
+    order: tuple[int, int]  # (shard, position): the global order of the source
+    uid: str  # stable identity: relative path, URL, or shard#key
+    source: str  # what the index records as provenance (path or URL)
+    caption: str = ""
+    license: str = ""
+    data: bytes | None = None
+    error: str | None = None
+
+
+Skip = Callable[[str], bool]
+
+
+def kind_of(src: str) -> str:
+    if src.startswith("pipe:") or ".tar" in src:
+        return "webdataset"
+    if os.path.isdir(src):
+        return "folder"
+    if Path(src).suffix.lower() in {".tsv", ".csv", ".parquet"}:
+        return "table"
+    raise ValueError(f"source {src!r}: expected an image folder, a .tsv/.csv/.parquet table or .tar shards")
+
+
+def iter_items(src: str, *, shard_filter: Callable[[int], bool] = lambda s: True, skip: Skip = lambda uid: False,
+               url_timeout: float = 10.0, url_workers: int = 16) -> Iterator[Item]:
+    """Items of ``src`` in order. ``shard_filter`` picks this rank's part (folders and tables: one
+    position per "shard"); ``skip(uid)`` items are yielded without their bytes (already done)."""
+    kind = kind_of(src)
+    if kind == "folder":
+        yield from _folder(Path(src), shard_filter, skip)
+    elif kind == "table":
+        yield from _table(Path(src), shard_filter, skip, url_timeout, url_workers)
+    else:
+        yield from _webdataset(src, shard_filter, skip)
+
+
+def _read_file(path: Path) -> tuple[bytes | None, str | None]:
+    try:
+        return path.read_bytes(), None
+    except OSError as e:
+        return None, f"unreadable file: {e.strerror or e}"
+
+
+def _folder(root: Path, shard_filter, skip) -> Iterator[Item]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for pos, path in enumerate(files):
+        if not shard_filter(pos):
+            continue
+        uid = path.relative_to(root).as_posix()
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+        item = Item((0, pos), uid, str(path), caption)
+        if not skip(uid):
+            item.data, item.error = _read_file(path)
+        yield item
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [{k: "" if v is None else str(v) for k, v in r.items()} for r in pq.read_table(path).to_pylist()]
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def _pick(row: dict[str, str], names: tuple[str, ...]) -> str | None:
+    lower = {k.lower().strip(): k for k in row}
+    for name in names:
+        if name in lower:
+            return lower[name]
+    return None
+
+
+def fetch_url(url: str, timeout: float) -> tuple[bytes | None, str | None]:
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "gill-index/0.1"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read(), None
+    except Exception as e:  # network errors come in many types; each is a skipped, reported item
+        return None, f"unreachable URL: {type(e).__name__}: {e}"
+
+
+def _table(path: Path, shard_filter, skip, timeout: float, workers: int) -> Iterator[Item]:
+    rows = _rows(path)
+    if not rows:
+        return
+    loc = _pick(rows[0], LOCATION_COLUMNS)
+    if loc is None:
+        raise ValueError(f"{path}: no image column; expected one of {list(LOCATION_COLUMNS)}, found {list(rows[0])}")
+    cap, lic = _pick(rows[0], CAPTION_COLUMNS), _pick(rows[0], LICENSE_COLUMNS)
+
+    def load(item: Item) -> Item:
+        if skip(item.uid):
+            return item
+        if "://" in item.source:
+            item.data, item.error = fetch_url(item.source, timeout)
+        else:
+            item.data, item.error = _read_file(Path(item.source))
+        return item
+
+    items = []
+    for pos, row in enumerate(rows):
+        if not shard_filter(pos):
+            continue
+        where = (row.get(loc) or "").strip()
+        source = where if "://" in where or os.path.isabs(where) else str(path.parent / where)
+        items.append(Item((0, pos), where, source, (row.get(cap) or "").strip() if cap else "",
+                          (row.get(lic) or "").strip() if lic else ""))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # bounded look-ahead: fetch a window at a time, in order
+        window = max(workers * 4, 1)
+        for start in range(0, len(items), window):
+            yield from pool.map(load, items[start:start + window])
+
+
+def _expand(src: str) -> list[str]:
+    import braceexpand
+
+    urls = []
+    for part in src.split("::"):
+        urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def tar_end_problem(path: str) -> str | None:
+    """For a local shard: why it does not end like a complete tar archive (a multiple of 512 bytes
+    ending in two zero blocks), or None."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as e:
+        return f"unreadable shard: {e.strerror or e}"
+    if size % 512 or len(tail) < 1024 or tail.count(0) != len(tail):
+        return f"truncated shard: {size} bytes, no end-of-archive marker"
+    return None
+
+
+def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
+    import webdataset as wds
+
+    for shard_no, url in enumerate(_expand(src)):
+        if not shard_filter(shard_no):
+            continue
+        errors: list[str] = []
+        if "://" not in url and not url.startswith("pipe:") and (problem := tar_end_problem(url)):
+            errors.append(problem)
+
+        def handler(exn: Exception) -> bool:
+            errors.append(f"{type(exn).__name__}: {exn}")
+            return True  # keep going with what could be read
+
+        pos = -1
+        try:
+            samples = wds.WebDataset(url, shardshuffle=False, handler=handler, empty_check=False)
+            for pos, sample in enumerate(samples):
+                key = sample.get("__key__", str(pos))
+                uid = f"{url}#{key}"
+                image_ext = next((e for e in sample if "." + e.lower() in IMAGE_SUFFIXES), None)
+                caption = sample.get("txt", b"")
+                caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else str(caption)
+                item = Item((shard_no, pos), uid, uid, caption)
+                if image_ext is None:
+                    item.error = "sample has no image"
+                elif not skip(uid):
+                    item.data = sample[image_ext]
+                yield item
+        except Exception as e:  # an unopenable shard is reported, not fatal
+            errors.append(f"{type(e).__name__}: {e}")
+        for i, err in enumerate(errors):
+            yield Item((shard_no, pos + 1 + i), f"{url}#error{i}", url, error=f"broken shard: {err}")

@@ -1,0 +1,21 @@
+"""Add a source to an existing index directory (same model), keeping the ids of the images it holds.
+
+    python -m index.update --model DIR|PRESET --source NEW_SRC --out INDEX_DIR
+
+New images get the next ids; images already in the index (same sha256) are counted as duplicates.
+The FAISS index is rebuilt from all stored embeddings with the index's type (IVF quantizers retrained).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from index.build import main as build_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return build_main(argv, update=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
