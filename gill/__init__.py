@@ -11,14 +11,14 @@ from gill.generate import DecodeOptions
 from gill.diffusion import DiffusionOptions
 from gill.model import CaptionOutput, GILLAdapter, GILLModel, ImageEncoding, ImgTokenOutput, LMOutput
 from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Segment, Text
-from gill.retrieval import EmbeddingIndex, ImageRecord
+from gill.retrieval import EmbeddingIndex, FaissIndex, ImageEmbedder, ImageRecord, IndexMismatchError, open_index
 from gill.tokens import ImageTokens, add_image_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GILL", "DecodeOptions", "DiffusionOptions", "EmbeddingIndex", "GeneratedImage", "ImageRecord",
-    "RetrievedImage", "Segment", "Text",
+    "RetrievedImage", "Segment", "Text", "FaissIndex", "ImageEmbedder", "IndexMismatchError", "open_index",
     "CaptionOutput", "CheckpointError", "ConfigError", "DecisionConfig", "DecisionHead", "GILLAdapter",
     "GILLConfig", "GILLModel", "ImageEncoding", "ImageTokens", "ImgTokenOutput", "LMOutput", "MapperConfig",
     "PreprocessConfig", "TokenConfig", "add_image_tokens", "convert_original", "load_model", "read_model_dir",

@@ -136,6 +136,7 @@ def build_faiss(vectors: np.ndarray, index_type: str, *, nlist: int | None = Non
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
             params["pq_m"] = m
         rng = np.random.default_rng(seed)
+        train_size = max(train_size, 39 * nlist)  # faiss wants >= 39 points per list
         sample = vectors if n <= train_size else vectors[np.sort(rng.choice(n, train_size, replace=False))]
         trainer = index
         if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:  # pragma: no cover - needs faiss-gpu
