@@ -254,3 +254,13 @@ def tiny_stable_diffusion(cross_attention_dim: int, seq_len: int, image_size: in
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def load_sd_text_encoder(name_or_path: str, torch_dtype: torch.dtype | None = None) -> tuple[Any, nn.Module]:
+    """The tokenizer and text encoder of a Stable Diffusion repository (its ``tokenizer/`` and
+    ``text_encoder/`` subfolders): what GILL's mapper learns to imitate."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=torch_dtype)
+    return tokenizer, encoder.eval()

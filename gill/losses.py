@@ -16,14 +16,24 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Next-token cross-entropy: logits (N, T, V) predict labels (N, T) shifted by one; -100 is ignored.
 
-    Mean over the predicted tokens of the whole batch (as Hugging Face's causal-LM loss).
+    Mean over the predicted tokens of the whole batch (as Hugging Face's causal-LM loss), or, with
+    ``num_tokens``, the sum divided by it (data-parallel training divides by the global count so that
+    averaged gradients equal a single process's).
     """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)
+    if num_tokens is None:
+        return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / num_tokens
+
+
+def num_targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many tokens ``caption_loss`` predicts in ``labels`` (N, T)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
 def retrieval_logits(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

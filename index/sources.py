@@ -35,6 +35,11 @@ class Item:
 Skip = Callable[[str], bool]
 
 
+def _all(urls):
+    """Every shard: the split over ranks and workers is done by the caller, not by webdataset."""
+    return urls
+
+
 def kind_of(src: str) -> str:
     if src.startswith("pipe:") or ".tar" in src:
         return "webdataset"
@@ -179,7 +184,8 @@ def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
 
         pos = -1
         try:
-            samples = wds.WebDataset(url, shardshuffle=False, handler=handler, empty_check=False)
+            samples = wds.WebDataset(url, shardshuffle=False, handler=handler, empty_check=False,
+                                      nodesplitter=_all, workersplitter=_all)  # ranks are split here, not by webdataset
             for pos, sample in enumerate(samples):
                 key = sample.get("__key__", str(pos))
                 uid = f"{url}#{key}"

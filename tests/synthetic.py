@@ -1,0 +1,56 @@
+"""Small synthetic captioned-image shards for training tests: coloured shapes on a grey background."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def draw(color: str, shape: str, size: int = 32, jitter: int = 0) -> bytes:
+    im = Image.new("RGB", (size, size), (128, 128, 128))
+    d = ImageDraw.Draw(im)
+    a, b = 6 + jitter, size - 6 + jitter
+    if shape == "square":
+        d.rectangle([a, a, b, b], fill=COLORS[color])
+    elif shape == "circle":
+        d.ellipse([a, a, b, b], fill=COLORS[color])
+    else:
+        d.polygon([(a, b), (b, b), ((a + b) // 2, a)], fill=COLORS[color])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pairs(n: int, offset: int = 0):
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    for i in range(n):
+        c, s = combos[(i + offset) % len(combos)]
+        yield f"{i:06d}", draw(c, s, jitter=(i // len(combos)) % 3 - 1), f"a {c} {s}"
+
+
+def write_shard(path: Path, samples) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption in samples:
+            for ext, data in (("png", image), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def make_dataset(root: Path, n_train: int = 48, n_val: int = 12, bad: bool = False) -> dict[str, str]:
+    root.mkdir(parents=True, exist_ok=True)
+    samples = list(pairs(n_train))
+    half = len(samples) // 2
+    extra = []
+    if bad:
+        extra = [("bad_image", b"\x89PNG broken", "a red square"), ("no_caption", draw("red", "circle"), "")]
+    write_shard(root / "train-0.tar", samples[:half] + extra)
+    write_shard(root / "train-1.tar", samples[half:])
+    write_shard(root / "val-0.tar", list(pairs(n_val, offset=5)))
+    return {"train": str(root / "train-{0..1}.tar"), "val": str(root / "val-0.tar")}

@@ -1,0 +1,1 @@
+"""Training recipes: data preparation, the GILL training loop (torchrun), the decision classifier."""

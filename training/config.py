@@ -1,0 +1,79 @@
+"""Training recipes: the original GILL's hyperparameters, and a tiny one for tests and smoke runs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from gill.losses import LossWeights
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20_000
+    batch_size: int = 200  # global, over all processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 2000  # linear from 0
+    decay_every: int = 10_000  # then x decay_gamma every decay_every steps (the original: once, at 12k)
+    decay_gamma: float = 0.1
+    grad_clip: float = 1.0
+    max_len: int = 32  # caption tokens incl. BOS and the [IMG] tokens
+    concat_prob: float = 0.5  # the original's concat-captions trick (pairs of examples in one sequence)
+    renorm_img_embeddings: bool = True  # rescale [IMG] rows to the LM rows' mean norm after each step
+    precision: str = "bf16"  # "bf16": autocast with fp32 master weights; "fp32"
+    backbone_dtype: str = "bf16"  # dtype the frozen LM and vision encoder are loaded in
+    val_every: int = 2000
+    val_batches: int = 0  # 0: the whole validation set
+    log_every: int = 50
+    save_every: int = 2000
+    keep_last: int = 2
+    seed: int = 0
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    weights: LossWeights = field(default_factory=LossWeights)
+
+
+RECIPES = {
+    "gill-opt-6.7b": TrainConfig(),
+    "tiny": TrainConfig(
+        steps=60, batch_size=8, lr=3e-3, warmup_steps=5, decay_every=40, val_every=20, log_every=5,
+        save_every=20, precision="fp32", backbone_dtype="fp32", num_workers=0, shuffle_buffer=16,
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per scalar field, overriding the recipe."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "weights":
+            continue
+        kind = {"int": int, "float": float, "str": str, "bool": None}[f.type if isinstance(f.type, str) else f.type.__name__]
+        name = "--" + f.name.replace("_", "-")
+        if kind is None:
+            parser.add_argument(name, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
+        else:
+            parser.add_argument(name, type=kind, default=None)
+
+
+def from_args(recipe: str, args: argparse.Namespace) -> TrainConfig:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    cfg = dataclasses.replace(RECIPES[recipe])
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(cfg, f.name, value)
+    return cfg
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The original schedule: linear warmup from 0, then step decay (counted from the end of warmup)."""
+    if step < cfg.warmup_steps:
+        return step / max(1, cfg.warmup_steps)
+    return cfg.decay_gamma ** ((step - cfg.warmup_steps) // cfg.decay_every)

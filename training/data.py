@@ -1,0 +1,173 @@
+"""Training data: webdataset shards of (image, caption) with precomputed diffusion text embeddings.
+
+Shards hold ``KEY.jpg|png|webp`` and ``KEY.txt`` (img2dataset's webdataset output, or
+``training.make_shards`` from a folder or table). ``training.precompute_sd_embeddings`` writes, for
+shard ``NAME.tar``, ``SD_DIR/NAME.safetensors`` mapping each sample key to its caption's (77, d) text
+encoder states.
+
+The stream is deterministic: shard order is shuffled per epoch with a seeded generator, then samples pass
+a seeded shuffle buffer. Every rank reads the same stream and takes its slice of each global batch, so a
+run's batches do not depend on the number of processes (and a resumed run skips exactly the samples it
+had consumed, without decoding them). Bad samples (corrupt image, empty caption, missing embedding) come
+out as ``Sample`` with ``error`` set, so the loop can count them; they never reach a batch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Sample:
+    key: str
+    pixel_values: torch.Tensor | None = None  # (3, H, W)
+    caption: str = ""
+    sd_embedding: torch.Tensor | None = None  # (77, d)
+    error: str | None = None
+
+
+def _all(urls):
+    """Every shard: the split over ranks and workers is done by the caller, not by webdataset."""
+    return urls
+
+
+def expand_shards(pattern: str) -> list[str]:
+    import braceexpand
+
+    out: list[str] = []
+    for part in pattern.split("::"):
+        out.extend(braceexpand.braceexpand(part))
+    return out
+
+
+def shard_name(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name[:-4] if name.endswith(".tar") else name
+
+
+class SDEmbeddings:
+    """Per-shard safetensors files of precomputed diffusion text embeddings, opened lazily."""
+
+    def __init__(self, root: str | os.PathLike | None):
+        self.root = Path(root) if root is not None else None
+        self._open: dict[str, Any] = {}
+
+    def get(self, shard: str, key: str) -> torch.Tensor | None:
+        if self.root is None:
+            return None
+        name = shard_name(shard)
+        if name not in self._open:
+            from safetensors import safe_open
+
+            path = self.root / f"{name}.safetensors"
+            self._open[name] = safe_open(str(path), framework="pt") if path.is_file() else None
+        f = self._open[name]
+        if f is None or key not in f.keys():
+            return None
+        return f.get_tensor(key)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The samples of one epoch, in a seeded order, from ``start`` on (earlier ones are not decoded)."""
+
+    def __init__(self, shards: list[str], image_processor: Any, sd_dir: str | None, *, epoch: int = 0,
+                 seed: int = 0, start: int = 0, shuffle_buffer: int = 1000, need_sd: bool = True):
+        self.shards, self.image_processor, self.sd_dir = shards, image_processor, sd_dir
+        self.epoch, self.seed, self.start, self.buffer, self.need_sd = epoch, seed, start, shuffle_buffer, need_sd
+
+    def _raw(self, generator: torch.Generator) -> Iterator[tuple[str, dict]]:
+        import webdataset as wds
+
+        order = torch.randperm(len(self.shards), generator=generator).tolist() if self.buffer else range(len(self.shards))
+        for i in order:
+            url = self.shards[i]
+            errors: list[str] = []
+            try:
+                for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=_all, workersplitter=_all,
+                                             handler=lambda e: errors.append(repr(e)) or True):
+                    yield url, sample
+            except Exception as e:  # an unopenable shard is counted, not fatal
+                errors.append(repr(e))
+            for n, err in enumerate(errors):
+                yield url, {"__key__": f"{shard_name(url)}#error{n}", "__error__": f"broken shard: {err}"}
+
+    def _shuffled(self) -> Iterator[tuple[str, dict]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if not self.buffer:
+            yield from self._raw(g)
+            return
+        buf: list[tuple[str, dict]] = []
+        for item in self._raw(g):
+            buf.append(item)
+            if len(buf) >= self.buffer:
+                yield buf.pop(int(torch.randint(len(buf), (1,), generator=g)))
+        while buf:
+            yield buf.pop(int(torch.randint(len(buf), (1,), generator=g)))
+
+    def __iter__(self) -> Iterator[Sample]:
+        # DataLoader workers each decode every n-th item; the loader's round-robin restores the order.
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        sd = SDEmbeddings(self.sd_dir)
+        for index, (url, raw) in enumerate(self._shuffled()):
+            if index % workers != worker:
+                continue
+            key = f"{shard_name(url)}/{raw.get('__key__', index)}"
+            if index < self.start:
+                yield Sample(key, error="skipped: before the resume point")
+                continue
+            yield self._decode(url, key, raw, sd)
+
+    def _decode(self, url: str, key: str, raw: dict, sd: SDEmbeddings) -> Sample:
+        from PIL import Image
+
+        if "__error__" in raw:
+            return Sample(key, error=raw["__error__"])
+        caption = raw.get("txt", b"")
+        caption = caption.decode("utf-8", "replace").strip() if isinstance(caption, bytes) else str(caption).strip()
+        if not caption:
+            return Sample(key, error="empty caption")
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            return Sample(key, error="no image")
+        emb = sd.get(url, raw["__key__"])
+        if emb is None and self.need_sd:
+            return Sample(key, error="missing diffusion embedding")
+        try:
+            with Image.open(io.BytesIO(raw[ext])) as im:
+                image = im.convert("RGB")
+        except Exception as e:  # PIL raises several types for bad files
+            return Sample(key, error=f"corrupt image: {type(e).__name__}")
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return Sample(key, pixels, caption, emb)
+
+
+def global_batches(stream: Iterator[Sample], batch_size: int, counts: Counter,
+                   drop_last: bool = True) -> Iterator[tuple[list[Sample], int]]:
+    """Group good samples into global batches; count bad ones by reason (each occurrence: a bad sample
+    is met once per epoch). Yields the batch and the number of stream items consumed so far (the resume
+    position)."""
+    batch: list[Sample] = []
+    consumed = 0
+    for sample in stream:
+        consumed += 1
+        if sample.error is not None:
+            if not sample.error.startswith("skipped"):
+                counts[sample.error.split(":")[0]] += 1
+            continue
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch, consumed
+            batch = []
+    if batch and not drop_last:
+        yield batch, consumed

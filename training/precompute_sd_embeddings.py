@@ -1,0 +1,97 @@
+"""Precompute the diffusion text encoder's states of every caption: the GILLMapper's targets.
+
+    python -m training.precompute_sd_embeddings --sd stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --data 'cc3m/{00000..00331}.tar' --out cc3m-sd --device cuda
+
+For each shard ``NAME.tar`` it writes ``OUT/NAME.safetensors``: sample key -> (77, d) float16, the text
+encoder's last hidden states (after its final LayerNorm) of the caption padded to the encoder's length
+with right truncation, as the original's preprocessing. Files are written atomically and finished
+shards are skipped, so a killed run resumes. ``--sd tiny-random`` uses the tiny preset's encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def encoder_for(name: str, device: str | None, dtype: torch.dtype | None):
+    if name == "tiny-random":
+        from gill.backbones import tiny_backbones, tiny_stable_diffusion
+
+        _, config = tiny_backbones()
+        pipe = tiny_stable_diffusion(config.gen_emb_dim, config.gen_seq_len)
+        tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    else:
+        from gill.backbones import load_sd_text_encoder
+
+        tokenizer, encoder = load_sd_text_encoder(name, dtype)
+    if device:
+        encoder.to(device)
+    return tokenizer, encoder.eval()
+
+
+@torch.no_grad()
+def encode(tokenizer, encoder, captions: list[str]) -> torch.Tensor:
+    length = encoder.config.max_position_embeddings
+    tok = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    device = next(encoder.parameters()).device
+    return encoder(input_ids=tok.input_ids.to(device)).last_hidden_state.to(torch.float16).cpu()
+
+
+def captions_of(url: str) -> list[tuple[str, str]]:
+    import webdataset as wds
+
+    out = []
+    for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, handler=wds.warn_and_continue,
+                                  nodesplitter=lambda u: u, workersplitter=lambda u: u):
+        text = sample.get("txt", b"")
+        text = text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text).strip()
+        out.append((sample["__key__"], text))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sd", required=True, help="Stable Diffusion repository id or path, or tiny-random")
+    p.add_argument("--data", required=True, help="shards (brace pattern; '::' joins several)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    args = p.parse_args(argv)
+
+    from safetensors.torch import save_file
+
+    from training.data import expand_shards, shard_name
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, encoder = encoder_for(args.sd, args.device, getattr(torch, args.dtype) if args.dtype else None)
+    done = skipped = 0
+    for url in expand_shards(args.data):
+        target = out / f"{shard_name(url)}.safetensors"
+        if target.is_file():
+            skipped += 1
+            continue
+        items = captions_of(url)
+        tensors = {}
+        for start in range(0, len(items), args.batch_size):
+            chunk = items[start:start + args.batch_size]
+            states = encode(tokenizer, encoder, [c for _, c in chunk])
+            tensors.update({k: s.contiguous() for (k, _), s in zip(chunk, states)})
+        tmp = target.with_name(f".{target.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"sd": args.sd})
+        os.replace(tmp, target)
+        done += 1
+        print(f"{target}: {len(tensors)} captions")
+    print(f"{done} shards written, {skipped} already done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Train the retrieve-vs-generate classifier on PartiPrompts-style decisions.
+
+    python -m training.train_decision --model DIR --annotations PartiPromptsDecisionsConfident.tsv
+
+The annotations are a TSV with ``Prompt`` and ``Decision`` columns (``gen``, ``ret`` or ``same``; other
+columns are ignored). As in the original notebook: ``same`` is dropped, the first ``--train-size`` (600)
+examples train and the rest are held out; the features are the [IMG0] last-layer state of a teacher-forced
+forward of ``prompt + [IMG0..7]``; the head (Dropout 0.5 + Linear) is trained full-batch with AdamW
+(lr 1e-3, no weight decay) for 2000 steps with cross-entropy. Prints macro-F1 on the held-out split and
+writes ``decision.safetensors`` into the model directory (``--out`` to write a copy elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Annotations:
+    prompts: list[str]
+    labels: list[int]  # index into ("gen", "ret")
+
+
+def read_annotations(path: str | Path, labels: tuple[str, ...] = ("gen", "ret")) -> Annotations:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows or "Prompt" not in rows[0] or "Decision" not in rows[0]:
+        raise ValueError(f"{path}: expected a TSV with 'Prompt' and 'Decision' columns")
+    prompts, ys = [], []
+    for i, row in enumerate(rows):
+        decision = (row["Decision"] or "").strip()
+        if decision == "same":
+            continue
+        if decision not in labels:
+            raise ValueError(f"{path}: row {i + 2}: decision {decision!r} is not one of {list(labels) + ['same']}")
+        prompts.append(row["Prompt"])
+        ys.append(labels.index(decision))
+    return Annotations(prompts, ys)
+
+
+@torch.no_grad()
+def features(model, tokenizer, img_tokens, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """[IMG0] states of ``prompt + [IMG0..n-1]`` (teacher forced), (N, d) float32."""
+    device = model.adapter.logit_scale.device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer([p + img_tokens.text for p in prompts[start:start + batch_size]], padding=True, return_tensors="pt")
+        res = model.img_token_forward(enc.input_ids.to(device), enc.attention_mask.to(device))
+        out.append(model.decision_features(res.img_hidden).float().cpu())
+    return torch.cat(out)
+
+
+def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> float:
+    scores = []
+    for c in range(num_classes):
+        tp = ((pred == c) & (target == c)).sum().item()
+        fp = ((pred == c) & (target != c)).sum().item()
+        fn = ((pred != c) & (target == c)).sum().item()
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / num_classes
+
+
+def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: float = 1e-3, seed: int = 0):
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    head.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(head(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (or tiny-random, with --out)")
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--train-size", type=int, default=600)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the model directory here instead of into --model")
+    args = p.parse_args(argv)
+
+    from gill import GILL, DecisionHead
+    from gill.checkpoint import save_model
+
+    try:
+        data = read_annotations(args.annotations)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if len(data.prompts) <= args.train_size:
+        print(f"error: {len(data.prompts)} usable examples leave nothing after --train-size {args.train_size}", file=sys.stderr)
+        return 1
+    gill = GILL.from_pretrained(args.model, device=args.device, load_diffusion=False)
+    model = gill.model
+    if model.config.decision.use_ret_score:
+        print("error: this model's decision head reads retrieval scores; train it with an index (not supported here)",
+              file=sys.stderr)
+        return 1
+    x = features(model, gill.tokenizer, gill.img_tokens, data.prompts)
+    y = torch.tensor(data.labels)
+    n = args.train_size
+    head = train_head(DecisionHead.from_config(model.config), x[:n], y[:n], args.steps, args.lr, args.seed)
+    with torch.no_grad():
+        train_f1 = macro_f1(head(x[:n]).argmax(-1), y[:n])
+        test_f1 = macro_f1(head(x[n:]).argmax(-1), y[n:])
+    out = Path(args.out) if args.out else Path(args.model)
+    if args.out and Path(args.model).is_dir() and out != Path(args.model):
+        shutil.copytree(args.model, out, dirs_exist_ok=True)
+    save_model(out, model, head)
+    result = {"train_examples": n, "test_examples": len(y) - n, "train_macro_f1": train_f1, "test_macro_f1": test_f1,
+              "test_majority_macro_f1": macro_f1(torch.full_like(y[n:], int(y[:n].bincount().argmax())), y[n:])}
+    (out / "decision_metrics.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
