@@ -60,6 +60,13 @@ def truncate_like_original(text: str) -> str:
 
 
 @dataclass
+class SlotEmbeddings:
+    generation: torch.Tensor  # (N, gen_seq_len, gen_emb_dim) diffusion conditioning
+    retrieval: torch.Tensor  # (N, ret_emb_dim) text-side retrieval embedding, not normalised
+    hidden: torch.Tensor  # (N, n, d) the [IMG] tokens' last-layer states
+
+
+@dataclass
 class _Prompt:
     embeds: torch.Tensor  # (T, d)
     exclude: set[str] = field(default_factory=set)  # keys of the conversation's images
@@ -270,6 +277,22 @@ class GILL:
                 # the chosen branch comes first
                 out[j].insert(0 if decisions[j].choice == "gen" else len(out[j]), segment)
         return out
+
+    # ---- forced image slots (evaluation) ---------------------------------------------------------
+
+    @torch.no_grad()
+    def image_slot_embeddings(self, conversations: Sequence[Sequence[InputItem]]) -> SlotEmbeddings:
+        """Append [IMG0..n-1] to each conversation and read the image slot in one forward: what the
+        original's evaluations got from ``num_words=2, gen_scale_factor=1e5`` (an image forced at once),
+        without decoding. Returns the diffusion conditioning and the text-side retrieval embedding."""
+        prompts = self.build_prompts(conversations)
+        ids = self.model.img_token_ids[None]
+        img = self.model.embed_tokens(ids)[0]
+        for p in prompts:
+            p.embeds = torch.cat([p.embeds, img.to(p.embeds.dtype)])
+        embeds, mask = self._batch(prompts)
+        hidden = self.model.lm_forward(embeds, mask, logits_to_keep=1).hidden[:, -ids.shape[1]:]
+        return SlotEmbeddings(self.model.generation_embeddings(hidden), self.model.text_retrieval_embeddings(hidden), hidden)
 
     # ---- 4. assembling the answer ----------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 PRESETS = ("tiny-random", "gill-opt-6.7b")
+DEFAULT_MODEL = "tiny-random"  # what the evals (and later the app) use when no model is named
 
 
 def load(

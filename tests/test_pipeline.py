@@ -212,3 +212,19 @@ def test_generate_command_keeps_the_order_of_texts_and_images(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gill", "generate", "x", "--image", str(tmp_path / "none.png")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "image file not found" in bad.stderr
+
+
+def test_forced_image_slot_equals_decoding_with_a_forced_image(gill):
+    conv = CONVERSATIONS[1]
+    slots = gill.image_slot_embeddings([conv, CONVERSATIONS[0]])
+    out = gill.generate_interleaved([conv, CONVERSATIONS[0]], max_new_tokens=8, img_scale_factor=1e5, policy="generate",
+                                    diffusion=FAST)
+    from gill.generate import decode
+
+    prompts = gill.build_prompts([conv])
+    embeds, mask = gill._batch(prompts)
+    res = decode(gill.model, embeds, mask, __import__("gill").DecodeOptions(max_new_tokens=8, img_scale_factor=1e5))[0]
+    assert res.images[0].position == 0  # the huge factor forces [IMG0] first
+    torch.testing.assert_close(slots.hidden[0], res.images[0].hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(slots.generation[0], gill.model.generation_embeddings(res.images[0].hidden[None])[0], rtol=1e-4, atol=1e-4)
+    assert isinstance(out[0][0], GeneratedImage)

@@ -1,0 +1,1 @@
+"""Evaluation harness: ``python -m gill.eval vist|visdial|score``. See ``gill/eval/README.md``."""

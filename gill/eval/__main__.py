@@ -1,0 +1,152 @@
+"""``python -m gill.eval vist|visdial|score``: GILL's evaluations, resumable, scored side by side with
+plain Stable Diffusion on the same prompts.
+
+    python -m gill.eval vist --model DIR --annotations sis/val.story-in-sequence.json --images vist_images --out eval/vist
+    python -m gill.eval visdial --model DIR --dialogs visdial_1.0_val.json --images VisualDialog_val2018 --out eval/visdial
+    python -m gill.eval score eval/vist --task vist        # re-score finished outputs (e.g. with another scorer)
+
+Rerunning a command resumes it: finished examples are not recomputed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+VIST_SETTINGS = {
+    "gill/1-caption": ("gill", lambda e: [e.captions[-1]]),
+    "gill/5-captions": ("gill", lambda e: [" ".join(e.captions)]),
+    "gill/5-captions-4-images": ("gill", lambda e: [x for c, i in zip(e.captions, e.context_images + [None])
+                                                    for x in (c, i) if x is not None]),
+    "sd/1-caption": ("sd", lambda e: e.captions[-1]),
+    "sd/5-captions": ("sd", lambda e: " ".join(e.captions)),
+}
+
+
+def visdial_settings(rounds: list[int]) -> dict:
+    out = {}
+    for r in rounds:
+        label = f"{r}-round" + ("s" if r > 1 else "")
+        out[f"gill/{label}"] = ("gill", lambda e, r=r: ["\n".join(e.captions[: 2 * r])])
+        out[f"sd/{label}"] = ("sd", lambda e, r=r: "\n".join(e.captions[: 2 * r]))
+    return out
+
+
+def common(p: argparse.ArgumentParser) -> None:
+    from gill.eval.scorer import DEFAULT_SCORER
+    from gill.presets import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or preset (default: {DEFAULT_MODEL})")
+    p.add_argument("--images", required=True, help="folder of the dataset's images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--settings", nargs="+", default=None, help="subset of settings (default: all)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain Stable Diffusion settings")
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--scorer", default=DEFAULT_SCORER, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED")
+    p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gill.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    vist = sub.add_parser("vist", help="VIST contextual generation and retrieval")
+    vist.add_argument("--annotations", required=True, help="SIS annotations, e.g. sis/val.story-in-sequence.json")
+    vist.add_argument("--caption-field", default="original_text")
+    common(vist)
+    visdial = sub.add_parser("visdial", help="VisDial generation after 1, 5, 10 rounds")
+    visdial.add_argument("--dialogs", required=True, help="visdial_1.0_val.json")
+    visdial.add_argument("--rounds", type=int, nargs="+", default=[1, 5, 10])
+    common(visdial)
+    rescore = sub.add_parser("score", help="re-score a finished output directory")
+    rescore.add_argument("out")
+    rescore.add_argument("--task", choices=["vist", "visdial"], required=True)
+    rescore.add_argument("--scorer", default=None)
+    rescore.add_argument("--lpips", action="store_true")
+    rescore.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gill.eval.report import write_report
+    from gill.eval.runner import Setting, run_setting, score
+    from gill.eval.scorer import ClipScorer, LpipsScorer
+
+    out = Path(args.out)
+    if args.command == "score":
+        state = json.loads((out / "run.json").read_text())
+        scorer = ClipScorer(args.scorer or state["scorer"], args.device)
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+        score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=summary.get("retrieval"),
+              extra={k: state[k] for k in ("model", "skipped", "context_dir") if k in state})
+        print(write_report(out, args.task))
+        return 0
+
+    from gill.diffusion import DiffusionOptions
+    from gill.eval.data import load_vist, load_visdial
+    from gill.pipeline import GILL
+
+    args.task = args.command
+    if args.task == "vist":
+        dataset = load_vist(args.annotations, args.images, args.caption_field)
+        table = VIST_SETTINGS
+    else:
+        dataset = load_visdial(args.dialogs, args.images)
+        table = visdial_settings(args.rounds)
+    if args.limit is not None:
+        dataset.examples = dataset.examples[: args.limit]
+    names = args.settings or [n for n in table if not (args.no_baseline and n.startswith("sd/"))]
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; choose from {list(table)}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
+    if gill.diffusion is None:
+        raise ValueError(f"model {args.model} has no diffusion pipeline: evaluation generates images")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"task": args.task, "model": str(args.model), "scorer": args.scorer, "seed": args.seed, "steps": args.steps,
+             "guidance": args.guidance, "settings": names, "skipped": dataset.skipped, "context_dir": str(Path(args.images).resolve())}
+    (out / "run.json").write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance)
+    counts = {}
+    for name in names:
+        mode, build = table[name]
+        counts[name] = run_setting(gill, dataset, Setting(name, mode, build), out, diffusion=options,
+                                   batch_size=args.batch_size, seed=args.seed)
+        print(f"{name}: {counts[name]['computed']} generated, {counts[name]['reused']} already done")
+    retrieval = None
+    if args.task == "vist":
+        from gill.eval.runner import vist_retrieval
+
+        retrieval = vist_retrieval(gill, dataset, out, [n for n in names if n.startswith("gill/")])
+    scorer = ClipScorer(args.scorer, args.device)
+    summary = score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=retrieval,
+                    extra={"model": str(args.model), "skipped": dataset.skipped, "runs": counts,
+                           "context_dir": state["context_dir"]})
+    for name, s in summary["settings"].items():
+        print(f"{name:28s} n={s['n']:5d}  CLIP similarity {s['clip_similarity']:.4f} +- {s['clip_similarity_ci95']:.4f}")
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} example(s): see {out / 'summary.json'}")
+    print(write_report(out, args.task))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
