@@ -30,6 +30,13 @@ class Text:
 
 
 @dataclass
+class TextDelta:
+    """A piece of text as it is decoded (``GILL.stream(..., deltas=True)``)."""
+
+    text: str
+
+
+@dataclass
 class GeneratedImage:
     image: Any  # PIL.Image.Image
     decision: Decision
@@ -346,20 +353,34 @@ class GILL:
         options: DecodeOptions | None = None,
         diffusion: DiffusionOptions | None = None,
         seed: int | None = None,
+        deltas: bool = False,
         **decode_overrides: Any,
-    ) -> Iterator[Segment]:
+    ) -> Iterator[Segment | TextDelta]:
         """Answer one conversation, yielding each segment as soon as it is complete: a text run when an
-        image slot starts or decoding ends, an image when it has been retrieved or generated."""
+        image slot starts or decoding ends, an image when it has been retrieved or generated. With
+        ``deltas=True`` text comes as ``TextDelta`` pieces while it is decoded (for chat UIs) instead."""
         options = self._decode_options(options, decode_overrides)
         diffusion = diffusion or DiffusionOptions(seed=seed)
         prompts = self.build_prompts([list(inputs)])
         retrieved: list[set[str]] = [set()]
         pending: list[int] = []
         count = [0]
+        shown = ""
         for event in iter_decode(**self._decode_args(prompts, options, seed)):
             if isinstance(event, TokenEvent):
                 pending.append(event.token_id)
-            elif isinstance(event, ImageEvent):
+                if deltas:
+                    text = self._text(pending)
+                    if text.startswith(shown) and len(text) > len(shown) and not text.endswith("\ufffd"):
+                        yield TextDelta(text[len(shown):])
+                        shown = text
+                continue
+            if deltas and pending:
+                text = self._text(pending)
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield TextDelta(text[len(shown):])
+                pending, shown = [], ""
+            if isinstance(event, ImageEvent):
                 text = self._text(pending)
                 pending = []
                 if text:

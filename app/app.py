@@ -1,0 +1,253 @@
+"""The GILL chat app (Gradio): type text, attach images, get interleaved text, generated and retrieved images.
+
+    python -m app                                  # the offline default model, on http://127.0.0.1:7860
+    python -m app --model DIR --index INDEX_DIR --device cuda
+
+``build_demo(pipeline)`` builds the interface around any ``gill.GILL`` (tests inject a tiny one); ``main``
+loads the model. Nothing is loaded at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAX_IMAGE_BYTES = 20 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass
+class Defaults:
+    """The controls' initial values (the original demo's where it had them)."""
+
+    temperature: float = 0.0
+    top_p: float = 0.95
+    max_new_tokens: int = 32
+    img_scale_factor: float = 1.3  # the original demo's "frequency multiplier for returning images"
+    policy: str = "auto"
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 1337
+
+
+class BadInput(ValueError):
+    """Input the app refuses, with a message for the chat."""
+
+
+def load_user_image(path: str) -> Any:
+    """An uploaded file -> RGB PIL image, or BadInput saying why not."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = Path(path).name
+    size = os.path.getsize(path)
+    if size > MAX_IMAGE_BYTES:
+        raise BadInput(f"{name} is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES // 2**20} MB are accepted.")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise BadInput(f"{name} is {im.width}x{im.height} pixels; that is too large.")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, BadInput):
+            raise
+        raise BadInput(f"{name} is not an image I can read.") from None
+
+
+def image_label(segment: Any) -> str:
+    """The caption shown above an answer's image: kind, decision and provenance."""
+    d = segment.decision
+    probs = f"p(gen)={d.p_gen:.2f} · p(ret)={d.p_ret:.2f}" if d.p_gen is not None else "no classifier"
+    if type(segment).__name__ == "GeneratedImage":
+        return f"**Generated image** · {probs} · policy: {d.policy}"
+    caption = f" · “{segment.caption}”" if segment.caption else ""
+    return f"**Retrieved image** · {probs} · policy: {d.policy} · score {segment.score:.2f} · source: `{segment.source}`{caption}"
+
+
+def conversation_html(messages: list[dict]) -> str:
+    """The chat as a standalone HTML page, images inlined."""
+    parts = ["<html><head><meta charset='utf-8'><title>GILL conversation</title><style>body{font-family:sans-serif;"
+             "max-width:760px;margin:2em auto}.user{background:#eef;padding:8px;border-radius:8px;margin:6px 0}"
+             ".assistant{background:#f6f6f6;padding:8px;border-radius:8px;margin:6px 0}img{max-width:320px}</style>"
+             "</head><body><h1>GILL conversation</h1>"]
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, dict) and content.get("path"):
+            data = base64.b64encode(Path(content["path"]).read_bytes()).decode()
+            body = f"<img src='data:image/png;base64,{data}'>"
+        else:
+            body = html.escape(str(content)).replace("\n", "<br>")
+        parts.append(f"<div class='{m['role']}'>{body}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GILL") -> Any:
+    """The Gradio Blocks app around a ``gill.GILL``."""
+    import gradio as gr
+
+    from gill.diffusion import DiffusionOptions
+    from gill.pipeline import Text, TextDelta
+
+    d = defaults or Defaults()
+    workdir = Path(tempfile.mkdtemp(prefix="gill-app-"))
+
+    def save_image(image: Any) -> dict:
+        fd, path = tempfile.mkstemp(suffix=".png", dir=workdir)
+        os.close(fd)
+        image.save(path)
+        return {"path": path}
+
+    def respond(message, messages, history, temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed):
+        messages = list(messages or [])
+        history = list(history or [])
+        text = (message or {}).get("text", "").strip()
+        files = (message or {}).get("files", []) or []
+        new_items, shown = [], []
+        try:
+            for f in files:
+                path = f if isinstance(f, str) else f.get("path", "")
+                image = load_user_image(path)
+                new_items.append(image)
+                shown.append({"role": "user", "content": save_image(image)})
+            if not text and not new_items:
+                raise BadInput("Please type a message or attach an image.")
+        except BadInput as e:
+            messages += shown + [{"role": "user", "content": text or "(attachment)"},
+                                 {"role": "assistant", "content": f"⚠️ {e}"}]
+            yield messages, history, None
+            return
+        if text:
+            shown.append({"role": "user", "content": text})
+            new_items.append(f"Q: {text}\nA:")  # the original demo's turn format
+        messages += shown
+        history += new_items
+        yield messages, history, None
+
+        answer: list[Any] = []
+        current = None  # the assistant text message being streamed
+        try:
+            for segment in pipeline.stream(
+                history, policy=policy, seed=int(seed), deltas=True, max_new_tokens=int(max_tokens),
+                temperature=float(temperature), top_p=float(top_p) if temperature > 0 else 1.0,
+                img_scale_factor=float(frequency), stop_strings=("\nQ:",),
+                diffusion=DiffusionOptions(steps=int(steps), guidance_scale=float(guidance), seed=int(seed)),
+            ):
+                if isinstance(segment, TextDelta):
+                    if current is None:
+                        current = {"role": "assistant", "content": ""}
+                        messages.append(current)
+                    current["content"] += segment.text
+                    answer.append(segment.text)
+                elif isinstance(segment, Text):
+                    messages.append({"role": "assistant", "content": segment.text})
+                    answer.append(segment.text)
+                    current = None
+                else:
+                    current = None
+                    messages.append({"role": "assistant", "content": image_label(segment)})
+                    if segment.image is not None:
+                        messages.append({"role": "assistant", "content": save_image(segment.image)})
+                        answer.append(segment.image)
+                yield messages, history, None
+        except Exception as e:  # a model error is shown in the chat; the conversation stays usable
+            messages.append({"role": "assistant", "content": f"⚠️ The model failed: {type(e).__name__}: {e}"})
+            yield messages, history, None
+            return
+        text_answer = "".join(a for a in answer if isinstance(a, str)).split("\nQ:")[0]
+        history += [text_answer.strip() + "\n"] + [a for a in answer if not isinstance(a, str)]
+        if not answer:
+            messages.append({"role": "assistant", "content": "(no answer)"})
+        yield messages, history, None
+
+    def undo(messages, history):
+        messages, history = list(messages or []), list(history or [])
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        while messages and messages[-1]["role"] == "user":
+            messages.pop()
+        # drop the last turn from the model's history: back to the last user "Q:" item
+        for i in range(len(history) - 1, -1, -1):
+            if isinstance(history[i], str) and history[i].startswith("Q: "):
+                history = history[:i]
+                while history and not isinstance(history[-1], str):
+                    history.pop()  # the turn's attached images
+                break
+        return messages, history
+
+    def save(messages):
+        path = workdir / "gill-conversation.html"
+        path.write_text(conversation_html(messages or []), encoding="utf-8")
+        return gr.update(value=str(path), visible=True)
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated** "
+                    "and **retrieved** images, each labelled with the decision behind it.")
+        chatbot = gr.Chatbot(label="Conversation", height=520, elem_id="chat")
+        history = gr.State([])
+        box = gr.MultimodalTextbox(placeholder="Type a message, attach images…", file_count="multiple",
+                                   show_label=False, elem_id="input")
+        with gr.Row():
+            undo_btn = gr.Button("Undo", elem_id="undo")
+            reset_btn = gr.Button("Reset", elem_id="reset")
+            save_btn = gr.Button("Save conversation (HTML)", elem_id="save")
+        saved = gr.File(label="Saved conversation", visible=False)
+        with gr.Accordion("Settings", open=False):
+            with gr.Row():
+                temperature = gr.Slider(0, 1, value=d.temperature, step=0.05, label="Temperature (0: greedy)")
+                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p")
+                max_tokens = gr.Slider(1, 128, value=d.max_new_tokens, step=1, label="Max tokens")
+            with gr.Row():
+                frequency = gr.Slider(0, 3, value=d.img_scale_factor, step=0.05, label="Image frequency (scale factor)")
+                policy = gr.Radio(["auto", "generate", "retrieve", "both"], value=d.policy, label="Decision policy")
+            with gr.Row():
+                steps = gr.Slider(1, 100, value=d.steps, step=1, label="Diffusion steps")
+                guidance = gr.Slider(1, 15, value=d.guidance, step=0.5, label="Guidance scale")
+                seed = gr.Number(value=d.seed, precision=0, label="Seed")
+        controls = [temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed]
+        box.submit(respond, [box, chatbot, history, *controls], [chatbot, history, box])
+        undo_btn.click(undo, [chatbot, history], [chatbot, history])
+        reset_btn.click(lambda: ([], []), None, [chatbot, history])
+        save_btn.click(save, [chatbot], [saved])
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gill.presets import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or preset (default: {DEFAULT_MODEL})")
+    p.add_argument("--index", default=None, help="retrieval index directory (your own image collection)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--concurrency", type=int, default=1, help="requests served at once (the rest queue)")
+    p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="default diffusion steps")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from gill.pipeline import GILL
+
+    try:
+        pipeline = GILL.from_pretrained(args.model, index=args.index, device=args.device,
+                                        torch_dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    defaults = Defaults()
+    if args.steps is not None:
+        defaults.steps = args.steps
+    demo = build_demo(pipeline, defaults, title=f"GILL · {Path(str(args.model)).name}")
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    demo.launch(server_name=args.host, server_port=args.port)
+    return 0

@@ -1,0 +1,130 @@
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from app.app import BadInput, Defaults, build_demo, conversation_html, load_user_image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_gill():
+    from gill import GILL
+
+    g = GILL.from_pretrained("tiny-random")
+    torch.manual_seed(0)
+    with torch.no_grad():  # large [IMG] rows: the tiny model answers with images
+        g.model.adapter.img_embeddings.normal_(0, 1.0)
+    return g
+
+
+def test_uploads_are_checked(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BadInput, match="notes.txt is not an image"):
+        load_user_image(str(tmp_path / "notes.txt"))
+    Image.new("RGB", (20, 10), "red").save(tmp_path / "ok.png")
+    assert load_user_image(str(tmp_path / "ok.png")).size == (20, 10)
+
+
+def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeypatch):
+    demo = build_demo(tiny_gill, Defaults(steps=2, policy="both", max_new_tokens=16, img_scale_factor=1.0))
+    fn = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "respond")
+    Image.new("RGB", (40, 40), "blue").save(tmp_path / "in.png")
+    controls = (0.0, 0.95, 16, 1.0, "both", 2, 7.5, 0)
+    steps = list(fn({"text": "a red circle", "files": [str(tmp_path / "in.png")]}, [], [], *controls))
+    messages, history, _ = steps[-1]
+    assert len(steps) > 3  # the answer streams
+    labels = [m["content"] for m in messages if isinstance(m["content"], str) and "image**" in m["content"]]
+    assert any("Generated image" in label for label in labels) and any("Retrieved image" in label for label in labels)
+    assert any(isinstance(m["content"], dict) and m["role"] == "assistant" for m in messages)
+    assert history[0].size == (40, 40) and history[1] == "Q: a red circle\nA:"
+    # empty input and a failing model give chat messages, not exceptions
+    messages, _, _ = list(fn({"text": "  ", "files": []}, [], [], *controls))[-1]
+    assert "Please type a message" in messages[-1]["content"]
+    monkeypatch.setattr(tiny_gill, "stream", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    messages, history2, _ = list(fn({"text": "hi", "files": []}, [], [], *controls))[-1]
+    assert "The model failed: RuntimeError: boom" in messages[-1]["content"]
+    page = conversation_html([{"role": "user", "content": "hi"}, {"role": "assistant", "content": {"path": str(tmp_path / "in.png")}}])
+    assert "data:image/png;base64," in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_chat_in_a_real_browser(tiny_gill, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    demo = build_demo(tiny_gill, Defaults(steps=2, policy="both", max_new_tokens=16, img_scale_factor=1.0))
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    Image.new("RGB", (48, 48), "green").save(tmp_path / "photo.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1100, "height": 1300})
+            page.goto(f"http://127.0.0.1:{port}/")
+            box = page.locator("#input textarea")
+            box.wait_for(timeout=30_000)
+            page.locator("#input input[type=file]").set_input_files(str(tmp_path / "photo.png"))
+            box.fill("a red circle")
+            box.press("Enter")
+            chat = page.locator("#chat")
+            expect(chat.get_by_text("Generated image").first).to_be_visible(timeout=60_000)
+            expect(chat.get_by_text("Retrieved image").first).to_be_visible(timeout=60_000)
+            assert chat.locator("img").count() >= 3  # the upload, a generated and a retrieved image
+            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+            page.locator("#input input[type=file]").set_input_files(str(tmp_path / "notes.txt"))
+            box.fill("what is this?")
+            box.press("Enter")
+            expect(chat.get_by_text("notes.txt is not an image I can read.")).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "chat-error.png"), full_page=True)
+            browser.close()
+        shots = Path("/tmp/gill-app-screenshots")
+        shots.mkdir(exist_ok=True)
+        for name in ("chat.png", "chat-error.png"):
+            shutil.copy(tmp_path / name, shots / name)
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_readme_main_job_serves_the_app():
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert 'pip install torch==2.13.0 -e ".[app]" && python -m app' in readme
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    assert r.status == 200 and b"gradio" in r.read().lower()
+                    return
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(proc.stderr.read()[-2000:])
+                time.sleep(1)
+        raise AssertionError("the app did not answer within 120 s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
