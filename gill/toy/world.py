@@ -1,0 +1,134 @@
+"""The toy world: captioned pictures of coloured shapes, and VIST-format stories about them.
+
+A scene is one shape with a colour, a size and a position on a background. Captions come from a small
+grammar ("a large red circle on the left"). A story follows one object through 5 steps; later captions
+refer back to it ("it moves to the right", "it turns blue"), so its last picture can only be drawn from
+the whole story. Compositions (colour, shape) are split so that some test compositions never appear in
+the retrieval corpus. Everything is deterministic given a seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
+    "yellow": (235, 205, 30), "purple": (140, 50, 170), "orange": (245, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+POSITIONS = ("left", "middle", "right")
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (120, 120, 120)}
+IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Scene:
+    color: str
+    shape: str
+    size: str
+    position: str
+    background: str = "white"
+
+    @property
+    def composition(self) -> tuple[str, str]:
+        return self.color, self.shape
+
+    def caption(self) -> str:
+        where = "in the middle" if self.position == "middle" else f"on the {self.position}"
+        return f"a {self.size} {self.color} {self.shape} {where}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.color}-{self.shape}-{self.size}-{self.position}-{self.background}"
+
+
+def render(scene: Scene, size: int = IMAGE_SIZE, jitter: tuple[int, int] = (0, 0)):
+    """The scene as an RGB PIL image (drawn at 4x and downsampled, so edges are smooth)."""
+    from PIL import Image, ImageDraw
+
+    s = 4 * size
+    im = Image.new("RGB", (s, s), BACKGROUNDS[scene.background])
+    d = ImageDraw.Draw(im)
+    radius = (0.16 if scene.size == "small" else 0.3) * s
+    cx = {"left": 0.25, "middle": 0.5, "right": 0.75}[scene.position] * s + jitter[0] * 4
+    cy = 0.5 * s + jitter[1] * 4
+    box = [cx - radius, cy - radius, cx + radius, cy + radius]
+    color = COLORS[scene.color]
+    if scene.shape == "circle":
+        d.ellipse(box, fill=color)
+    elif scene.shape == "square":
+        d.rectangle(box, fill=color)
+    else:
+        d.polygon([(cx - radius, cy + radius), (cx + radius, cy + radius), (cx, cy - radius)], fill=color)
+    return im.resize((size, size), Image.LANCZOS)
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(c, sh, sz, p, bg) for c in COLORS for sh in SHAPES for sz in SIZES for p in POSITIONS for bg in BACKGROUNDS]
+
+
+def split_compositions(seed: int = 0, test_fraction: float = 0.25) -> tuple[set, set]:
+    """(train, test) (colour, shape) pairs: test pairs never appear in training data or the corpus."""
+    pairs = sorted((c, s) for c in COLORS for s in SHAPES)
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    n_test = max(1, round(len(pairs) * test_fraction))
+    return set(pairs[n_test:]), set(pairs[:n_test])
+
+
+# ---- stories ------------------------------------------------------------------------------------------
+
+def _step(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+    """One change to the scene, and the caption that tells it by referring back ("it ...")."""
+    kind = rng.choice(["move", "color", "size", "move"])
+    if kind == "move":
+        position = rng.choice([p for p in POSITIONS if p != scene.position])
+        where = "to the middle" if position == "middle" else f"to the {position}"
+        return replace(scene, position=position), f"it moves {where}"
+    if kind == "color":
+        color = rng.choice([c for c in COLORS if c != scene.color])
+        return replace(scene, color=color), f"it turns {color}"
+    size = "large" if scene.size == "small" else "small"
+    return replace(scene, size=size), "it grows" if size == "large" else "it shrinks"
+
+
+def story(rng: random.Random, compositions: set[tuple[str, str]]) -> list[tuple[Scene, str]]:
+    """5 (scene, caption) steps: the first caption describes the object, the others refer back to it.
+    The object's composition at every step lies in ``compositions``."""
+    while True:
+        color, shape = rng.choice(sorted(compositions))
+        scene = Scene(color, shape, rng.choice(SIZES), rng.choice(POSITIONS), rng.choice(sorted(BACKGROUNDS)))
+        steps = [(scene, scene.caption())]
+        for _ in range(4):
+            for _attempt in range(10):
+                nxt, caption = _step(steps[-1][0], rng)
+                if nxt.composition in compositions:
+                    break
+            else:
+                break
+            steps.append((nxt, caption))
+        if len(steps) == 5:
+            return steps
+
+
+def vist_annotations(stories: list[list[tuple[Scene, str]]], first_story_id: int = 0) -> tuple[dict, dict[str, Scene]]:
+    """VIST SIS-format annotations of ``stories`` and the scene of each photo id (one image per step)."""
+    annotations, photos = [], {}
+    for n, steps in enumerate(stories):
+        story_id = str(first_story_id + n)
+        for order, (scene, caption) in enumerate(steps):
+            photo = f"{story_id}{order}"
+            photos[photo] = scene
+            annotations.append([{"story_id": story_id, "photo_flickr_id": photo, "worker_arranged_photo_order": order,
+                                 "original_text": caption, "text": caption}])
+    return {"annotations": annotations}, photos
+
+
+def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 400) -> list[str]:
+    """Text for the toy LM: every caption of the allowed compositions, and stories as running text."""
+    lines = [s.caption() for s in all_scenes() if s.composition in compositions]
+    for _ in range(n_stories):
+        lines.append(". ".join(c for _, c in story(rng, compositions)) + ".")
+    return lines

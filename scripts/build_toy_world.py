@@ -1,0 +1,401 @@
+"""Build the toy world: tiny backbones trained from scratch on synthetic captioned shapes, then GILL on top
+of them with the project's own recipes (training.train, index.build, training.train_decision, gill.eval).
+
+    python scripts/build_toy_world.py --out toy-build            # the full build (deterministic, CPU)
+    python scripts/build_toy_world.py --out toy-small --small    # the reduced build the tests run
+
+Stages (each skipped when its output exists, so a killed build resumes):
+  1. data      rendered corpus (train compositions only), shards, VIST-format val/test stories
+  2. lm        a causal LM (OPT architecture) on the world's text, with its own BPE tokenizer
+  3. clip      a CLIP-style dual encoder (GILL's vision tower, and the SD text encoder) and, with
+               another seed, the metric model used by the evaluation
+  4. sd        AutoencoderKL + UNet2DConditionModel trained as a text-to-image diffusion model; saved as
+               a StableDiffusionPipeline directory
+  5. gill      SD text embeddings (training.precompute_sd_embeddings), GILL (training.train), the
+               retrieval index (index.build), the decision head (training.train_decision)
+  6. eval      python -m gill.eval vist on the test stories, scored by the metric model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gill.toy import world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Plan:
+    lm_steps: int = 1500
+    clip_steps: int = 1500
+    vae_steps: int = 1500
+    unet_steps: int = 6000
+    gill_steps: int = 600
+    train_images_per_scene: int = 4
+    test_stories: int = 60
+    val_stories: int = 30
+
+
+SMALL = Plan(lm_steps=300, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=200, train_images_per_scene=2,
+             test_stories=24, val_stories=12)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(*cmd: str) -> None:
+    log(" ".join(cmd))
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+
+
+# ---- 1. data -----------------------------------------------------------------------------------------------
+
+def stage_data(out: Path, plan: Plan, seed: int) -> None:
+    import io
+    import tarfile
+
+    data = out / "data"
+    if (data / "done").exists():
+        return
+    train_comp, test_comp = world.split_compositions(seed)
+    rng = random.Random(seed)
+    corpus = data / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    scenes = [s for s in world.all_scenes() if s.composition in train_comp]
+    samples = []
+    for s in scenes:
+        for k in range(plan.train_images_per_scene):
+            jitter = (rng.randint(-1, 1), rng.randint(-1, 1)) if k else (0, 0)
+            im = world.render(s, jitter=jitter)
+            name = f"{s.key}-{k}"
+            if k == 0:  # the retrieval corpus: one clean picture per scene
+                im.save(corpus / f"{name}.png")
+                (corpus / f"{name}.txt").write_text(s.caption())
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            samples.append((name, buf.getvalue(), s.caption()))
+    rng.shuffle(samples)
+    shards = data / "shards"
+    shards.mkdir(exist_ok=True)
+    per = math.ceil(len(samples) / 4)
+    for i in range(4):
+        with tarfile.open(shards / f"train-{i}.tar", "w") as tar:
+            for key, png, caption in samples[i * per:(i + 1) * per]:
+                for ext, payload in (("png", png), ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    for split, n, comps in (("val", plan.val_stories, train_comp), ("test", plan.test_stories, train_comp | test_comp)):
+        stories = [world.story(rng, comps) for _ in range(n)]
+        ann, photos = world.vist_annotations(stories)
+        folder = data / f"{split}-images"
+        folder.mkdir(exist_ok=True)
+        for photo, scene in photos.items():
+            world.render(scene).save(folder / f"{photo}.png")
+        (data / f"{split}-sis.json").write_text(json.dumps(ann))
+        (data / f"{split}-scenes.json").write_text(json.dumps({p: s.__dict__ for p, s in photos.items()}))
+    text = world.world_text(rng, train_comp | test_comp)
+    (data / "text.txt").write_text("\n".join(text))
+    # retrieve what the corpus holds, generate unseen compositions
+    body = [f"{s.caption()}\t{'ret' if s.composition in train_comp else 'gen'}" for s in world.all_scenes()
+            if s.background == "white"]
+    rng.shuffle(body)
+    (data / "decisions.tsv").write_text("\n".join(["Prompt\tDecision", *body]) + "\n")
+    (data / "split.json").write_text(json.dumps({"train": sorted(train_comp), "test": sorted(test_comp)}))
+    (data / "done").write_text("ok")
+    log(f"data: {len(samples)} training pictures, corpus of {len(scenes)}, test compositions {sorted(test_comp)}")
+
+
+# ---- 2. the language model ------------------------------------------------------------------------------
+
+def stage_lm(out: Path, plan: Plan, seed: int) -> None:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from gill.backbones import build_tokenizer
+
+    target = out / "model" / "lm"
+    if (target / "config.json").exists():
+        return
+    lines = (out / "data" / "text.txt").read_text().splitlines()
+    tokenizer = build_tokenizer(384, corpus=lines)
+    torch.manual_seed(seed)
+    lm = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=96, word_embed_proj_dim=96, num_hidden_layers=3,
+                                  num_attention_heads=4, ffn_dim=384, max_position_embeddings=256, dropout=0.0,
+                                  pad_token_id=1, bos_token_id=2, eos_token_id=2))
+    ids = [tokenizer(line)["input_ids"][:64] + [2] for line in lines]
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
+    rng = random.Random(seed)
+    lm.train()
+    for step in range(plan.lm_steps):
+        batch = [ids[rng.randrange(len(ids))] for _ in range(32)]
+        width = max(map(len, batch))
+        x = torch.tensor([b + [1] * (width - len(b)) for b in batch])
+        mask = (torch.arange(width)[None] < torch.tensor([len(b) for b in batch])[:, None]).long()
+        labels = x.masked_fill(mask == 0, -100)
+        lr = 3e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - step / plan.lm_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = lm(input_ids=x, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == plan.lm_steps - 1:
+            log(f"lm step {step} loss {loss.item():.3f}")
+    lm.eval().save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+# ---- 3. CLIP-style dual encoders ----------------------------------------------------------------------------
+
+def train_clip(out: Path, plan: Plan, seed: int):
+    """A tiny CLIPModel trained contrastively on (picture, caption); the text side pools by masked mean."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "model" / "lm")
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=world.IMAGE_SIZE, patch_size=4),
+        projection_dim=64,
+    )
+    clip = CLIPModel(cfg)
+    scenes = world.all_scenes()
+    train_comp = {tuple(x) for x in json.loads((out / "data" / "split.json").read_text())["train"]}
+    scenes = [s for s in scenes if s.composition in train_comp]
+    rng = random.Random(seed)
+    mean = torch.tensor(world_mean()).view(3, 1, 1)
+    std = torch.tensor(world_std()).view(3, 1, 1)
+    opt = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
+    clip.train()
+    for step in range(plan.clip_steps):
+        batch = rng.sample(scenes, 48)
+        pixels = torch.stack([to_tensor(world.render(s, jitter=(rng.randint(-1, 1), rng.randint(-1, 1)))) for s in batch])
+        pixels = (pixels - mean) / std
+        tok = tokenizer([s.caption() for s in batch], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+        img = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+        hidden = clip.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        m = tok.attention_mask[..., None].float()
+        txt = clip.text_projection((hidden * m).sum(1) / m.sum(1))
+        logits = clip.logit_scale.exp() * F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).T
+        target = torch.arange(len(batch))
+        # captions repeat across backgrounds: every picture with the same caption is a positive
+        same = torch.tensor([[a.caption() == b.caption() for b in batch] for a in batch], dtype=torch.float)
+        loss = (-(same / same.sum(1, keepdim=True) * logits.log_softmax(-1)).sum(1).mean()
+                - (same / same.sum(1, keepdim=True) * logits.T.log_softmax(-1)).sum(1).mean()) / 2
+        del target
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - step / plan.clip_steps))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == plan.clip_steps - 1:
+            log(f"clip(seed {seed}) step {step} loss {loss.item():.3f}")
+    return clip.eval(), tokenizer
+
+
+def world_mean():
+    from gill.config import CLIP_MEAN
+
+    return CLIP_MEAN
+
+
+def world_std():
+    from gill.config import CLIP_STD
+
+    return CLIP_STD
+
+
+def to_tensor(im) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def stage_clip(out: Path, plan: Plan, seed: int) -> None:
+    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPVisionModel
+
+    model = out / "model"
+    if not (model / "vision" / "config.json").exists():
+        clip, _ = train_clip(out, plan, seed)
+        vision = CLIPVisionModel(clip.config.vision_config)
+        vision.load_state_dict(clip.vision_model.state_dict())
+        vision.save_pretrained(model / "vision")
+        text = CLIPTextModel(clip.config.text_config)
+        text.load_state_dict(clip.text_model.state_dict())
+        text.save_pretrained(out / "text_encoder")
+    metric = out / "metric-clip"
+    if not (metric / "config.json").exists():
+        clip, _ = train_clip(out, plan, seed + 1000)
+        clip.save_pretrained(metric)
+        CLIPImageProcessor(size={"shortest_edge": world.IMAGE_SIZE},
+                           crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE}).save_pretrained(metric)
+
+
+# ---- 4. the diffusion model ---------------------------------------------------------------------------------
+
+def stage_sd(out: Path, plan: Plan, seed: int) -> None:
+    from diffusers import (AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    target = out / "model" / "sd"
+    if (target / "model_index.json").exists():
+        return
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    train_comp = {tuple(x) for x in json.loads((out / "data" / "split.json").read_text())["train"]}
+    scenes = [s for s in world.all_scenes() if s.composition in train_comp]
+    images = torch.stack([to_tensor(world.render(s, jitter=j)) * 2 - 1 for s in scenes for j in ((0, 0), (1, 0), (0, 1))])
+    captions = [s.caption() for s in scenes for _ in range(3)]
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=16, sample_size=world.IMAGE_SIZE, layers_per_block=1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    for step in range(plan.vae_steps):
+        x = images[torch.randint(len(images), (32,))]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == plan.vae_steps - 1:
+            log(f"vae step {step} loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "model" / "lm")
+    tokenizer.model_max_length = 16
+    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+    with torch.no_grad():
+        unique = sorted(set(captions)) + [""]
+        tok = tokenizer(unique, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+        states = dict(zip(unique, text_encoder(input_ids=tok.input_ids).last_hidden_state))
+    cond = torch.stack([states[c] for c in captions])
+    empty = states[""]
+
+    unet = UNet2DConditionModel(
+        sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=16,
+    )
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
+    unet.train()
+    for step in range(plan.unet_steps):
+        idx = torch.randint(len(latents), (32,))
+        x0, c = latents[idx], cond[idx].clone()
+        drop = torch.rand(len(idx)) < 0.1  # classifier-free guidance: sometimes no caption
+        c[drop] = empty
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(idx),))
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=c).sample
+        loss = F.mse_loss(pred, noise)
+        for g in opt.param_groups:
+            g["lr"] = 1e-3 * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / plan.unet_steps)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == plan.unet_steps - 1:
+            log(f"unet step {step} loss {loss.item():.4f}")
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                                steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(target, safe_serialization=True)
+
+
+# ---- 5. GILL ------------------------------------------------------------------------------------------------
+
+def gill_config(out: Path) -> Path:
+    from gill.config import GILLConfig, MapperConfig, PreprocessConfig
+
+    cfg = GILLConfig(
+        lm="lm", vision="vision", diffusion="sd", lm_hidden_size=96, vision_hidden_size=64, n_visual_tokens=2,
+        ret_emb_dim=64, gen_seq_len=16, gen_emb_dim=64,
+        mapper=MapperConfig(hidden_dim=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=256),
+        preprocess=PreprocessConfig(image_size=world.IMAGE_SIZE),
+    )
+    path = out / "model" / "gill-config.json"
+    cfg.to_json(path)
+    return path
+
+
+def stage_gill(out: Path, plan: Plan, seed: int) -> None:
+    model = out / "model"
+    data = out / "data"
+    if (model / "decision.safetensors").exists():
+        return
+    shards = str(data / "shards" / "train-{0..3}.tar")
+    if not (out / "sd-emb" / "train-3.safetensors").exists():
+        run("-m", "training.precompute_sd_embeddings", "--sd", str(model / "sd"), "--data", shards, "--out", str(out / "sd-emb"))
+    config = gill_config(out)
+    if not (out / "gill-run" / "final" / "gill.safetensors").exists():
+        run("-m", "training.train", "--model", str(config), "--recipe", "tiny", "--data", shards,
+            "--sd-embeddings", str(out / "sd-emb"), "--out", str(out / "gill-run"), "--steps", str(plan.gill_steps),
+            "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
+            "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
+            "--shuffle-buffer", "64")
+    # the model directory: trained weights beside the backbones it names by relative path
+    for name in ("config.json", "gill.safetensors"):
+        (model / name).write_bytes((out / "gill-run" / "final" / name).read_bytes())
+    if not (model / "index" / "manifest.json").exists():
+        run("-m", "index.build", "--model", str(model), "--source", str(data / "corpus"), "--out", str(model / "index"),
+            "--no-progress")
+    n = sum(1 for _ in open(data / "decisions.tsv")) - 1
+    run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
+        "--train-size", str(int(n * 0.7)), "--steps", "500", "--lr", "1e-2")
+
+
+def stage_eval(out: Path, plan: Plan, seed: int) -> None:
+    data = out / "data"
+    run("-m", "gill.eval", "vist", "--model", str(out / "model"), "--annotations", str(data / "test-sis.json"),
+        "--images", str(data / "test-images"), "--out", str(out / "eval"), "--steps", "25",
+        "--scorer", f"hf:{out / 'metric-clip'}", "--seed", str(seed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--small", action="store_true", help="the reduced build (minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", nargs="+", default=["data", "lm", "clip", "sd", "gill", "eval"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    plan = SMALL if args.small else Plan()
+    stages = {"data": stage_data, "lm": stage_lm, "clip": stage_clip, "sd": stage_sd, "gill": stage_gill, "eval": stage_eval}
+    start = time.time()
+    for name in args.stages:
+        t = time.time()
+        stages[name](out, plan, args.seed)
+        log(f"stage {name} done in {time.time() - t:.0f} s")
+    log(f"build done in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
