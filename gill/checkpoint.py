@@ -145,6 +145,18 @@ def save_model(out_dir: str | os.PathLike, model: GILLModel, decision: DecisionH
                           decision.state_dict() if decision is not None else None)
 
 
+def resolve_paths(config: GILLConfig, base: str | os.PathLike) -> GILLConfig:
+    """Backbone paths given relative to a model directory (e.g. ``"lm"`` for ``DIR/lm``) made absolute,
+    so a directory that carries its own backbones can be moved anywhere. Hub ids are left alone."""
+    base = Path(base)
+    changes = {}
+    for name in ("lm", "vision", "tokenizer", "diffusion"):
+        value = getattr(config, name)
+        if value and not os.path.isabs(value) and (base / value).exists():
+            changes[name] = str((base / value).resolve())
+    return replace(config, **changes) if changes else config
+
+
 def read_model_dir(path: str | os.PathLike) -> ModelFiles:
     """Read and strictly check a model directory's config and weights."""
     path = Path(path)

@@ -68,12 +68,14 @@ def from_model_dir(path: Path, *, torch_dtype: torch.dtype | None, index: Any, l
     from gill.checkpoint import load_model, read_model_dir
     from gill.pipeline import GILL
 
+    from gill.checkpoint import resolve_paths
+
     config = read_model_dir(path).config
-    backbones = load_backbones(config, torch_dtype=torch_dtype)
+    backbones = load_backbones(resolve_paths(config, path), torch_dtype=torch_dtype)
     model, decision = load_model(path, backbones.lm, backbones.vision)
     pipe = None
     if load_diffusion and config.diffusion:
-        pipe = load_sd(config.diffusion, torch_dtype=torch_dtype)
+        pipe = load_sd(resolve_paths(config, path).diffusion, torch_dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
     return GILL(model, backbones.tokenizer, backbones.image_processor, backbones.img_tokens, decision, index, pipe)
 

@@ -285,13 +285,13 @@ class ImageEmbedder:
         path = Path(name_or_dir)
         if path.is_dir():
             from gill.backbones import image_processor, load_vision
-            from gill.checkpoint import read_model_dir
+            from gill.checkpoint import read_model_dir, resolve_paths
 
             files = read_model_dir(path)
             cfg = files.config
             projection = torch.nn.Linear(cfg.vision_hidden_size, cfg.ret_emb_dim)
             projection.load_state_dict({k.split(".", 1)[1]: v for k, v in files.adapter.items() if k.startswith("image_retrieval.")})
-            vision = load_vision(cfg.vision, torch_dtype)
+            vision = load_vision(resolve_paths(cfg, path).vision, torch_dtype)
             embedder = cls(vision, projection, image_processor(cfg.preprocess), str(path))
         else:
             from gill import presets

@@ -25,6 +25,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ def build_model(spec: str, backbone_dtype: torch.dtype):
     """(GILLModel, tokenizer, image_processor, img_tokens) for a model spec (see the module doc)."""
     from gill import GILLConfig, GILLModel, add_image_tokens
     from gill.backbones import image_processor, load_backbones, load_tokenizer, tiny_backbones
-    from gill.checkpoint import load_strict, read_model_dir
+    from gill.checkpoint import load_strict, read_model_dir, resolve_paths
 
     path = Path(spec)
     if spec == "tiny-random":
@@ -50,19 +51,21 @@ def build_model(spec: str, backbone_dtype: torch.dtype):
         return GILLModel(b.lm, b.vision, config), b.tokenizer, b.image_processor, b.img_tokens
     if path.is_dir():
         files = read_model_dir(path)
-        b = load_backbones(files.config, torch_dtype=backbone_dtype)
+        b = load_backbones(resolve_paths(files.config, path), torch_dtype=backbone_dtype)
         model = GILLModel(b.lm, b.vision, files.config)
         load_strict(model.adapter, files.adapter, str(path))
         return model, b.tokenizer, b.image_processor, b.img_tokens
     if spec == "gill-opt-6.7b":
-        config = GILLConfig()
+        config, base = GILLConfig(), None
     elif path.suffix == ".json":
-        config = GILLConfig.from_json(path)
+        config, base = GILLConfig.from_json(path), path.parent
     else:
         raise FileNotFoundError(f"--model {spec!r}: not a preset (gill-opt-6.7b, tiny-random), directory or config JSON")
-    tokenizer = load_tokenizer(config.tokenizer_path)
+    resolved = resolve_paths(config, base) if base is not None else config
+    tokenizer = load_tokenizer(resolved.tokenizer_path)
     config.tokens = add_image_tokens(tokenizer, config.tokens).to_config(config.tokens)
-    b = load_backbones(config, torch_dtype=backbone_dtype)
+    b = load_backbones(replace(resolved, tokens=config.tokens), torch_dtype=backbone_dtype)
+    # the model keeps the config as written: relative backbone paths stay relative when it is saved
     return GILLModel(b.lm, b.vision, config), b.tokenizer, image_processor(config.preprocess), b.img_tokens
 
 
