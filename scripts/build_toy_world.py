@@ -263,12 +263,12 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
     images = torch.stack([to_tensor(world.render(s, jitter=j)) * 2 - 1 for s in scenes for j in ((0, 0), (1, 0), (0, 1))])
     captions = [s.caption() for s in scenes for _ in range(3)]
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=16, sample_size=world.IMAGE_SIZE, layers_per_block=1)
+                        norm_num_groups=8, sample_size=world.IMAGE_SIZE, layers_per_block=1)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     for step in range(plan.vae_steps):
-        x = images[torch.randint(len(images), (32,))]
+        x = images[torch.randint(len(images), (16,))]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
@@ -296,15 +296,15 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
 
     unet = UNet2DConditionModel(
         sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-        attention_head_dim=8, norm_num_groups=16,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=8,
     )
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
     unet.train()
     for step in range(plan.unet_steps):
-        idx = torch.randint(len(latents), (32,))
+        idx = torch.randint(len(latents), (16,))
         x0, c = latents[idx], cond[idx].clone()
         drop = torch.rand(len(idx)) < 0.1  # classifier-free guidance: sometimes no caption
         c[drop] = empty
