@@ -4,7 +4,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ from PIL import Image
 from gill.retrieval import FaissIndex, IndexMismatchError, open_index
 from index.import_original import read_original
 from index.store import Row, WorkDB, finalize
+
+from synthetic import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,15 +101,6 @@ def test_folder_build_reports_bad_files_and_resumes_to_an_identical_index(tmp_pa
     # only the 7 items not committed were read: 4 images, the duplicate and the 2 broken files
     assert "rank 0: {'embedded': 4, 'duplicates': 1, 'failed': 2, 'skipped_done': 6}" in resumed.stderr
     assert index_state(killed) == index_state(whole)
-
-
-def write_shard(path: Path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, image, caption in samples:
-            for ext, data in (("png", image), ("txt", caption.encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def test_shards_and_tables_with_broken_parts(tmp_path):
