@@ -257,7 +257,6 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
     if (target / "model_index.json").exists():
         return
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     train_comp = {tuple(x) for x in json.loads((out / "data" / "split.json").read_text())["train"]}
     scenes = [s for s in world.all_scenes() if s.composition in train_comp]
     images = torch.stack([to_tensor(world.render(s, jitter=j)) * 2 - 1 for s in scenes for j in ((0, 0), (1, 0), (0, 1))])

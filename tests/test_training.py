@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gill.backbones import tiny_backbones
 from gill.checkpoint import load_safetensors
 from gill.model import GILLModel
 from training.config import RECIPES, TrainConfig, lr_factor

@@ -17,9 +17,9 @@ the checkpoint with the best validation text-to-image recall@1 (the original's c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             part = mine[micro * per_rank:(micro + 1) * per_rank]
             pixels = torch.stack([s.pixel_values for s in part]).to(device, vision_dtype)
             target = torch.stack([s.sd_embedding for s in part]).to(device, torch.float32)
-            text = tokenize(tokenizer, [s.caption for s in part], cfg.max_len, img_tokens_count(model))
+            text = tokenize(tokenizer, [s.caption for s in part], cfg.max_len, model.config.tokens.num_img_tokens)
             sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else _null()
+            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, autocast(cfg, device):
                 result = ddp(pixels, text, target, concat_cap, concat_img)
             (result.total / cfg.grad_accum).backward()
@@ -335,18 +335,6 @@ def main(argv: list[str] | None = None) -> int:
         LOG.info("done: %d steps; bad samples skipped (occurrences): %s", state["step"], dict(skipped) or "none")
     D.cleanup()
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def img_tokens_count(model) -> int:
-    return model.config.tokens.num_img_tokens
 
 
 def validate(model, tokenizer, processor, args, cfg, device) -> dict[str, float]:
