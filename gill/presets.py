@@ -42,6 +42,8 @@ def load(
         gill = tiny_random(index=index, with_diffusion=load_diffusion)
     elif Path(name).is_dir():
         gill = from_model_dir(Path(name), torch_dtype=torch_dtype, index=index, load_diffusion=load_diffusion)
+        if index is None and index_dir is None and (Path(name) / "index" / "manifest.json").is_file():
+            index_dir = Path(name) / "index"  # a model directory that carries its own corpus
     elif name == "gill-opt-6.7b":
         raise FileNotFoundError(
             "preset 'gill-opt-6.7b' needs the original release converted once: run "

@@ -44,12 +44,13 @@ class Plan:
     unet_steps: int = 6000
     gill_steps: int = 600
     train_images_per_scene: int = 4
+    train_stories: int = 2000
     test_stories: int = 60
     val_stories: int = 30
 
 
-SMALL = Plan(lm_steps=300, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=200, train_images_per_scene=2,
-             test_stories=24, val_stories=12)
+SMALL = Plan(lm_steps=300, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=300, train_images_per_scene=2,
+             train_stories=300, test_stories=24, val_stories=12)
 
 
 def log(msg: str) -> None:
@@ -87,6 +88,12 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
             buf = io.BytesIO()
             im.save(buf, format="PNG")
             samples.append((name, buf.getvalue(), s.caption()))
+    # stories as training text too: the whole story, then its last picture (context is what tells it)
+    for n in range(plan.train_stories):
+        steps = world.story(rng, train_comp)
+        buf = io.BytesIO()
+        world.render(steps[-1][0]).save(buf, format="PNG")
+        samples.append((f"story-{n:05d}", buf.getvalue(), ". ".join(c for _, c in steps) + "."))
     rng.shuffle(samples)
     shards = data / "shards"
     shards.mkdir(exist_ok=True)
@@ -357,7 +364,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(out / "gill-run"), "--steps", str(plan.gill_steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
             "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
-            "--shuffle-buffer", "64")
+            "--shuffle-buffer", "256", "--max-len", "64")
     # the model directory: trained weights beside the backbones it names by relative path
     for name in ("config.json", "gill.safetensors"):
         (model / name).write_bytes((out / "gill-run" / "final" / name).read_bytes())
@@ -366,7 +373,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--no-progress")
     n = sum(1 for _ in open(data / "decisions.tsv")) - 1
     run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
-        "--train-size", str(int(n * 0.7)), "--steps", "500", "--lr", "1e-2")
+        "--train-size", str(int(n * 0.7)), "--steps", "500", "--lr", "1e-2", "--index", str(model / "index"))
 
 
 def stage_eval(out: Path, plan: Plan, seed: int) -> None:
@@ -382,10 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="the reduced build (minutes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", nargs="+", default=["data", "lm", "clip", "sd", "gill", "eval"])
+    p.add_argument("--gill-steps", type=int, default=None, help="override the plan's GILL training steps")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     plan = SMALL if args.small else Plan()
+    if args.gill_steps is not None:
+        plan.gill_steps = args.gill_steps
     stages = {"data": stage_data, "lm": stage_lm, "clip": stage_clip, "sd": stage_sd, "gill": stage_gill, "eval": stage_eval}
     start = time.time()
     for name in args.stages:

@@ -47,14 +47,21 @@ def read_annotations(path: str | Path, labels: tuple[str, ...] = ("gen", "ret"))
 
 
 @torch.no_grad()
-def features(model, tokenizer, img_tokens, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """[IMG0] states of ``prompt + [IMG0..n-1]`` (teacher forced), (N, d) float32."""
+def features(model, tokenizer, img_tokens, prompts: list[str], batch_size: int = 32, retriever=None) -> torch.Tensor:
+    """[IMG0] states of ``prompt + [IMG0..n-1]`` (teacher forced), (N, d) float32; with a ``retriever``,
+    the best retrieval score is appended (N, d + 1), as the paper-time classifier read it."""
     device = model.adapter.logit_scale.device
+    scale = model.adapter.logit_scale.exp().item()
     out = []
     for start in range(0, len(prompts), batch_size):
         enc = tokenizer([p + img_tokens.text for p in prompts[start:start + batch_size]], padding=True, return_tensors="pt")
         res = model.img_token_forward(enc.input_ids.to(device), enc.attention_mask.to(device))
-        out.append(model.decision_features(res.img_hidden).float().cpu())
+        feats = res.img_hidden[:, 0].float()
+        if retriever is not None:
+            hits = retriever.search(model.text_retrieval_embeddings(res.img_hidden), k=1, scale=scale)
+            best = torch.tensor([[h[0].score if h else 0.0] for h in hits], device=feats.device)
+            feats = torch.cat([feats, best], dim=-1)
+        out.append(feats.cpu())
     return torch.cat(out)
 
 
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the model directory here instead of into --model")
+    p.add_argument("--index", default=None,
+                   help="retrieval index: the head also reads the best retrieval score (``use_ret_score``)")
     args = p.parse_args(argv)
 
     from gill import GILL, DecisionHead
@@ -103,13 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(data.prompts) <= args.train_size:
         print(f"error: {len(data.prompts)} usable examples leave nothing after --train-size {args.train_size}", file=sys.stderr)
         return 1
-    gill = GILL.from_pretrained(args.model, device=args.device, load_diffusion=False)
+    gill = GILL.from_pretrained(args.model, device=args.device, load_diffusion=False, index=args.index)
     model = gill.model
-    if model.config.decision.use_ret_score:
-        print("error: this model's decision head reads retrieval scores; train it with an index (not supported here)",
-              file=sys.stderr)
-        return 1
-    x = features(model, gill.tokenizer, gill.img_tokens, data.prompts)
+    retriever = gill.retriever if args.index else None
+    model.config.decision.use_ret_score = retriever is not None
+    x = features(model, gill.tokenizer, gill.img_tokens, data.prompts, retriever=retriever)
     y = torch.tensor(data.labels)
     n = args.train_size
     head = train_head(DecisionHead.from_config(model.config), x[:n], y[:n], args.steps, args.lr, args.seed)
