@@ -228,3 +228,25 @@ def test_forced_image_slot_equals_decoding_with_a_forced_image(gill):
     torch.testing.assert_close(slots.hidden[0], res.images[0].hidden, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(slots.generation[0], gill.model.generation_embeddings(res.images[0].hidden[None])[0], rtol=1e-4, atol=1e-4)
     assert isinstance(out[0][0], GeneratedImage)
+
+
+def test_decision_head_reading_the_retrieval_score_searches_first(tmp_path):
+    from gill.decision import DecisionHead
+
+    g = GILL.from_pretrained("tiny-random")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        g.model.adapter.img_embeddings.normal_(0, 1.0)
+    g.model.config.decision.use_ret_score = True
+    g.decision = DecisionHead.from_config(g.model.config).eval()
+    with torch.no_grad():  # a head that looks only at the score: retrieve when the best match scores high
+        g.decision.linear.weight.zero_()
+        g.decision.linear.weight[1, -1] = 1.0
+        g.decision.linear.bias.copy_(torch.tensor([0.0, -1000.0]))
+    out = g.generate_interleaved(CONVERSATIONS[0], max_new_tokens=8, img_scale_factor=1e5, diffusion=FAST)
+    images = [s for s in out if not isinstance(s, Text)]
+    assert images and all(isinstance(s, GeneratedImage) for s in images)  # scores << 1000: generate
+    with torch.no_grad():
+        g.decision.linear.bias.copy_(torch.tensor([0.0, 1000.0]))
+    out = g.generate_interleaved(CONVERSATIONS[0], max_new_tokens=8, img_scale_factor=1e5, diffusion=FAST)
+    assert all(isinstance(s, RetrievedImage) for s in out if not isinstance(s, Text))
