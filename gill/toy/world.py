@@ -1,7 +1,7 @@
 """The toy world: captioned pictures of coloured shapes, and VIST-format stories about them.
 
 A scene is one shape with a colour, a size and a position on a background. Captions come from a small
-grammar ("a large red circle on the left"). A story follows one object through 5 steps; later captions
+grammar ("a large red circle on the left on gray") and say everything the picture shows. A story follows one object through 5 steps; later captions
 refer back to it ("it moves to the right", "it turns blue"), so its last picture can only be drawn from
 the whole story. Compositions (colour, shape) are split so that some test compositions never appear in
 the retrieval corpus. Everything is deterministic given a seed.
@@ -37,7 +37,7 @@ class Scene:
 
     def caption(self) -> str:
         where = "in the middle" if self.position == "middle" else f"on the {self.position}"
-        return f"a {self.size} {self.color} {self.shape} {where}"
+        return f"a {self.size} {self.color} {self.shape} {where} on {self.background}"
 
     @property
     def key(self) -> str:
