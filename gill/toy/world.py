@@ -127,8 +127,15 @@ def vist_annotations(stories: list[list[tuple[Scene, str]]], first_story_id: int
 
 
 def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 400) -> list[str]:
-    """Text for the toy LM: every caption of the allowed compositions, and stories as running text."""
-    lines = [s.caption() for s in all_scenes() if s.composition in compositions]
+    """Text for the toy LM: every caption of the allowed compositions followed by what it implies (so the
+    LM's state at the end of a caption has to carry the object's attributes: an LM trained on captions
+    alone keeps almost nothing of them in its last-layer states), and stories as running text."""
+    lines = []
+    for s in all_scenes():
+        if s.composition in compositions:
+            lines.append(s.caption())
+            lines.append(f"{s.caption()}. it is {s.color}. it is a {s.shape}. it is {s.size}. "
+                         f"it is on the {s.position}. the background is {s.background}.")
     for _ in range(n_stories):
         lines.append(". ".join(c for _, c in story(rng, compositions)) + ".")
     return lines
