@@ -179,8 +179,15 @@ def iter_decode(
     """Decode a left-padded batch of prompt embeddings (N, T, d) with a KV cache, yielding events as
     tokens, [IMG] groups and stops happen. ``attention_mask`` (N, T) marks the real prompt positions."""
     options = options or DecodeOptions()
+    rows = _Rows(inputs_embeds.shape[0], model, options, eos_token_id, decode_text)
+    yield from _decode_events(rows, model, inputs_embeds, attention_mask, pad_token_id, generator)
+
+
+@torch.no_grad()
+def _decode_events(rows: _Rows, model: GILLModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                   pad_token_id: int, generator: torch.Generator | None) -> Iterator[DecodeEvent]:
+    options = rows.options
     n_rows, device = inputs_embeds.shape[0], inputs_embeds.device
-    rows = _Rows(n_rows, model, options, eos_token_id, decode_text)
     n = rows.n_img
     cache = _backend(model, options, n_rows, inputs_embeds.shape[1], device)
     next_logits = cache.prefill(inputs_embeds, attention_mask)
@@ -227,20 +234,14 @@ def iter_decode(
 
 
 def decode(model: GILLModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-           options: DecodeOptions | None = None, **kwargs) -> list[DecodeResult]:
+           options: DecodeOptions | None = None, *, eos_token_id: int | None = None, pad_token_id: int = 0,
+           decode_text: Callable[[list[int]], str] | None = None,
+           generator: torch.Generator | None = None) -> list[DecodeResult]:
     """``iter_decode`` run to the end: one DecodeResult per row."""
-    n_rows = inputs_embeds.shape[0]
-    results = [DecodeResult() for _ in range(n_rows)]
-    for event in iter_decode(model, inputs_embeds, attention_mask, options, **kwargs):
-        r = results[event.row]
-        if isinstance(event, TokenEvent):
-            r.token_ids.append(event.token_id)
-        elif isinstance(event, ImageEvent):
-            r.token_ids.extend(model.img_token_ids.tolist())
-            r.images.append(event.slot)
-        else:
-            r.stop_reason = event.stop_reason
-    return results
+    rows = _Rows(inputs_embeds.shape[0], model, options or DecodeOptions(), eos_token_id, decode_text)
+    for _ in _decode_events(rows, model, inputs_embeds, attention_mask, pad_token_id, generator):
+        pass
+    return rows.results
 
 
 @torch.no_grad()

@@ -252,9 +252,11 @@ class GILL:
             probs = decision_probs(self.decision, model.decision_features(hidden, max_score))
         decisions = decide(policy, probs, len(slots), self.diffusion is not None, self.retriever is not None)
 
-        first_of_row: dict[int, int] = {}
-        for j, (row, _) in enumerate(slots):
-            first_of_row.setdefault(row, j)
+        # the k-th image of a conversation (over this answer) is seeded with seed + k
+        nth, seen = [], [0] * len(prompts)
+        for row, _ in slots:
+            nth.append(image_counts[row] + seen[row])
+            seen[row] += 1
         out: list[list[Segment]] = [[] for _ in slots]
         ret_rows = [j for j, d in enumerate(decisions) if d.run_retrieval]
         if ret_rows:
@@ -276,8 +278,8 @@ class GILL:
             with torch.no_grad():
                 embeds = model.generation_embeddings(hidden[gen_rows])
             seeds = None
-            if diffusion_options.seed is not None:  # per conversation: its k-th image gets seed + k
-                seeds = [diffusion_options.seed + image_counts[slots[j][0]] + j - first_of_row[slots[j][0]] for j in gen_rows]
+            if diffusion_options.seed is not None:
+                seeds = [diffusion_options.seed + nth[j] for j in gen_rows]
             images = self.diffusion.generate(embeds, diffusion_options, seeds=seeds)
             for j, image in zip(gen_rows, images):
                 segment = GeneratedImage(image, decisions[j])

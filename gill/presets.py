@@ -31,7 +31,6 @@ def load(
 ) -> Any:
     """``index``: an ``EmbeddingIndex``/``FaissIndex``, or an index directory, which is refused if it was
     built with another image-retrieval projection (unless ``allow_index_mismatch``)."""
-    from gill.pipeline import GILL
     from gill.retrieval import open_index, projection_fingerprint
 
     name = str(name_or_dir)
@@ -61,7 +60,6 @@ def load(
             gill.decision.to(device)
         if gill.diffusion is not None:
             gill.diffusion.pipe.to(device)
-    assert isinstance(gill, GILL)
     return gill
 
 

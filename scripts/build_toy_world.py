@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gill.config import CLIP_MEAN, CLIP_STD
 from gill.toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,8 +186,8 @@ def train_clip(out: Path, plan: Plan, seed: int):
     train_comp = {tuple(x) for x in json.loads((out / "data" / "split.json").read_text())["train"]}
     scenes = [s for s in scenes if s.composition in train_comp]
     rng = random.Random(seed)
-    mean = torch.tensor(world_mean()).view(3, 1, 1)
-    std = torch.tensor(world_std()).view(3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
     opt = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
     clip.train()
     for step in range(plan.clip_steps):
@@ -213,18 +214,6 @@ def train_clip(out: Path, plan: Plan, seed: int):
         if step % 200 == 0 or step == plan.clip_steps - 1:
             log(f"clip(seed {seed}) step {step} loss {loss.item():.3f}")
     return clip.eval(), tokenizer
-
-
-def world_mean():
-    from gill.config import CLIP_MEAN
-
-    return CLIP_MEAN
-
-
-def world_std():
-    from gill.config import CLIP_STD
-
-    return CLIP_STD
 
 
 def to_tensor(im) -> torch.Tensor:
