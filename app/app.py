@@ -243,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from gill.presets import model_defaults
+
+    recommended = model_defaults(args.model)  # e.g. the toy world's low guidance
     defaults = Defaults()
+    defaults.steps = int(recommended.get("steps", defaults.steps))
+    defaults.guidance = recommended.get("guidance_scale", defaults.guidance)
+    defaults.img_scale_factor = recommended.get("img_scale_factor", defaults.img_scale_factor)
     if args.steps is not None:
         defaults.steps = args.steps
     demo = build_demo(pipeline, defaults, title=f"GILL · {Path(str(args.model)).name}")

@@ -31,16 +31,18 @@ def main(argv: list[str] | None = None) -> int:
                                      "'python -m gill generate --model DIR \"a photo of\" --image a.png \"and?\"'.")
     gen.add_argument("items", nargs="*", help="text segments (in order with the --image options)")
     gen.add_argument("--image", action="append", default=[], help="an image file (repeatable, keeps its position)")
-    gen.add_argument("--model", default="tiny-random", help="model directory or preset (default: tiny-random)")
+    gen.add_argument("--model", default="toy", help="model directory or preset (default: toy, the offline toy world)")
     gen.add_argument("--out", default="gill-output", help="folder for the answer's images")
     gen.add_argument("--policy", choices=["auto", "generate", "retrieve", "both"], default="auto")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--img-scale-factor", type=float, default=1.0, help="the original's image-frequency factor")
-    gen.add_argument("--steps", type=int, default=50, help="diffusion steps")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--img-scale-factor", type=float, default=None,
+                     help="the original's image-frequency factor (default: 1.0; the toy model's own)")
+    gen.add_argument("--steps", type=int, default=None, help="diffusion steps (default: 50; the toy model's own)")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: 7.5; the toy model's own)")
     gen.add_argument("--scheduler", default=None, help="diffusion scheduler (pndm, ddim, euler, euler_a, dpm++, lms)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
@@ -124,6 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from gill.diffusion import DiffusionOptions
     from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Text
+    from gill.presets import model_defaults
 
     inputs = [Path(v) if kind == "image" else v for kind, v in args.ordered]
     if not inputs:
@@ -131,10 +134,14 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
+    recommended = model_defaults(args.model)
     answer = gill.generate_interleaved(
         inputs, policy=args.policy, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, img_scale_factor=args.img_scale_factor,
-        diffusion=DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler),
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        img_scale_factor=recommended.get("img_scale_factor", 1.0) if args.img_scale_factor is None else args.img_scale_factor,
+        diffusion=DiffusionOptions(steps=int(recommended.get("steps", 50)) if args.steps is None else args.steps,
+                                   guidance_scale=recommended.get("guidance_scale", 7.5) if args.guidance is None else args.guidance,
+                                   seed=args.seed, scheduler=args.scheduler),
     )
     out = Path(args.out)
     n = 0

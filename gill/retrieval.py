@@ -22,7 +22,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +244,9 @@ class FaissIndex:
         return hits
 
     def load_image(self, record: ImageRecord) -> Any:
+        """The record's image; a relative local source is read from inside the index directory."""
+        if "://" not in record.source and not os.path.isabs(record.source):
+            record = replace(record, source=str(self.path / record.source))
         return self.image_loader(record)
 
 

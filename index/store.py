@@ -84,6 +84,17 @@ def rank_dbs(work: Path) -> list[Path]:
     return sorted(work.glob("rank-*.sqlite"))
 
 
+def stored_source(source: str, out: Path) -> str:
+    """A local image inside the index directory is recorded relative to it, so the directory can be moved
+    (or shipped) together with its images; anything else is recorded as given."""
+    if "://" in source:
+        return source
+    try:
+        return Path(source).resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return source
+
+
 def merged_rows(work: Path) -> list[tuple]:
     """All ranks' rows in source order: (shard, pos, uid, status, reason, source, caption, license, sha256,
     width, height, vector)."""
@@ -200,7 +211,7 @@ def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: s
         )
         with db:
             db.executemany("INSERT INTO images VALUES (?,?,?,?,?,?,?)",
-                           [(i, r[5], r[6], r[8], r[9], r[10], r[7]) for i, r in enumerate(kept)])
+                           [(i, stored_source(r[5], out), r[6], r[8], r[9], r[10], r[7]) for i, r in enumerate(kept)])
         db.close()
 
     _atomic(out / METADATA_NAME, write_db)

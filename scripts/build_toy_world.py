@@ -3,6 +3,7 @@ of them with the project's own recipes (training.train, index.build, training.tr
 
     python scripts/build_toy_world.py --out toy-build            # the full build (deterministic, CPU)
     python scripts/build_toy_world.py --out toy-small --small    # the reduced build the tests run
+    python scripts/build_toy_world.py --out toy-build --install  # ... and ship it as the `toy` preset
 
 Stages (each skipped when its output exists, so a killed build resumes):
   1. data      rendered corpus (train compositions only), shards, VIST-format val/test stories
@@ -14,6 +15,8 @@ Stages (each skipped when its output exists, so a killed build resumes):
   5. gill      SD text embeddings (training.precompute_sd_embeddings), GILL (training.train), the
                retrieval index (index.build), the decision head (training.train_decision)
   6. eval      python -m gill.eval vist on the test stories, scored by the metric model
+  7. report    OUT/report: report.md / report.json (generation read by the metric model and by the world's
+               own renderings, retrieval against chance, decision accuracy) and grid.png
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import argparse
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gill.config import CLIP_MEAN, CLIP_STD
+from gill.presets import TOY_DEFAULTS
 from gill.toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +44,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Plan:
-    lm_steps: int = 1500
+    lm_steps: int = 4000
     clip_steps: int = 1500
     vae_steps: int = 1500
-    unet_steps: int = 6000
-    gill_steps: int = 600
-    train_images_per_scene: int = 4
-    train_stories: int = 2000
+    unet_steps: int = 5000
+    gill_steps: int = 2000
+    train_images_per_scene: int = 6
+    train_stories: int = 800
     test_stories: int = 60
     val_stories: int = 30
+    decision_stories: int = 300
 
 
-SMALL = Plan(lm_steps=300, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=300, train_images_per_scene=2,
+SMALL = Plan(lm_steps=4000, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=500, train_images_per_scene=2,
              train_stories=300, test_stories=24, val_stories=12)
 
 
@@ -88,21 +94,22 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
                 (corpus / f"{name}.txt").write_text(s.caption())
             buf = io.BytesIO()
             im.save(buf, format="PNG")
-            samples.append((name, buf.getvalue(), s.caption()))
-    # stories as training text too: the whole story, then its last picture (context is what tells it)
+            samples.append((name, buf.getvalue(), s.caption(), s.caption()))
+    # stories as training text too: the whole story, then its last picture (context is what tells it); the
+    # diffusion target is the picture's own caption (sd.txt), not the story
     for n in range(plan.train_stories):
         steps = world.story(rng, train_comp)
         buf = io.BytesIO()
         world.render(steps[-1][0]).save(buf, format="PNG")
-        samples.append((f"story-{n:05d}", buf.getvalue(), ". ".join(c for _, c in steps) + "."))
+        samples.append((f"story-{n:05d}", buf.getvalue(), ". ".join(c for _, c in steps) + ".", steps[-1][0].caption()))
     rng.shuffle(samples)
     shards = data / "shards"
     shards.mkdir(exist_ok=True)
     per = math.ceil(len(samples) / 4)
     for i in range(4):
         with tarfile.open(shards / f"train-{i}.tar", "w") as tar:
-            for key, png, caption in samples[i * per:(i + 1) * per]:
-                for ext, payload in (("png", png), ("txt", caption.encode())):
+            for key, png, caption, sd_caption in samples[i * per:(i + 1) * per]:
+                for ext, payload in (("png", png), ("txt", caption.encode()), ("sd.txt", sd_caption.encode())):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -115,11 +122,15 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
             world.render(scene).save(folder / f"{photo}.png")
         (data / f"{split}-sis.json").write_text(json.dumps(ann))
         (data / f"{split}-scenes.json").write_text(json.dumps({p: s.__dict__ for p, s in photos.items()}))
-    text = world.world_text(rng, train_comp | test_comp)
+    # the LM's text has its own seed, so the reduced build trains the very same LM as the full one
+    text = world.world_text(random.Random(seed + 1), train_comp | test_comp)
     (data / "text.txt").write_text("\n".join(text))
     # retrieve what the corpus holds, generate unseen compositions
-    body = [f"{s.caption()}\t{'ret' if s.composition in train_comp else 'gen'}" for s in world.all_scenes()
-            if s.background == "white"]
+    label = {True: "ret", False: "gen"}
+    body = [f"{s.caption()}\t{label[s.composition in train_comp]}" for s in world.all_scenes()]
+    for _ in range(plan.decision_stories):  # stories too: the decision is also taken after a whole story
+        steps = world.story(rng, train_comp | test_comp)
+        body.append(f"{' '.join(c + '.' for _, c in steps)}\t{label[steps[-1][0].composition in train_comp]}")
     rng.shuffle(body)
     (data / "decisions.tsv").write_text("\n".join(["Prompt\tDecision", *body]) + "\n")
     (data / "split.json").write_text(json.dumps({"train": sorted(train_comp), "test": sorted(test_comp)}))
@@ -162,8 +173,24 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
         opt.step()
         if step % 200 == 0 or step == plan.lm_steps - 1:
             log(f"lm step {step} loss {loss.item():.3f}")
-    lm.eval().save_pretrained(target)
+    lm.eval()
+    copies = copy_accuracy(lm, tokenizer)
+    log(f"lm copies the colour forward ('<caption>. it is' -> colour) in {copies:.0%} of captions")
+    (out / "lm-check.json").write_text(json.dumps({"colour_copy_accuracy": copies}) + "\n")
+    lm.save_pretrained(target)
     tokenizer.save_pretrained(target)
+
+
+@torch.no_grad()
+def copy_accuracy(lm, tokenizer) -> float:
+    """How often the LM's top next token after '<caption>. it is' is the caption's colour: whether it has
+    learned to carry attributes forward, which GILL's [IMG] tokens rely on."""
+    scenes = world.all_scenes()
+    enc = tokenizer([f"{s.caption()}. it is" for s in scenes], return_tensors="pt", padding=True)
+    last = enc.attention_mask.sum(1) - 1
+    logits = lm(**enc).logits[torch.arange(len(scenes)), last]
+    colours = {c: tokenizer(f" {c}", add_special_tokens=False)["input_ids"][0] for c in world.COLORS}
+    return sum(int(logits[i].argmax()) == colours[s.color] for i, s in enumerate(scenes)) / len(scenes)
 
 
 # ---- 3. CLIP-style dual encoders ----------------------------------------------------------------------------
@@ -346,7 +373,8 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
         return
     shards = str(data / "shards" / "train-{0..3}.tar")
     if not (out / "sd-emb" / "train-3.safetensors").exists():
-        run("-m", "training.precompute_sd_embeddings", "--sd", str(model / "sd"), "--data", shards, "--out", str(out / "sd-emb"))
+        run("-m", "training.precompute_sd_embeddings", "--sd", str(model / "sd"), "--data", shards, "--out", str(out / "sd-emb"),
+            "--text-key", "sd.txt")
     config = gill_config(out)
     if not (out / "gill-run" / "final" / "gill.safetensors").exists():
         run("-m", "training.train", "--model", str(config), "--recipe", "tiny", "--data", shards,
@@ -357,19 +385,239 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
     # the model directory: trained weights beside the backbones it names by relative path
     for name in ("config.json", "gill.safetensors"):
         (model / name).write_bytes((out / "gill-run" / "final" / name).read_bytes())
-    if not (model / "index" / "manifest.json").exists():
-        run("-m", "index.build", "--model", str(model), "--source", str(data / "corpus"), "--out", str(model / "index"),
-            "--no-progress")
+    if not (model / "index" / "manifest.json").exists():  # the corpus travels inside the index directory
+        shutil.copytree(data / "corpus", model / "index" / "images", dirs_exist_ok=True)
+        run("-m", "index.build", "--model", str(model), "--source", str(model / "index" / "images"),
+            "--out", str(model / "index"), "--no-progress")
     n = sum(1 for _ in open(data / "decisions.tsv")) - 1
     run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
-        "--train-size", str(int(n * 0.7)), "--steps", "500", "--lr", "1e-2", "--index", str(model / "index"))
+        "--train-size", str(int(n * 0.7)), "--steps", "2000", "--lr", "1e-2", "--index", str(model / "index"))
 
 
 def stage_eval(out: Path, plan: Plan, seed: int) -> None:
     data = out / "data"
     run("-m", "gill.eval", "vist", "--model", str(out / "model"), "--annotations", str(data / "test-sis.json"),
-        "--images", str(data / "test-images"), "--out", str(out / "eval"), "--steps", "25",
+        "--images", str(data / "test-images"), "--out", str(out / "eval"), "--steps", str(TOY_DEFAULTS["steps"]),
+        "--guidance", str(TOY_DEFAULTS["guidance_scale"]),
         "--scorer", f"hf:{out / 'metric-clip'}", "--seed", str(seed))
+
+
+# ---- 7. the report ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def clip_text_features(clip, tokenizer, captions: list[str]) -> torch.Tensor:
+    """The toy CLIP's text side as trained: masked mean of the text states, then the projection."""
+    tok = tokenizer(captions, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    hidden = clip.text_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+    m = tok.attention_mask[..., None].float()
+    return F.normalize(clip.text_projection((hidden * m).sum(1) / m.sum(1)), dim=-1)
+
+
+class AttributeJudge:
+    """What a generated picture shows, read two ways: the nearest clean rendering of any scene (pixel
+    distance: the world's own ground truth) and the metric CLIP's best-matching caption (zero-shot)."""
+
+    def __init__(self, out: Path):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.scenes = world.all_scenes()
+        self.clip = CLIPModel.from_pretrained(out / "metric-clip").eval()
+        tokenizer = AutoTokenizer.from_pretrained(out / "model" / "lm")
+        self.text = clip_text_features(self.clip, tokenizer, [s.caption() for s in self.scenes])
+
+    @torch.no_grad()
+    def __call__(self, images) -> dict[str, list[world.Scene]]:
+        x = torch.stack([to_tensor(im.convert("RGB").resize((world.IMAGE_SIZE,) * 2)) for im in images])
+        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        feats = self.clip.get_image_features(pixel_values=(x - mean) / std)
+        img = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)  # transformers 5 returns an output object
+        zero_shot = (img @ self.text.T).argmax(-1)
+        # colour from the foreground's pixels, the rest from the nearest clean rendering
+        render = [replace(s, color=world.dominant_colour(im)) for s, im in zip(world.nearest_scenes(images, self.scenes), images)]
+        return {"render": render, "metric_clip": [self.scenes[i] for i in zero_shot]}
+
+
+def attribute_accuracy(judged: list[world.Scene], targets: list[world.Scene]) -> dict[str, float]:
+    n = max(len(targets), 1)
+    return {"colour": sum(j.color == t.color for j, t in zip(judged, targets)) / n,
+            "shape": sum(j.shape == t.shape for j, t in zip(judged, targets)) / n,
+            "colour_and_shape": sum(j.composition == t.composition for j, t in zip(judged, targets)) / n,
+            "position": sum(j.position == t.position for j, t in zip(judged, targets)) / n}
+
+
+@torch.no_grad()
+def decision_on_stories(gill, stories: list[list[str]], labels: list[str]) -> dict[str, float]:
+    """The decision head on the test stories (as one text each): 'ret' where the corpus holds the final
+    scene (a training composition), 'gen' otherwise."""
+    from gill.decision import decision_probs
+
+    slots = gill.image_slot_embeddings([[" ".join(s)] for s in stories])
+    max_score = None
+    if gill.model.config.decision.use_ret_score:
+        scale = gill.model.adapter.logit_scale.exp().item()
+        hits = gill.retriever.search(slots.retrieval, k=1, scale=scale)
+        max_score = torch.tensor([h[0].score if h else 0.0 for h in hits])
+    probs = decision_probs(gill.decision, gill.model.decision_features(slots.hidden, max_score))
+    chosen = ["ret" if p_ret > 0.5 else "gen" for _, p_ret in probs.tolist()]
+    majority = max(labels.count("ret"), labels.count("gen")) / len(labels)
+    recall = [sum(c == y for c, y in zip(chosen, labels) if y == k) / max(labels.count(k), 1) for k in ("ret", "gen")]
+    return {"accuracy": sum(c == y for c, y in zip(chosen, labels)) / len(labels), "majority_baseline": majority,
+            "balanced_accuracy": sum(recall) / 2, "recall_ret": recall[0], "recall_gen": recall[1],
+            "n": len(labels), "chose_retrieve": chosen.count("ret") / len(labels)}
+
+
+def stage_report(out: Path, plan: Plan, seed: int) -> None:
+    """OUT/report: report.json, report.md and grid.png from the eval outputs."""
+    from PIL import Image
+
+    from gill.pipeline import GILL
+
+    data, ev = out / "data", out / "eval"
+    summary = json.loads((ev / "summary.json").read_text())
+    scenes = {p: world.Scene(**d) for p, d in json.loads((data / "test-scenes.json").read_text()).items()}
+    train_comp = {tuple(x) for x in json.loads((data / "split.json").read_text())["train"]}
+    judge = AttributeJudge(out)
+    report: dict = {"generation": {}, "retrieval": {}, "decision": {}}
+    if (out / "lm-check.json").is_file():
+        report["lm"] = json.loads((out / "lm-check.json").read_text())
+    records = {}
+    for name, entry in summary["settings"].items():
+        recs = [json.loads(line) for line in (ev / name / "records.jsonl").read_text().splitlines() if line.strip()]
+        records[name] = recs
+        targets = [scenes[r["target_id"]] for r in recs]
+        judged = judge([Image.open(ev / name / r["image"]) for r in recs])
+        unseen = [i for i, t in enumerate(targets) if t.composition not in train_comp]
+        report["generation"][name] = {
+            "clip_similarity": entry["clip_similarity"], "clip_similarity_ci95": entry["clip_similarity_ci95"],
+            "n": entry["n"], **{f"by_{how}": attribute_accuracy(j, targets) for how, j in judged.items()},
+            "by_render_unseen_compositions": attribute_accuracy([judged["render"][i] for i in unseen],
+                                                                [targets[i] for i in unseen]) | {"n": len(unseen)},
+        }
+    report["generation"]["chance"] = {"colour": 1 / len(world.COLORS), "shape": 1 / len(world.SHAPES),
+                                      "colour_and_shape": 1 / (len(world.COLORS) * len(world.SHAPES)),
+                                      "position": 1 / len(world.POSITIONS)}
+    gallery = summary["retrieval"]["gallery_size"]
+    for name, entry in summary["retrieval"].items():
+        if isinstance(entry, dict):
+            report["retrieval"][name] = entry["context_masked"]
+    report["retrieval"]["chance"] = {f"R@{k}": k / gallery for k in (1, 5, 10)}
+    report["retrieval"]["gallery_size"] = gallery
+
+    gill = GILL.from_pretrained(out / "model")
+    ann = json.loads((data / "test-sis.json").read_text())["annotations"]
+    by_story: dict[str, list] = {}
+    for (a,) in ann:
+        by_story.setdefault(a["story_id"], []).append(a)
+    texts, labels = [], []
+    for steps in by_story.values():
+        steps.sort(key=lambda a: a["worker_arranged_photo_order"])
+        texts.append([a["original_text"] for a in steps])
+        labels.append("ret" if scenes[steps[-1]["photo_flickr_id"]].composition in train_comp else "gen")
+    report["decision"]["test_stories"] = decision_on_stories(gill, texts, labels)
+    held_out = data.parent / "model" / "decision_metrics.json"
+    if held_out.is_file():
+        report["decision"]["held_out_prompts"] = json.loads(held_out.read_text())
+
+    folder = out / "report"
+    folder.mkdir(exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(report_markdown(report))
+    grid(gill, ev, by_story, records, folder / "grid.png")
+    log(f"report: {folder / 'report.md'}")
+    print((folder / "report.md").read_text())
+
+
+def report_markdown(r: dict) -> str:
+    g, ch = r["generation"], r["generation"]["chance"]
+    lines = ["# Toy world: GILL on the VIST-format test stories", "",
+             "## Generation", "",
+             "| setting | CLIP similarity (metric model) | colour / shape / both right (rendering) | "
+             "both right (metric CLIP) | both right, unseen compositions |", "|---|---|---|---|---|"]
+    for name, e in g.items():
+        if name == "chance":
+            continue
+        a, m, u = e["by_render"], e["by_metric_clip"], e["by_render_unseen_compositions"]
+        lines.append(f"| {name} | {e['clip_similarity']:.3f} ± {e['clip_similarity_ci95']:.3f} | "
+                     f"{a['colour']:.2f} / {a['shape']:.2f} / {a['colour_and_shape']:.2f} | {m['colour_and_shape']:.2f} | "
+                     f"{u['colour_and_shape']:.2f} (n={u['n']}) |")
+    lines.append(f"| chance | | {ch['colour']:.2f} / {ch['shape']:.2f} / {ch['colour_and_shape']:.2f} | "
+                 f"{ch['colour_and_shape']:.2f} | |")
+    lines += ["", f"## Retrieval (story's last picture among {r['retrieval']['gallery_size']}, context masked)", "",
+              "| setting | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
+    for name, e in r["retrieval"].items():
+        if isinstance(e, dict):
+            lines.append(f"| {name} | {e['R@1']:.2f} | {e['R@5']:.2f} | {e['R@10']:.2f} |")
+    d = r["decision"]["test_stories"]
+    lines += ["", "## Decision (retrieve when the corpus holds the scene, generate otherwise)", "",
+              f"- test stories: accuracy {d['accuracy']:.2f} (majority class {d['majority_baseline']:.2f}, n={d['n']}); "
+              f"balanced accuracy {d['balanced_accuracy']:.2f} (chance 0.50; recall ret {d['recall_ret']:.2f}, "
+              f"gen {d['recall_gen']:.2f})"]
+    if "held_out_prompts" in r["decision"]:
+        h = r["decision"]["held_out_prompts"]
+        lines.append(f"- held-out prompts (captions and stories, n={h['test_examples']}): macro-F1 {h['test_macro_f1']:.2f} "
+                     f"(majority class {h['test_majority_macro_f1']:.2f})")
+    lines += ["", "![grid](grid.png)", "",
+              "Grid: the 5 story pictures, then SD on the last caption, GILL on the last caption, on 5 captions, "
+              "on 5 captions + 4 pictures, and GILL's retrieved picture (5 captions).", ""]
+    return "\n".join(lines)
+
+
+def grid(gill, ev: Path, by_story: dict, records: dict, path: Path, rows: int = 10, scale: int = 3) -> None:
+    from PIL import Image
+
+    order = ["sd/1-caption", "gill/1-caption", "gill/5-captions", "gill/5-captions-4-images"]
+    lookup = {name: {r["id"]: r for r in recs} for name, recs in records.items()}
+    cell = world.IMAGE_SIZE * scale
+    ids = list(by_story)[:rows]
+    canvas = Image.new("RGB", (cell * (5 + len(order) + 1) + 2 * scale * 2, cell * len(ids)), (0, 0, 0))
+    scale_ret = gill.model.adapter.logit_scale.exp().item()
+    context_dir = Path(json.loads((ev / "run.json").read_text())["context_dir"])
+    for row, sid in enumerate(ids):
+        images = [Image.open(context_dir / f"{a['photo_flickr_id']}.png") for a in by_story[sid]]
+        example = lookup.get("gill/5-captions", {}).get(sid)
+        for name in order:
+            r = lookup.get(name, {}).get(sid)
+            images.append(Image.open(ev / name / r["image"]) if r else Image.new("RGB", (32, 32)))
+        if example and gill.retriever is not None:
+            hit = gill.retriever.search(torch.tensor([example["retrieval_embedding"]]), k=1, scale=scale_ret)[0]
+            images.append(gill.retriever.load_image(hit[0].record) if hit else Image.new("RGB", (32, 32)))
+        x = 0
+        for col, im in enumerate(images):
+            if col in (5, 5 + len(order)):
+                x += 2 * scale  # a gap between the story, the generations and the retrieval
+            canvas.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (x, row * cell))
+            x += cell
+    canvas.save(path)
+
+
+def install(out: Path, plan: Plan, seed: int) -> None:
+    """Copy the built model (with its corpus) and the metric model into the package (gill/assets), where
+    the ``toy`` preset and the evals' default scorer find them. Each directory is replaced atomically."""
+    assets = ROOT / "gill" / "assets"
+    skip = shutil.ignore_patterns("gill-config.json", "work", "*.tmp")
+    for src, name in ((out / "model", "toy"), (out / "metric-clip", "toy-metric-clip")):
+        tmp = assets / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=skip)
+        if name == "toy":
+            if (out / "report").is_dir():
+                shutil.copytree(out / "report", tmp / "report")
+            manifest = tmp / "index" / "manifest.json"  # provenance: the preset, not the build's scratch path
+            manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "model": "toy"}, indent=2) + "\n")
+            (tmp / "BUILD.json").write_text(json.dumps({
+                "command": f"python scripts/build_toy_world.py --out OUT --seed {seed} --install",
+                "seed": seed, "plan": plan.__dict__,
+                "report": json.loads((out / "report" / "report.json").read_text()) if (out / "report" / "report.json").is_file() else None,
+            }, indent=2) + "\n")
+        old = assets / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (assets / name).exists():
+            (assets / name).rename(old)
+        tmp.rename(assets / name)
+        shutil.rmtree(old, ignore_errors=True)
+    size = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
+    log(f"installed into {assets} ({size / 2**20:.1f} MiB)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,20 +625,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--small", action="store_true", help="the reduced build (minutes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stages", nargs="+", default=["data", "lm", "clip", "sd", "gill", "eval"])
+    p.add_argument("--stages", nargs="+", default=["data", "lm", "clip", "sd", "gill", "eval", "report"])
+    p.add_argument("--install", action="store_true",
+                   help="afterwards copy the model and the metric model into gill/assets (the toy preset)")
     p.add_argument("--gill-steps", type=int, default=None, help="override the plan's GILL training steps")
     args = p.parse_args(argv)
     out = Path(args.out)
     plan = SMALL if args.small else Plan()
     if args.gill_steps is not None:
         plan.gill_steps = args.gill_steps
-    stages = {"data": stage_data, "lm": stage_lm, "clip": stage_clip, "sd": stage_sd, "gill": stage_gill, "eval": stage_eval}
+    stages = {"data": stage_data, "lm": stage_lm, "clip": stage_clip, "sd": stage_sd, "gill": stage_gill, "eval": stage_eval,
+              "report": stage_report}
     start = time.time()
     for name in args.stages:
         t = time.time()
         stages[name](out, plan, args.seed)
         log(f"stage {name} done in {time.time() - t:.0f} s")
     log(f"build done in {time.time() - start:.0f} s")
+    if args.install:
+        install(out, plan, args.seed)
     return 0
 
 

@@ -212,3 +212,33 @@ def test_ivf_recall_at_10_on_100k_synthetic_vectors():
     r = bench_index.run(count=100_000, dim=256, n_queries=300, k=10, types=("ivf",))
     assert r["ivf"]["recall"] >= 0.95
     assert r["ivf"]["speedup_vs_flat"] > 1.0  # and faster than exact search, measured in the same run
+
+
+def test_an_index_carrying_its_images_can_be_moved(tmp_path):
+    """Images inside the index directory are recorded relative to it: move the directory, and search
+    results still load their pictures; images elsewhere keep their absolute path."""
+    out = tmp_path / "idx"
+    (out / "images").mkdir(parents=True)
+    for name, color in (("red", (220, 30, 30)), ("blue", (30, 40, 220))):
+        (out / "images" / f"{name}.png").write_bytes(png_bytes(color))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "green.png").write_bytes(png_bytes((30, 200, 40)))
+    run("index.build", "--model", "tiny-random", "--source", out / "images", "--out", out)
+    run("index.update", "--model", "tiny-random", "--source", outside, "--out", out)
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    index = FaissIndex(moved)
+    sources = {r.source for r in index_records(index)}
+    assert sources == {"images/blue.png", "images/red.png", str(outside / "green.png")}
+    for record in index_records(index):
+        image = index.load_image(record)
+        assert image.size == (32, 32)
+    red = next(r for r in index_records(index) if r.source.endswith("red.png"))
+    assert index.load_image(red).getpixel((5, 5)) == (220, 30, 30)
+
+
+def index_records(index):
+    from gill.retrieval import read_records
+
+    return list(read_records(index.db, list(range(len(index)))).values())

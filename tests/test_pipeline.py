@@ -204,7 +204,8 @@ def test_generate_command_keeps_the_order_of_texts_and_images(tmp_path):
     Image.new("RGB", (40, 40), "green").save(img)
     out = subprocess.run(
         [sys.executable, "-m", "gill", "generate", "a red circle", "--image", str(img), "what is it?",
-         "--steps", "2", "--img-scale-factor", "1e5", "--max-new-tokens", "10", "--policy", "both", "--out", str(tmp_path / "o")],
+         "--steps", "2", "--img-scale-factor", "1e5", "--max-new-tokens", "10", "--policy", "both", "--out", str(tmp_path / "o"),
+         "--model", "tiny-random"],
         capture_output=True, text=True, check=True,
     )
     assert "[generated image" in out.stdout and "[retrieved image" in out.stdout

@@ -87,6 +87,28 @@ def test_precomputed_embeddings_are_the_text_encoders_and_resume(data, tmp_path)
     assert "0 shards written, 1 already done" in again.stdout
 
 
+def test_precompute_can_encode_another_field_than_the_training_text(tmp_path):
+    """--text-key: the diffusion target describes the picture even when GILL's text is longer (a story)."""
+    import io
+    import tarfile
+
+    from safetensors.torch import load_file
+
+    from training.precompute_sd_embeddings import encode, encoder_for
+
+    with tarfile.open(tmp_path / "s-0.tar", "w") as tar:
+        for name, payload in (("k.png", draw("red", "square")), ("k.txt", b"it was blue. it turns red."),
+                              ("k.sd.txt", b"a red square")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    run("training.precompute_sd_embeddings", "--sd", "tiny-random", "--data", tmp_path / "s-0.tar", "--out",
+        tmp_path / "sd", "--text-key", "sd.txt")
+    states = load_file(str(tmp_path / "sd" / "s-0.safetensors"))
+    tokenizer, encoder = encoder_for("tiny-random", None, None)
+    torch.testing.assert_close(states["k"], encode(tokenizer, encoder, ["a red square"])[0])
+
+
 @pytest.mark.slow
 def test_training_learns_retrieval_and_generation_and_counts_bad_data(data, tmp_path):
     out = tmp_path / "run"

@@ -43,13 +43,13 @@ def encode(tokenizer, encoder, captions: list[str]) -> torch.Tensor:
     return encoder(input_ids=tok.input_ids.to(device)).last_hidden_state.to(torch.float16).cpu()
 
 
-def captions_of(url: str) -> list[tuple[str, str]]:
+def captions_of(url: str, text_key: str = "txt") -> list[tuple[str, str]]:
     import webdataset as wds
 
     out = []
     for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, handler=wds.warn_and_continue,
                                   nodesplitter=lambda u: u, workersplitter=lambda u: u):
-        text = sample.get("txt", b"")
+        text = sample.get(text_key, b"")
         text = text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text).strip()
         out.append((sample["__key__"], text))
     return out
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sd", required=True, help="Stable Diffusion repository id or path, or tiny-random")
     p.add_argument("--data", required=True, help="shards (brace pattern; '::' joins several)")
     p.add_argument("--out", required=True)
+    p.add_argument("--text-key", default="txt",
+                   help="the sample field whose text is encoded (default txt, the caption GILL reads); another "
+                        "field, e.g. sd.txt, when the picture's own description differs from the training text")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if target.is_file():
             skipped += 1
             continue
-        items = captions_of(url)
+        items = captions_of(url, args.text_key)
         tensors = {}
         for start in range(0, len(items), args.batch_size):
             chunk = items[start:start + args.batch_size]

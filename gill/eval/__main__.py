@@ -35,6 +35,16 @@ def visdial_settings(rounds: list[int]) -> dict:
     return out
 
 
+def default_scorer(model: str) -> str:
+    """CLIP ViT-L/14 as the paper; the toy world is scored by its own metric model (offline)."""
+    from gill.eval.scorer import DEFAULT_SCORER
+    from gill.presets import toy_dir, toy_metric_dir
+
+    if str(model) == "toy" or (Path(model).is_dir() and Path(model).resolve() == toy_dir()):
+        return f"hf:{toy_metric_dir()}"
+    return DEFAULT_SCORER
+
+
 def common(p: argparse.ArgumentParser) -> None:
     from gill.eval.scorer import DEFAULT_SCORER
     from gill.presets import DEFAULT_MODEL
@@ -45,11 +55,12 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", nargs="+", default=None, help="subset of settings (default: all)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain Stable Diffusion settings")
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: 50; the toy model's own)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: 7.5; the toy model's own)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--scorer", default=DEFAULT_SCORER, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED")
+    p.add_argument("--scorer", default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: "
+                   f"{DEFAULT_SCORER}; for the toy model, the toy world's own metric model)")
     p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -116,6 +127,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(table))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; choose from {list(table)}")
+    if args.scorer is None:
+        args.scorer = default_scorer(args.model)
+    from gill.presets import model_defaults
+
+    recommended = model_defaults(args.model)
+    args.steps = int(recommended.get("steps", 50)) if args.steps is None else args.steps
+    args.guidance = recommended.get("guidance_scale", 7.5) if args.guidance is None else args.guidance
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     if gill.diffusion is None:

@@ -65,6 +65,36 @@ def render(scene: Scene, size: int = IMAGE_SIZE, jitter: tuple[int, int] = (0, 0
     return im.resize((size, size), Image.LANCZOS)
 
 
+def nearest_scenes(images, scenes: list[Scene] | None = None) -> list[Scene]:
+    """What each picture shows, by the world's own ground truth: the scene whose clean rendering is
+    nearest in pixel space (images are resized to the world's size)."""
+    import numpy as np
+
+    scenes = scenes or all_scenes()
+    renders = np.stack([np.asarray(render(s), dtype=np.float32).ravel() for s in scenes])
+    x = np.stack([np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32).ravel()
+                  for im in images])
+    d = (x ** 2).sum(1)[:, None] - 2 * x @ renders.T + (renders ** 2).sum(1)[None]
+    return [scenes[i] for i in d.argmin(1)]
+
+
+def dominant_colour(image) -> str:
+    """The palette colour of a picture's foreground: pixels far from the background (the palette
+    background nearest to the border), read by their median, snapped to the nearest palette colour."""
+    import numpy as np
+
+    x = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32).reshape(-1, 3)
+    im = x.reshape(IMAGE_SIZE, IMAGE_SIZE, 3)
+    border = np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]).mean(0)
+    bg = min(BACKGROUNDS.values(), key=lambda c: np.abs(border - c).sum())
+    far = np.abs(x - np.array(bg)).sum(1)
+    fg = x[far >= max(np.quantile(far, 0.9), 60.0)]
+    if len(fg) == 0:
+        fg = x[far >= np.quantile(far, 0.9)]
+    rgb = np.median(fg, axis=0)
+    return min(COLORS, key=lambda c: np.abs(rgb - COLORS[c]).sum())
+
+
 def all_scenes() -> list[Scene]:
     return [Scene(c, sh, sz, p, bg) for c in COLORS for sh in SHAPES for sz in SIZES for p in POSITIONS for bg in BACKGROUNDS]
 
@@ -114,7 +144,8 @@ def story(rng: random.Random, compositions: set[tuple[str, str]]) -> list[tuple[
 
 
 def vist_annotations(stories: list[list[tuple[Scene, str]]], first_story_id: int = 0) -> tuple[dict, dict[str, Scene]]:
-    """VIST SIS-format annotations of ``stories`` and the scene of each photo id (one image per step)."""
+    """VIST SIS-format annotations of ``stories`` and the scene of each photo id (one image per step).
+    Each caption ends with a full stop, as VIST's do, so joined captions read as the story text."""
     annotations, photos = [], {}
     for n, steps in enumerate(stories):
         story_id = str(first_story_id + n)
@@ -122,20 +153,24 @@ def vist_annotations(stories: list[list[tuple[Scene, str]]], first_story_id: int
             photo = f"{story_id}{order}"
             photos[photo] = scene
             annotations.append([{"story_id": story_id, "photo_flickr_id": photo, "worker_arranged_photo_order": order,
-                                 "original_text": caption, "text": caption}])
+                                 "original_text": f"{caption}.", "text": f"{caption}."}])
     return {"annotations": annotations}, photos
 
 
-def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 400) -> list[str]:
-    """Text for the toy LM: every caption of the allowed compositions followed by what it implies (so the
-    LM's state at the end of a caption has to carry the object's attributes: an LM trained on captions
-    alone keeps almost nothing of them in its last-layer states), and stories as running text."""
+def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 2400) -> list[str]:
+    """Text for the toy LM: every caption of the allowed compositions followed by what it implies, and
+    stories followed by where they end ("... now it is a large red circle on the right on white.").
+
+    The follow-ups are what make the LM copy attributes forward: an LM trained on captions alone keeps
+    almost nothing of the colour in its later states, and GILL's [IMG] tokens, which read those states
+    through the frozen LM, then cannot see it either."""
     lines = []
     for s in all_scenes():
         if s.composition in compositions:
             lines.append(s.caption())
-            lines.append(f"{s.caption()}. it is {s.color}. it is a {s.shape}. it is {s.size}. "
-                         f"it is on the {s.position}. the background is {s.background}.")
+            lines += [f"{s.caption()}. it is {s.color}. it is a {s.shape}. it is {s.size}. "
+                      f"it is on the {s.position}. the background is {s.background}."] * 2  # weighted up
     for _ in range(n_stories):
-        lines.append(". ".join(c for _, c in story(rng, compositions)) + ".")
+        steps = story(rng, compositions)
+        lines.append(". ".join(c for _, c in steps) + f". now it is {steps[-1][0].caption()}.")
     return lines
