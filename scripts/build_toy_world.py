@@ -467,6 +467,25 @@ def decision_on_stories(gill, stories: list[list[str]], labels: list[str]) -> di
             "n": len(labels), "chose_retrieve": chosen.count("ret") / len(labels)}
 
 
+@torch.no_grad()
+def single_captions(gill, judge: AttributeJudge, train_comp: set) -> dict:
+    """GILL on single captions (every 3rd scene: 72, some of unseen compositions): what it draws (colour
+    and shape by the renderings) and, for corpus scenes, whether it retrieves the exact picture."""
+    from gill.diffusion import DiffusionOptions
+
+    scenes = world.all_scenes()[::3]
+    slots = gill.image_slot_embeddings([[s.caption()] for s in scenes])
+    options = DiffusionOptions(steps=TOY_DEFAULTS["steps"], guidance_scale=TOY_DEFAULTS["guidance_scale"])
+    images = gill.diffusion.generate(slots.generation, options, seeds=list(range(len(scenes))))
+    drawn = attribute_accuracy(judge(images)["render"], scenes)
+    hits = gill.retriever.search(slots.retrieval, k=5)
+    corpus = [i for i, s in enumerate(scenes) if s.composition in train_comp]
+    r1 = sum(hits[i][0].record.caption == scenes[i].caption() for i in corpus) / len(corpus)
+    r5 = sum(scenes[i].caption() in [h.record.caption for h in hits[i]] for i in corpus) / len(corpus)
+    return {"n": len(scenes), "generation": drawn, "retrieval_exact": {"R@1": r1, "R@5": r5, "n": len(corpus),
+            "chance_R@1": 1 / len(gill.retriever)}}
+
+
 def stage_report(out: Path, plan: Plan, seed: int) -> None:
     """OUT/report: report.json, report.md and grid.png from the eval outputs."""
     from PIL import Image
@@ -515,6 +534,7 @@ def stage_report(out: Path, plan: Plan, seed: int) -> None:
         texts.append([a["original_text"] for a in steps])
         labels.append("ret" if scenes[steps[-1]["photo_flickr_id"]].composition in train_comp else "gen")
     report["decision"]["test_stories"] = decision_on_stories(gill, texts, labels)
+    report["captions"] = single_captions(gill, judge, train_comp)
     held_out = data.parent / "model" / "decision_metrics.json"
     if held_out.is_file():
         report["decision"]["held_out_prompts"] = json.loads(held_out.read_text())
@@ -557,6 +577,12 @@ def report_markdown(r: dict) -> str:
         h = r["decision"]["held_out_prompts"]
         lines.append(f"- held-out prompts (captions and stories, n={h['test_examples']}): macro-F1 {h['test_macro_f1']:.2f} "
                      f"(majority class {h['test_majority_macro_f1']:.2f})")
+    c = r["captions"]
+    lines += ["", f"## Single captions ({c['n']} scenes, some of unseen compositions)", "",
+              f"- drawn: colour {c['generation']['colour']:.2f}, shape {c['generation']['shape']:.2f}, both "
+              f"{c['generation']['colour_and_shape']:.2f}, position {c['generation']['position']:.2f}",
+              f"- retrieved, exact picture among {round(1 / c['retrieval_exact']['chance_R@1'])}: R@1 "
+              f"{c['retrieval_exact']['R@1']:.2f}, R@5 {c['retrieval_exact']['R@5']:.2f} (n={c['retrieval_exact']['n']})"]
     lines += ["", "![grid](grid.png)", "",
               "Grid: the 5 story pictures, then SD on the last caption, GILL on the last caption, on 5 captions, "
               "on 5 captions + 4 pictures, and GILL's retrieved picture (5 captions).", ""]
