@@ -32,10 +32,13 @@ TOY_DEFAULTS = {"steps": 25, "guidance_scale": 2.0, "img_scale_factor": 4.0}
 def model_defaults(name_or_dir: str | os.PathLike) -> dict[str, float]:
     """Recommended run settings of a named model (``steps``, ``guidance_scale``, ``img_scale_factor``);
     empty where the usual ones apply. The app, ``python -m gill generate`` and the evals start from them."""
+    return dict(TOY_DEFAULTS) if is_toy(name_or_dir) else {}
+
+
+def is_toy(name_or_dir: str | os.PathLike) -> bool:
+    """Whether a model name or directory is the shipped toy model."""
     name = str(name_or_dir)
-    if name == "toy" or (Path(name).is_dir() and Path(name).resolve() == toy_dir()):
-        return dict(TOY_DEFAULTS)
-    return {}
+    return name == "toy" or (Path(name).is_dir() and Path(name).resolve() == toy_dir())
 
 
 def toy_dir() -> Path:
@@ -99,17 +102,15 @@ def load(
 
 def from_model_dir(path: Path, *, torch_dtype: torch.dtype | None, index: Any, load_diffusion: bool) -> Any:
     from gill.backbones import load_backbones, load_diffusion as load_sd
-    from gill.checkpoint import load_model, read_model_dir
+    from gill.checkpoint import load_model, read_model_dir, resolve_paths
     from gill.pipeline import GILL
 
-    from gill.checkpoint import resolve_paths
-
-    config = read_model_dir(path).config
-    backbones = load_backbones(resolve_paths(config, path), torch_dtype=torch_dtype)
+    config = resolve_paths(read_model_dir(path).config, path)
+    backbones = load_backbones(config, torch_dtype=torch_dtype)
     model, decision = load_model(path, backbones.lm, backbones.vision)
     pipe = None
     if load_diffusion and config.diffusion:
-        pipe = load_sd(resolve_paths(config, path).diffusion, torch_dtype=torch_dtype)
+        pipe = load_sd(config.diffusion, torch_dtype=torch_dtype)
         pipe.set_progress_bar_config(disable=True)
     return GILL(model, backbones.tokenizer, backbones.image_processor, backbones.img_tokens, decision, index, pipe)
 

@@ -227,12 +227,10 @@ def train_clip(out: Path, plan: Plan, seed: int):
         m = tok.attention_mask[..., None].float()
         txt = clip.text_projection((hidden * m).sum(1) / m.sum(1))
         logits = clip.logit_scale.exp() * F.normalize(txt, dim=-1) @ F.normalize(img, dim=-1).T
-        target = torch.arange(len(batch))
         # captions repeat across backgrounds: every picture with the same caption is a positive
         same = torch.tensor([[a.caption() == b.caption() for b in batch] for a in batch], dtype=torch.float)
         loss = (-(same / same.sum(1, keepdim=True) * logits.log_softmax(-1)).sum(1).mean()
                 - (same / same.sum(1, keepdim=True) * logits.T.log_softmax(-1)).sum(1).mean()) / 2
-        del target
         for g in opt.param_groups:
             g["lr"] = 2e-3 * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * (1 - step / plan.clip_steps))
         opt.zero_grad()
@@ -535,7 +533,7 @@ def stage_report(out: Path, plan: Plan, seed: int) -> None:
         labels.append("ret" if scenes[steps[-1]["photo_flickr_id"]].composition in train_comp else "gen")
     report["decision"]["test_stories"] = decision_on_stories(gill, texts, labels)
     report["captions"] = single_captions(gill, judge, train_comp)
-    held_out = data.parent / "model" / "decision_metrics.json"
+    held_out = out / "model" / "decision_metrics.json"
     if held_out.is_file():
         report["decision"]["held_out_prompts"] = json.loads(held_out.read_text())
 

@@ -38,11 +38,9 @@ def visdial_settings(rounds: list[int]) -> dict:
 def default_scorer(model: str) -> str:
     """CLIP ViT-L/14 as the paper; the toy world is scored by its own metric model (offline)."""
     from gill.eval.scorer import DEFAULT_SCORER
-    from gill.presets import toy_dir, toy_metric_dir
+    from gill.presets import is_toy, toy_metric_dir
 
-    if str(model) == "toy" or (Path(model).is_dir() and Path(model).resolve() == toy_dir()):
-        return f"hf:{toy_metric_dir()}"
-    return DEFAULT_SCORER
+    return f"hf:{toy_metric_dir()}" if is_toy(model) else DEFAULT_SCORER
 
 
 def common(p: argparse.ArgumentParser) -> None:
