@@ -25,16 +25,28 @@ MAX_IMAGE_PIXELS = 40_000_000
 
 @dataclass
 class Defaults:
-    """The controls' initial values (the original demo's where it had them)."""
+    """The controls' initial values: the model's run settings (``GILL.run_settings``), with the policy."""
 
-    temperature: float = 0.0
-    top_p: float = 0.95
-    max_new_tokens: int = 32
-    img_scale_factor: float = 1.3  # the original demo's "frequency multiplier for returning images"
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    img_scale_factor: float  # the original demo's "frequency multiplier for returning images"
+    steps: int
+    guidance: float
+    seed: int
+    scheduler: str | None = None
     policy: str = "auto"
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int = 1337
+
+    @classmethod
+    def from_settings(cls, s: Any, policy: str = "auto") -> Defaults:
+        return cls(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                   img_scale_factor=s.img_scale_factor, steps=s.steps, guidance=s.guidance_scale, seed=s.seed,
+                   scheduler=s.scheduler, policy=policy)
+
+
+def settings_for(pipeline: Any, args: argparse.Namespace) -> Any:
+    """The app's run settings: its flags > the model's settings > the library's defaults."""
+    return pipeline.run_settings({"steps": args.steps, "seed": args.seed})
 
 
 class BadInput(ValueError):
@@ -95,7 +107,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
     from gill.diffusion import DiffusionOptions
     from gill.pipeline import Text, TextDelta
 
-    d = defaults or Defaults()
+    d = defaults or Defaults.from_settings(pipeline.run_settings())
     workdir = Path(tempfile.mkdtemp(prefix="gill-app-"))
 
     def save_image(image: Any) -> dict:
@@ -137,7 +149,8 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                 history, policy=policy, seed=int(seed), deltas=True, max_new_tokens=int(max_tokens),
                 temperature=float(temperature), top_p=float(top_p) if temperature > 0 else 1.0,
                 img_scale_factor=float(frequency), stop_strings=("\nQ:",),
-                diffusion=DiffusionOptions(steps=int(steps), guidance_scale=float(guidance), seed=int(seed)),
+                diffusion=DiffusionOptions(steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
+                                           scheduler=d.scheduler),
             ):
                 if isinstance(segment, TextDelta):
                     if current is None:
@@ -200,15 +213,18 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         saved = gr.File(label="Saved conversation", visible=False)
         with gr.Accordion("Settings", open=False):
             with gr.Row():
-                temperature = gr.Slider(0, 1, value=d.temperature, step=0.05, label="Temperature (0: greedy)")
+                # every range admits the model's own settings
+                temperature = gr.Slider(0, max(1.0, d.temperature), value=d.temperature, step=0.05,
+                                        label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(1, 128, value=d.max_new_tokens, step=1, label="Max tokens")
+                max_tokens = gr.Slider(1, max(128, d.max_new_tokens), value=d.max_new_tokens, step=1, label="Max tokens")
             with gr.Row():
-                frequency = gr.Slider(0, 3, value=d.img_scale_factor, step=0.05, label="Image frequency (scale factor)")
+                frequency = gr.Slider(0, max(5.0, d.img_scale_factor), value=d.img_scale_factor, step=0.05,
+                                      label="Image frequency (scale factor)")
                 policy = gr.Radio(["auto", "generate", "retrieve", "both"], value=d.policy, label="Decision policy")
             with gr.Row():
-                steps = gr.Slider(1, 100, value=d.steps, step=1, label="Diffusion steps")
-                guidance = gr.Slider(1, 15, value=d.guidance, step=0.5, label="Guidance scale")
+                steps = gr.Slider(1, max(100, d.steps), value=d.steps, step=1, label="Diffusion steps")
+                guidance = gr.Slider(0, max(15.0, d.guidance), value=d.guidance, step=0.5, label="Guidance scale")
                 seed = gr.Number(value=d.seed, precision=0, label="Seed")
         controls = [temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed]
         box.submit(respond, [box, chatbot, history, *controls], [chatbot, history, box])
@@ -230,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--steps", type=int, default=None, help="default diffusion steps")
+    p.add_argument("--steps", type=int, default=None, help="initial diffusion steps (default: the model's run settings)")
+    p.add_argument("--seed", type=int, default=None, help="initial seed (default: the model's run settings)")
     args = p.parse_args(argv)
 
     import torch
@@ -243,15 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from gill.presets import model_defaults
-
-    recommended = model_defaults(args.model)  # e.g. the toy world's low guidance
-    defaults = Defaults()
-    defaults.steps = int(recommended.get("steps", defaults.steps))
-    defaults.guidance = recommended.get("guidance_scale", defaults.guidance)
-    defaults.img_scale_factor = recommended.get("img_scale_factor", defaults.img_scale_factor)
-    if args.steps is not None:
-        defaults.steps = args.steps
+    defaults = Defaults.from_settings(settings_for(pipeline, args))
     demo = build_demo(pipeline, defaults, title=f"GILL · {Path(str(args.model)).name}")
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port)

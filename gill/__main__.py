@@ -34,17 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", default="toy", help="model directory or preset (default: toy, the offline toy world)")
     gen.add_argument("--out", default="gill-output", help="folder for the answer's images")
     gen.add_argument("--policy", choices=["auto", "generate", "retrieve", "both"], default="auto")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    defaults = "default: the model's run settings, else the library's"
+    gen.add_argument("--max-new-tokens", type=int, default=None, help=defaults)
+    gen.add_argument("--temperature", type=float, default=None, help=f"0 is greedy ({defaults})")
+    gen.add_argument("--top-p", type=float, default=None, help=defaults)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--img-scale-factor", type=float, default=None,
-                     help="the original's image-frequency factor (default: 1.0; the toy model's own)")
-    gen.add_argument("--steps", type=int, default=None, help="diffusion steps (default: 50; the toy model's own)")
-    gen.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale (default: 7.5; the toy model's own)")
-    gen.add_argument("--scheduler", default=None, help="diffusion scheduler (pndm, ddim, euler, euler_a, dpm++, lms)")
-    gen.add_argument("--seed", type=int, default=0)
+                     help=f"the original's image-frequency factor ({defaults})")
+    gen.add_argument("--steps", type=int, default=None, help=f"diffusion steps ({defaults})")
+    gen.add_argument("--guidance", type=float, default=None, help=f"classifier-free guidance scale ({defaults})")
+    gen.add_argument("--scheduler", default=None,
+                     help=f"diffusion scheduler: pndm, ddim, euler, euler_a, dpm++, lms ({defaults})")
+    gen.add_argument("--seed", type=int, default=None, help=defaults)
+    gen.add_argument("--index", default=None, help="retrieval index directory (default: the model's own corpus)")
     gen.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
 
@@ -119,6 +121,13 @@ def _ordered_items(argv: list[str], options: dict[str, bool]) -> list[tuple[str,
     return items
 
 
+def settings_for(gill, args: argparse.Namespace):
+    """The run settings of ``python -m gill generate``: its flags > the model's settings > the library's."""
+    return gill.run_settings({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                              "top_p": args.top_p, "img_scale_factor": args.img_scale_factor, "steps": args.steps,
+                              "guidance_scale": args.guidance, "scheduler": args.scheduler, "seed": args.seed})
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -126,22 +135,18 @@ def _generate(args: argparse.Namespace) -> int:
 
     from gill.diffusion import DiffusionOptions
     from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Text
-    from gill.presets import model_defaults
 
     inputs = [Path(v) if kind == "image" else v for kind, v in args.ordered]
     if not inputs:
         print("error: give at least one text or --image", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
-    recommended = model_defaults(args.model)
+    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device, index=args.index)
+    s = settings_for(gill, args)
     answer = gill.generate_interleaved(
-        inputs, policy=args.policy, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        img_scale_factor=recommended.get("img_scale_factor", 1.0) if args.img_scale_factor is None else args.img_scale_factor,
-        diffusion=DiffusionOptions(steps=int(recommended.get("steps", 50)) if args.steps is None else args.steps,
-                                   guidance_scale=recommended.get("guidance_scale", 7.5) if args.guidance is None else args.guidance,
-                                   seed=args.seed, scheduler=args.scheduler),
+        inputs, policy=args.policy, seed=s.seed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        top_p=s.top_p, top_k=args.top_k, img_scale_factor=s.img_scale_factor,
+        diffusion=DiffusionOptions(steps=s.steps, guidance_scale=s.guidance_scale, seed=s.seed, scheduler=s.scheduler),
     )
     out = Path(args.out)
     n = 0

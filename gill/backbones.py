@@ -76,15 +76,18 @@ def image_processor(preprocess: PreprocessConfig) -> Any:
     )
 
 
-def load_backbones(config: GILLConfig, torch_dtype: torch.dtype | None = None, **lm_kwargs: Any) -> Backbones:
+def load_backbones(config: GILLConfig, torch_dtype: torch.dtype | None = None, *, hub: dict[str, Any] | None = None,
+                   **lm_kwargs: Any) -> Backbones:
     """Load the frozen LM, vision encoder and tokenizer a config names, and add the [IMG] tokens.
 
+    ``hub``: keyword arguments for every ``from_pretrained`` (``cache_dir``, ``local_files_only``, ``token``).
     Raises if the tokenizer gives the [IMG] tokens other ids than the config records.
     """
-    tokenizer = load_tokenizer(config.tokenizer_path)
+    hub = hub or {}
+    tokenizer = load_tokenizer(config.tokenizer_path, **hub)
     img_tokens = check_image_tokens(tokenizer, config.tokens, source=f"tokenizer {config.tokenizer_path}")
-    lm = load_lm(config.lm, torch_dtype, **lm_kwargs)
-    vision = load_vision(config.vision, torch_dtype)
+    lm = load_lm(config.lm, torch_dtype, **hub, **lm_kwargs)
+    vision = load_vision(config.vision, torch_dtype, **hub)
     return Backbones(lm, vision, tokenizer, image_processor(config.preprocess), img_tokens)
 
 
@@ -256,11 +259,11 @@ def tiny_stable_diffusion(cross_attention_dim: int, seq_len: int, image_size: in
     )
 
 
-def load_sd_text_encoder(name_or_path: str, torch_dtype: torch.dtype | None = None) -> tuple[Any, nn.Module]:
+def load_sd_text_encoder(name_or_path: str, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> tuple[Any, nn.Module]:
     """The tokenizer and text encoder of a Stable Diffusion repository (its ``tokenizer/`` and
     ``text_encoder/`` subfolders): what GILL's mapper learns to imitate."""
     from transformers import AutoTokenizer, CLIPTextModel
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
-    encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs)
+    encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=torch_dtype, **kwargs)
     return tokenizer, encoder.eval()

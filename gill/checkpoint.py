@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gill._io import atomic_path
+from gill._io import atomic_path, atomic_write_text
 from gill.config import GILLConfig, config_from_model_args
 from gill.decision import DecisionHead
 from gill.model import GILLAdapter, GILLModel
@@ -31,6 +31,7 @@ LOG = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "gill.safetensors"
 DECISION_NAME = "decision.safetensors"
+CARD_NAME = "README.md"
 
 StateDict = dict[str, torch.Tensor]
 
@@ -136,8 +137,42 @@ def save_model_dir(
     save_safetensors(adapter, out_dir / WEIGHTS_NAME)
     if decision is not None:
         save_safetensors(decision, out_dir / DECISION_NAME)
+    else:
+        (out_dir / DECISION_NAME).unlink(missing_ok=True)  # a directory written again without a head has none
     config.to_json(out_dir / CONFIG_NAME)
+    atomic_write_text(out_dir / CARD_NAME, model_card(config, has_decision=decision is not None))
     return out_dir
+
+
+def model_card(config: GILLConfig, has_decision: bool) -> str:
+    """The model directory's README.md: backbones, training data and run settings (Hub model-card format)."""
+    base = [b for b in (config.lm, config.vision) if b and not os.path.isabs(b) and "/" in b]
+    front = ["---", "library_name: gill", "tags:", "- gill", "- image-to-text", "- text-to-image"]
+    if base:
+        front += ["base_model:"] + [f"- {b}" for b in base]
+    front.append("---")
+    run = config.run.to_dict(set_only=True)
+    lines = [
+        *front, "", "# GILL model", "",
+        "A [GILL](https://arxiv.org/abs/2305.17216) model: a frozen causal LM and a frozen vision encoder joined "
+        f"by trained layers and {config.tokens.num_img_tokens} `[IMG]` tokens. Load it with "
+        "`gill.GILL.from_pretrained(\"<this directory or repo>\")`.", "",
+        "| part | value |", "|---|---|",
+        f"| language model (frozen) | `{config.lm}` |",
+        f"| vision encoder (frozen) | `{config.vision}` |",
+        f"| image generator | `{config.diffusion or 'none'}` |",
+        f"| visual prefix | {config.n_visual_tokens} tokens |",
+        f"| retrieval space | {config.ret_emb_dim}-d |",
+        f"| decision head | {'yes' if has_decision else 'no'} |",
+        f"| training data | {config.training_data or 'not recorded'} |",
+        "", "## Run settings", "",
+        "Used when a caller passes none (explicit argument > these > the library's defaults):", "",
+    ]
+    if run:
+        lines += ["| setting | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in run.items()]
+    else:
+        lines.append("none recorded: the library's defaults apply.")
+    return "\n".join(lines) + "\n"
 
 
 def save_model(out_dir: str | os.PathLike, model: GILLModel, decision: DecisionHead | None = None) -> Path:
@@ -178,7 +213,11 @@ def load_model(
     vision: torch.nn.Module,
 ) -> tuple[GILLModel, DecisionHead | None]:
     """Build a GILLModel around the given backbones from a model directory (strict)."""
-    files = read_model_dir(path)
+    return model_from_files(read_model_dir(path), lm, vision)
+
+
+def model_from_files(files: ModelFiles, lm: torch.nn.Module, vision: torch.nn.Module) -> tuple[GILLModel, DecisionHead | None]:
+    """A GILLModel (and decision head) from a model directory already read by ``read_model_dir``."""
     model = GILLModel(lm, vision, files.config)
     load_strict(model.adapter, files.adapter, str(files.path / WEIGHTS_NAME))
     decision = None
@@ -309,12 +348,16 @@ def convert_original(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     decision: str | os.PathLike | None = None,
+    training_data: str = "",
 ) -> Path:
     """Convert ``model_args.json`` + ``pretrained_ckpt.pth.tar`` [+ ``decision_model.pth.tar``] into a
-    model directory."""
+    model directory. Backbones that ``model_args.json`` names by a relative path (a local copy) are
+    resolved against the folder it was read from."""
     path = Path(checkpoint)
     raw = _state_dict_of(torch_load(path), path)
     config = config_from_original(model_args, raw)
+    config = resolve_paths(config, Path(model_args).parent)
+    config.training_data = training_data
     adapter = convert_original_state_dict(raw, config, str(path))
     decision_state = None
     if decision is not None:

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from gill._io import atomic_write_text
+from gill.settings import RunSettings
 
-FORMAT_VERSION = 1
+# 2: the ``run`` block (run settings) and ``training_data``; version-1 files read as before (no run settings).
+FORMAT_VERSION = 2
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -107,6 +109,9 @@ class GILLConfig:
     tokens: TokenConfig = field(default_factory=TokenConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
+    # How the model is best run (gill.settings); unset fields fall back to the library's defaults.
+    run: RunSettings = field(default_factory=RunSettings)
+    training_data: str = ""  # what the trained layers were trained on, for the model card
     format_version: int = FORMAT_VERSION
 
     @property
@@ -120,11 +125,17 @@ class GILLConfig:
     # ---- JSON round trip -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["format_version"] = FORMAT_VERSION  # written in the current format, whatever it was read from
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> GILLConfig:
         cfg = _from_dict(cls, data, source)
+        try:
+            cfg.run.validated(f"{source}.run")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if cfg.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"{source}: format_version {cfg.format_version} is newer than this library reads "

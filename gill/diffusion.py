@@ -6,10 +6,12 @@ Works with ``StableDiffusionPipeline`` and any SD-family pipeline whose ``__call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+
+from gill.settings import LIBRARY_DEFAULTS, RunSettings
 
 # Scheduler names -> diffusers class names; built from the pipeline's own scheduler config.
 SCHEDULERS = {
@@ -24,14 +26,25 @@ SCHEDULERS = {
 
 @dataclass
 class DiffusionOptions:
-    steps: int = 50
-    guidance_scale: float = 7.5
+    """Diffusion options. Run settings left at None (steps, guidance_scale, scheduler, seed) are filled
+    in by ``GILL`` from the model's settings, then from ``gill.settings.LIBRARY_DEFAULTS``."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
     seed: int | None = None  # image i of a call uses seed + i
-    scheduler: str | None = None  # one of SCHEDULERS; None keeps the pipeline's (SD v1.5: PNDM)
+    scheduler: str | None = None  # one of SCHEDULERS; None everywhere keeps the pipeline's (SD v1.5: PNDM)
     height: int | None = None
     width: int | None = None
     # (1, L, D) or (G, L, D) conditioning for classifier-free guidance; None encodes the empty prompt.
     negative_prompt_embeds: torch.Tensor | None = None
+
+    def with_settings(self, settings: RunSettings) -> DiffusionOptions:
+        """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
+        full = RunSettings(steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
+                           scheduler=self.scheduler).validated("diffusion options")
+        full = full.over(settings).over(LIBRARY_DEFAULTS)
+        return replace(self, steps=full.steps, guidance_scale=full.guidance_scale, seed=full.seed,
+                       scheduler=full.scheduler)
 
 
 class DiffusionGenerator:
@@ -63,7 +76,9 @@ class DiffusionGenerator:
         """(G, L, D) conditioning -> G PIL images. Image i is seeded with ``seeds[i]`` if given, else with
         ``options.seed + i``. Without negative embeddings the pipeline encodes the empty prompt, as the
         original did."""
-        options = options or DiffusionOptions()
+        # unset steps/guidance: the library's defaults; an unset seed stays unseeded here
+        seed = (options or DiffusionOptions()).seed
+        options = replace((options or DiffusionOptions()).with_settings(RunSettings()), seed=seed)
         if negative_prompt_embeds is None:
             negative_prompt_embeds = options.negative_prompt_embeds
         if options.scheduler is not None:

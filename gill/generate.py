@@ -16,29 +16,42 @@ No I/O here: the caller embeds the prompt and turns token ids and [IMG] states i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from gill import sampling
 from gill.model import GILLModel
+from gill.settings import LIBRARY_DEFAULTS, RunSettings
 
 
 @dataclass
 class DecodeOptions:
-    max_new_tokens: int = 32  # counts text tokens and each [IMG] token
-    temperature: float = 0.0  # 0 is greedy
-    top_p: float = 1.0
+    """Decoding options. The run settings among them (max_new_tokens, temperature, top_p,
+    img_scale_factor) left at None are filled in: by ``GILL`` from the model's settings, and from the
+    library's defaults (``gill.settings.LIBRARY_DEFAULTS``) where neither says."""
+
+    max_new_tokens: int | None = None  # counts text tokens and each [IMG] token
+    temperature: float | None = None  # 0 is greedy
+    top_p: float | None = None
     top_k: int = 0
     stop_on_eos: bool = True
     stop_strings: tuple[str, ...] = ()  # checked on the decoded text of the row
-    img_scale_factor: float = 1.0  # the original's ret/gen scale factor: logit[IMG0] <- |logit| * factor
+    img_scale_factor: float | None = None  # the original's ret/gen scale factor: logit[IMG0] <- |logit| * factor
     min_tokens_before_image: int = 0  # the original's min_word_tokens
     max_images: int | None = None  # per row; None is unlimited
     allow_images: bool = True
     # "auto": the static-cache OPT decoder (one-token steps replayed as a CUDA graph on GPUs) when the LM
     # is a pre-LN OPT, else Hugging Face's dynamic cache; "static" or "hf" force one.
     backend: str = "auto"
+
+    def with_settings(self, settings: RunSettings) -> DecodeOptions:
+        """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
+        full = RunSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                           img_scale_factor=self.img_scale_factor).validated("decoding options")
+        full = full.over(settings).over(LIBRARY_DEFAULTS)
+        return replace(self, max_new_tokens=full.max_new_tokens, temperature=full.temperature, top_p=full.top_p,
+                       img_scale_factor=full.img_scale_factor)
 
 
 @dataclass
@@ -84,6 +97,7 @@ class _Rows:
             raise ValueError("stop_strings need decode_text (e.g. a tokenizer's decode)")
         self.results = [DecodeResult() for _ in range(n_rows)]
         self.done = [False] * n_rows
+        options = options.with_settings(RunSettings())  # unset run settings: the library's defaults
         self.model, self.options, self.eos, self.decode_text = model, options, eos_token_id, decode_text
         self.n_img = model.config.tokens.num_img_tokens
         self.img_ids = model.img_token_ids

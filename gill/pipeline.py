@@ -8,7 +8,9 @@ with the decision taken at its slot.
 
 from __future__ import annotations
 
+import copy
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +23,7 @@ from gill.diffusion import DiffusionGenerator, DiffusionOptions
 from gill.generate import DecodeOptions, DoneEvent, ImageEvent, ImageSlot, TokenEvent, decode, iter_decode
 from gill.model import GILLModel
 from gill.retrieval import EmbeddingIndex, image_keys
+from gill.settings import RunSettings, resolve_settings
 from gill.tokens import ImageTokens
 
 
@@ -91,8 +94,14 @@ class GILL:
         decision: DecisionHead | None = None,
         retriever: EmbeddingIndex | None = None,
         diffusion: DiffusionGenerator | Any | None = None,
+        settings: RunSettings | None = None,
+        model_dir: str | os.PathLike | None = None,
     ):
+        """``settings``: the model's run settings (unset fields: the library's defaults); ``model_dir``:
+        the directory it was loaded from, if any (``save_pretrained`` copies what it refers to)."""
         self.model = model.eval()
+        self.settings = settings or RunSettings()
+        self.model_dir = Path(model_dir) if model_dir is not None else None
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.img_tokens = img_tokens
@@ -114,14 +123,88 @@ class GILL:
         index: Any = None,
         load_diffusion: bool = True,
         allow_index_mismatch: bool = False,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
     ) -> GILL:
-        """A model directory or a preset name (see ``gill.presets``). Backbones load from the ids or paths
-        in its config; ``device`` and ``torch_dtype`` are the caller's choice (default: CPU, stored dtype).
-        ``index``: an index directory (checked against this model's fingerprint) or an index object."""
-        from gill import presets
+        """A preset name (``toy``, ``gill-opt-6.7b``, ``tiny-random``; see ``gill.presets``), a model
+        directory, or a Hub repo id (``jykoh/gill``, the original release, is fetched and converted once).
+        Backbones load from the ids or paths in its config; ``device`` and ``torch_dtype`` are the caller's
+        choice (default: CPU, stored dtype). ``index``: an index directory (checked against this model's
+        fingerprint), the original ``cc3m_embeddings_urls.npy``, or an index object; default: the model's
+        own corpus, if it carries one. ``revision``, ``cache_dir``, ``local_files_only``, ``token``: as in
+        transformers (``HF_HOME`` and ``HF_HUB_OFFLINE`` are honoured)."""
+        from gill.loading import HubOptions, load
 
-        return presets.load(name_or_dir, torch_dtype=torch_dtype, device=device, index=index,
-                            load_diffusion=load_diffusion, allow_index_mismatch=allow_index_mismatch)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        parts = load(name_or_dir, torch_dtype=torch_dtype, index=index, load_diffusion=load_diffusion,
+                     allow_index_mismatch=allow_index_mismatch, hub=hub)
+        gill = cls(parts.model, parts.tokenizer, parts.image_processor, parts.img_tokens, parts.decision, parts.index,
+                   parts.diffusion, settings=parts.settings, model_dir=parts.model_dir)
+        if device is not None:
+            gill.to(device)
+        return gill
+
+    def to(self, device: str | torch.device) -> GILL:
+        """Move the model, the decision head and the diffusion pipeline to ``device``."""
+        self.model.to(device)
+        if self.decision is not None:
+            self.decision.to(device)
+        if self.diffusion is not None:
+            self.diffusion.pipe.to(device)
+        return self
+
+    def run_settings(self, explicit: RunSettings | dict[str, Any] | None = None) -> RunSettings:
+        """The settings a run uses: ``explicit`` > this model's settings > the library's defaults."""
+        return resolve_settings(explicit, self.settings)
+
+    # ---- saving ----------------------------------------------------------------------------------
+
+    def save_pretrained(self, out_dir: str | os.PathLike, *, copy_backbones: bool = False,
+                        training_data: str | None = None) -> Path:
+        """Write a model directory that ``GILL.from_pretrained`` loads back: config (with run settings),
+        trained weights, decision head, model card (README.md). Backbones given as paths relative to the
+        directory this model came from are written as absolute paths, or, with ``copy_backbones``, copied
+        in (with the model's own corpus ``index/``) so the directory moves as one."""
+        from gill.checkpoint import save_model_dir
+
+        out = Path(out_dir)
+        config = copy.deepcopy(self.model.config)
+        config.run = self.settings
+        if training_data is not None:
+            config.training_data = training_data
+        source = self.model_dir
+        for name in ("lm", "vision", "tokenizer", "diffusion"):
+            value = getattr(config, name)
+            if not value or os.path.isabs(value) or source is None or not (source / value).exists():
+                continue
+            if copy_backbones and (source / value).resolve() != (out / value).resolve():
+                if not (out / value).exists():
+                    shutil.copytree(source / value, out / value)
+            elif not copy_backbones:
+                setattr(config, name, str((source / value).resolve()))
+        if copy_backbones and source is not None and (source / "index" / "manifest.json").is_file():
+            if (source / "index").resolve() != (out / "index").resolve() and not (out / "index").exists():
+                shutil.copytree(source / "index", out / "index", ignore=shutil.ignore_patterns("work"))
+        decision = self.decision.state_dict() if self.decision is not None else None
+        return save_model_dir(out, config, self.model.adapter.state_dict(), decision)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | bool | None = None,
+                    commit_message: str = "Upload GILL model", api: Any = None) -> str:
+        """Upload this model as a model directory (backbones that are local folders copied in) to a Hub
+        repo of yours, created if needed. Returns the commit URL. ``api``: a ``huggingface_hub.HfApi``."""
+        import tempfile
+
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="gill-push-") as tmp:
+            self.save_pretrained(tmp, copy_backbones=True)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+        return str(getattr(info, "commit_url", info))
 
     @property
     def device(self) -> torch.device:
@@ -198,10 +281,20 @@ class GILL:
     # ---- 2. decoding -----------------------------------------------------------------------------
 
     def _decode_options(self, options: DecodeOptions | None, overrides: dict[str, Any]) -> DecodeOptions:
-        options = replace(options or DecodeOptions(), **overrides)
+        """Explicit options and keyword overrides, the rest from the model's settings and the library's."""
+        options = replace(options or DecodeOptions(), **overrides).with_settings(self.settings)
         if self.diffusion is None and self.retriever is None:
             options = replace(options, allow_images=False)
         return options
+
+    def _seed_and_diffusion(self, seed: int | None, diffusion: DiffusionOptions | None) -> tuple[int, DiffusionOptions]:
+        """``seed`` (else the diffusion options', else the model's, else the library's) seeds decoding and the
+        diffusion options' unset seed; their other unset fields come from the settings."""
+        diffusion = diffusion or DiffusionOptions()
+        seed = self.run_settings({"seed": seed if seed is not None else diffusion.seed}).seed
+        if diffusion.seed is None:
+            diffusion = replace(diffusion, seed=seed)
+        return seed, diffusion.with_settings(self.settings)
 
     def _decode_args(self, prompts: list[_Prompt], options: DecodeOptions, seed: int | None) -> dict[str, Any]:
         embeds, mask = self._batch(prompts)
@@ -319,7 +412,8 @@ class GILL:
         """Answer one conversation (a list of items) or several (a list of lists, decoded as one batch).
 
         ``decode_overrides`` set fields of ``DecodeOptions`` (max_new_tokens, temperature, top_p, top_k,
-        stop_strings, img_scale_factor, min_tokens_before_image, ...). ``original_truncation`` reproduces
+        stop_strings, img_scale_factor, min_tokens_before_image, ...). Run settings not given here (decoding,
+        diffusion steps, guidance, scheduler, seed) are the model's (``self.settings``), else the library's. ``original_truncation`` reproduces
         the original's post-processing for evaluation parity: each text cut at its first newline or
         period, and text after the last image dropped.
         """
@@ -328,7 +422,7 @@ class GILL:
         batched = all(isinstance(c, (list, tuple)) for c in inputs)
         conversations = list(inputs) if batched else [list(inputs)]
         options = self._decode_options(options, decode_overrides)
-        diffusion = diffusion or DiffusionOptions(seed=seed)
+        seed, diffusion = self._seed_and_diffusion(seed, diffusion)
         prompts = self.build_prompts(conversations)
         results = decode(**self._decode_args(prompts, options, seed))
         slots = [(row, s) for row, r in enumerate(results) for s in r.images]
@@ -362,7 +456,7 @@ class GILL:
         image slot starts or decoding ends, an image when it has been retrieved or generated. With
         ``deltas=True`` text comes as ``TextDelta`` pieces while it is decoded (for chat UIs) instead."""
         options = self._decode_options(options, decode_overrides)
-        diffusion = diffusion or DiffusionOptions(seed=seed)
+        seed, diffusion = self._seed_and_diffusion(seed, diffusion)
         prompts = self.build_prompts([list(inputs)])
         retrieved: list[set[str]] = [set()]
         pending: list[int] = []

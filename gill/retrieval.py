@@ -4,7 +4,9 @@
 ``FaissIndex`` reads an index directory written by ``python -m index.build`` (format below). Both score
 ``exp(logit_scale) * cosine`` as the original, and exclude images already in the conversation by content
 hash (sha256 of the file's bytes) or by source path. ``ImageEmbedder`` is the image side of a GILL
-model alone (vision encoder + retrieval projection), for building indexes without loading the LM.
+model alone (vision encoder + retrieval projection), for building indexes without loading the LM
+(``gill.loading.load_image_embedder`` reads one from a model). ``read_original_embeddings`` reads the
+original release's ``cc3m_embeddings_urls.npy`` with a restricted unpickler.
 
 Index directory (``FORMAT_VERSION`` 1):
 - ``manifest.json``: format_version, dim, metric ("inner_product" over L2-normalised vectors), count,
@@ -281,31 +283,6 @@ class ImageEmbedder:
         self.image_processor = image_processor
         self.name = name
 
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> ImageEmbedder:
-        """A model directory (loads only the vision encoder, not the LM) or a preset."""
-        path = Path(name_or_dir)
-        if path.is_dir():
-            from gill.backbones import image_processor, load_vision
-            from gill.checkpoint import read_model_dir, resolve_paths
-
-            files = read_model_dir(path)
-            cfg = files.config
-            projection = torch.nn.Linear(cfg.vision_hidden_size, cfg.ret_emb_dim)
-            projection.load_state_dict({k.split(".", 1)[1]: v for k, v in files.adapter.items() if k.startswith("image_retrieval.")})
-            vision = load_vision(resolve_paths(cfg, path).vision, torch_dtype)
-            embedder = cls(vision, projection, image_processor(cfg.preprocess), str(path))
-        else:
-            from gill import presets
-
-            gill = presets.load(name_or_dir, torch_dtype=torch_dtype, load_diffusion=False)
-            embedder = cls(gill.model.vision, gill.model.adapter.image_retrieval, gill.image_processor, str(name_or_dir))
-        if device is not None:
-            embedder.vision.to(device)
-            embedder.projection.to(device)
-        return embedder
-
     @property
     def fingerprint(self) -> str:
         return projection_fingerprint(self.projection)
@@ -329,3 +306,44 @@ def image_keys(item: Any) -> set[str]:
     if not path or not Path(path).is_file():
         return set()
     return {str(path), file_sha256(path)}
+
+
+# ---- the original release's embeddings file ---------------------------------------------------------
+
+# (module, name) pairs a numpy-array pickle needs, across numpy 1.x and 2.x.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "str"),
+    ("builtins", "int"), ("builtins", "float"), ("builtins", "bytes"), ("builtins", "bytearray"),
+    ("_codecs", "encode"),
+}
+
+
+def read_original_embeddings(path: str | os.PathLike) -> tuple[list[str], Any]:
+    """``cc3m_embeddings_urls.npy`` (despite its name a pickle of ``{'paths': [urls], 'embeddings': [vectors]}``)
+    -> (urls, float32 array (N, D)). Only lists, dicts, tuples, strings, numbers and numpy arrays are
+    admitted: a pickle that asks for anything else (a function to call, another class) is refused."""
+    import pickle
+
+    import numpy as np
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in _PICKLE_ALLOWED:
+                raise pickle.UnpicklingError(f"refused: the pickle asks for {module}.{name}, which is not data")
+            return super().find_class(module, name)
+
+    with open(path, "rb") as f:
+        try:
+            data = Restricted(f).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: {e or 'truncated file'}") from None
+    if not isinstance(data, dict) or "paths" not in data or "embeddings" not in data:
+        raise ValueError(f"{path}: expected a dict with 'paths' and 'embeddings'")
+    paths = [str(p) for p in data["paths"]]
+    vectors = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in data["embeddings"]])
+    if len(paths) != len(vectors):
+        raise ValueError(f"{path}: {len(paths)} paths but {len(vectors)} embeddings")
+    return paths, vectors

@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    from gill.retrieval import MANIFEST_NAME, IndexManifest, ImageEmbedder
+    from gill.loading import load_image_embedder
+    from gill.retrieval import MANIFEST_NAME, IndexManifest
     from index.store import WorkDB, finalize
 
     rank, world, local_rank = dist_info()
@@ -152,7 +153,10 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     device = args.device
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
-    embedder = ImageEmbedder.from_pretrained(args.model, device=device)
+    embedder = load_image_embedder(args.model)
+    if device is not None:
+        embedder.vision.to(device)
+        embedder.projection.to(device)
     fingerprint = embedder.fingerprint
 
     manifest_path = out / MANIFEST_NAME

@@ -12,43 +12,12 @@ converted original checkpoint: its image-retrieval fingerprint is stamped into t
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from pathlib import Path
 
-import numpy as np
+from gill.retrieval import read_original_embeddings
 
-# (module, name) pairs a numpy-array pickle needs, across numpy 1.x and 2.x.
-ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "str"),
-    ("builtins", "int"), ("builtins", "float"), ("builtins", "bytes"), ("builtins", "bytearray"),
-    ("_codecs", "encode"),
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in ALLOWED:
-            raise pickle.UnpicklingError(f"refused: the pickle asks for {module}.{name}, which is not data")
-        return super().find_class(module, name)
-
-
-def read_original(path: str | Path) -> tuple[list[str], np.ndarray]:
-    with open(path, "rb") as f:
-        try:
-            data = RestrictedUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: {e}") from None
-    if not isinstance(data, dict) or "paths" not in data or "embeddings" not in data:
-        raise ValueError(f"{path}: expected a dict with 'paths' and 'embeddings'")
-    paths = [str(p) for p in data["paths"]]
-    vectors = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in data["embeddings"]])
-    if len(paths) != len(vectors):
-        raise ValueError(f"{path}: {len(paths)} paths but {len(vectors)} embeddings")
-    return paths, vectors
+read_original = read_original_embeddings  # the library's restricted reader
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index-type", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], default="auto")
     args = p.parse_args(argv)
 
-    from gill.retrieval import ImageEmbedder
+    from gill.loading import load_image_embedder
     from index.store import Row, WorkDB, finalize
 
     try:
@@ -67,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    embedder = ImageEmbedder.from_pretrained(args.model)
+    embedder = load_image_embedder(args.model)
     if vectors.shape[1] != embedder.dim:
         print(f"error: embeddings are {vectors.shape[1]}-d, the model's retrieval space is {embedder.dim}-d", file=sys.stderr)
         return 1

@@ -37,7 +37,8 @@ def test_uploads_are_checked(tmp_path):
 
 
 def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeypatch):
-    demo = build_demo(tiny_gill, Defaults(steps=2, policy="both", max_new_tokens=16, img_scale_factor=1.0))
+    demo = build_demo(tiny_gill, Defaults.from_settings(
+        tiny_gill.run_settings({"steps": 2, "max_new_tokens": 16, "img_scale_factor": 1.0}), policy="both"))
     fn = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "respond")
     Image.new("RGB", (40, 40), "blue").save(tmp_path / "in.png")
     controls = (0.0, 0.95, 16, 1.0, "both", 2, 7.5, 0)
@@ -63,7 +64,8 @@ def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeyp
 def test_chat_in_a_real_browser(tiny_gill, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    demo = build_demo(tiny_gill, Defaults(steps=2, policy="both", max_new_tokens=16, img_scale_factor=1.0))
+    demo = build_demo(tiny_gill, Defaults.from_settings(
+        tiny_gill.run_settings({"steps": 2, "max_new_tokens": 16, "img_scale_factor": 1.0}), policy="both"))
     demo.queue(default_concurrency_limit=1)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

@@ -142,7 +142,7 @@ def test_model_dir_round_trip(tmp_path, tiny_opt):
     model = GILLModel(backbones.lm, backbones.vision, config)
     head = DecisionHead.from_config(config)
     save_model(tmp_path / "m", model, head)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "decision.safetensors", "gill.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "decision.safetensors", "gill.safetensors"]
     loaded, loaded_head = load_model(tmp_path / "m", backbones.lm, backbones.vision)
     assert loaded.config == model.config
     for k, v in model.adapter.state_dict().items():

@@ -144,7 +144,7 @@ def test_bad_inputs_are_named(gill, tmp_path):
         gill.generate_interleaved([3])
     with pytest.raises(ValueError, match="unknown policy 'sometimes'"):
         gill.generate_interleaved(["a red circle"], policy="sometimes", img_scale_factor=1e5, max_new_tokens=8)
-    with pytest.raises(FileNotFoundError, match="neither a model directory nor a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a model directory, a preset"):
         GILL.from_pretrained("no-such-model")
     with pytest.raises(FileNotFoundError, match="convert_original_checkpoint"):
         GILL.from_pretrained("gill-opt-6.7b")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gill import GILL, DiffusionOptions, GeneratedImage
-from gill.presets import TOY_DEFAULTS
 from gill.toy import world
 
 
@@ -40,7 +39,7 @@ def test_retrieves_the_picture_a_caption_names(toy, split):
 def test_draws_what_captions_say_also_for_unseen_compositions(toy, split):
     scenes = world.all_scenes()[::9]  # 24 scenes, some of compositions never trained on
     slots = toy.image_slot_embeddings([[s.caption()] for s in scenes])
-    images = toy.diffusion.generate(slots.generation, DiffusionOptions(steps=20, guidance_scale=TOY_DEFAULTS["guidance_scale"]),
+    images = toy.diffusion.generate(slots.generation, DiffusionOptions(steps=20, guidance_scale=toy.settings.guidance_scale),
                                     seeds=list(range(len(scenes))))
     colour = sum(world.dominant_colour(im) == s.color for im, s in zip(images, scenes)) / len(scenes)
     shape = sum(a.shape == b.shape for a, b in zip(world.nearest_scenes(images), scenes)) / len(scenes)
@@ -66,8 +65,7 @@ def test_chat_answers_a_caption_with_a_picture_of_it(toy):
     scene = world.Scene("red", "square", "large", "left", "white")
     with torch.no_grad():
         answer = toy.generate_interleaved([scene.caption()], policy="generate", max_new_tokens=16,
-                                          img_scale_factor=TOY_DEFAULTS["img_scale_factor"],
-                                          diffusion=DiffusionOptions(steps=20, guidance_scale=TOY_DEFAULTS["guidance_scale"], seed=0))
+                                          diffusion=DiffusionOptions(steps=20, seed=0))  # the model's own settings
     images = [x.image for x in answer if isinstance(x, GeneratedImage)]
     assert images, answer
     assert world.dominant_colour(images[0]) == "red" and world.nearest_scenes(images[:1])[0].shape == "square"

@@ -6,7 +6,8 @@
 For each shard ``NAME.tar`` it writes ``OUT/NAME.safetensors``: sample key -> (77, d) float16, the text
 encoder's last hidden states (after its final LayerNorm) of the caption padded to the encoder's length
 with right truncation, as the original's preprocessing. Files are written atomically and finished
-shards are skipped, so a killed run resumes. ``--sd tiny-random`` uses the tiny preset's encoder.
+shards are skipped, so a killed run resumes. ``--sd tiny-random`` uses the tiny preset's encoder; a GILL
+model directory or preset means the diffusion pipeline it generates with.
 """
 
 from __future__ import annotations
@@ -20,16 +21,11 @@ import torch
 
 
 def encoder_for(name: str, device: str | None, dtype: torch.dtype | None):
-    if name == "tiny-random":
-        from gill.backbones import tiny_backbones, tiny_stable_diffusion
+    """(tokenizer, text encoder) for ``--sd``: a Stable Diffusion repo id or folder, ``tiny-random``, or a
+    GILL model (preset or directory) whose diffusion pipeline is meant (``gill.loading``)."""
+    from gill.loading import load_sd_text_encoder
 
-        _, config = tiny_backbones()
-        pipe = tiny_stable_diffusion(config.gen_emb_dim, config.gen_seq_len)
-        tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    else:
-        from gill.backbones import load_sd_text_encoder
-
-        tokenizer, encoder = load_sd_text_encoder(name, dtype)
+    tokenizer, encoder = load_sd_text_encoder(name, torch_dtype=dtype)
     if device:
         encoder.to(device)
     return tokenizer, encoder.eval()

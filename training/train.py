@@ -38,35 +38,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(spec: str, backbone_dtype: torch.dtype):
-    """(GILLModel, tokenizer, image_processor, img_tokens) for a model spec (see the module doc)."""
-    from gill import GILLConfig, GILLModel, add_image_tokens
-    from gill.backbones import image_processor, load_backbones, load_tokenizer, tiny_backbones
-    from gill.checkpoint import load_strict, read_model_dir, resolve_paths
+    """(GILLModel, tokenizer, image_processor, img_tokens) for a model spec (see the module doc), read by
+    ``gill.loading.load_for_training``."""
+    from gill.loading import load_for_training
 
-    path = Path(spec)
-    if spec == "tiny-random":
-        b, config = tiny_backbones()
-        b.lm.to(backbone_dtype)
-        b.vision.to(backbone_dtype)
-        return GILLModel(b.lm, b.vision, config), b.tokenizer, b.image_processor, b.img_tokens
-    if path.is_dir():
-        files = read_model_dir(path)
-        b = load_backbones(resolve_paths(files.config, path), torch_dtype=backbone_dtype)
-        model = GILLModel(b.lm, b.vision, files.config)
-        load_strict(model.adapter, files.adapter, str(path))
-        return model, b.tokenizer, b.image_processor, b.img_tokens
-    if spec == "gill-opt-6.7b":
-        config, base = GILLConfig(), None
-    elif path.suffix == ".json":
-        config, base = GILLConfig.from_json(path), path.parent
-    else:
-        raise FileNotFoundError(f"--model {spec!r}: not a preset (gill-opt-6.7b, tiny-random), directory or config JSON")
-    resolved = resolve_paths(config, base) if base is not None else config
-    tokenizer = load_tokenizer(resolved.tokenizer_path)
-    config.tokens = add_image_tokens(tokenizer, config.tokens).to_config(config.tokens)
-    b = load_backbones(replace(resolved, tokens=config.tokens), torch_dtype=backbone_dtype)
-    # the model keeps the config as written: relative backbone paths stay relative when it is saved
-    return GILLModel(b.lm, b.vision, config), b.tokenizer, image_processor(config.preprocess), b.img_tokens
+    parts = load_for_training(spec, torch_dtype=backbone_dtype)
+    return parts.model, parts.tokenizer, parts.image_processor, parts.img_tokens
+
+
+def record_run_settings(model, run_settings: str | None, training_data: str | None) -> None:
+    """Write what the saved model directories carry besides weights: run settings (a JSON object or a
+    file holding one, merged over the model's own) and a description of the training data."""
+    from gill.settings import RunSettings, resolve_settings
+
+    if run_settings:
+        text = Path(run_settings).read_text(encoding="utf-8") if Path(run_settings).is_file() else run_settings
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: --run-settings is neither a JSON object nor a file holding one ({e})") from None
+        if not isinstance(given, dict):
+            raise SystemExit("error: --run-settings must be a JSON object, e.g. '{\"guidance_scale\": 2.0}'")
+        try:
+            resolve_settings(given)  # names every unknown or bad field
+        except ValueError as e:
+            raise SystemExit(f"error: --run-settings: {e}") from None
+        model.config.run = RunSettings(**given).over(model.config.run)
+    if training_data:
+        model.config.training_data = training_data
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
@@ -154,6 +153,12 @@ def parse(argv: list[str] | None):
     p.add_argument("--device", default=None, help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--run-settings", default=None,
+                   help="run settings saved with the model (JSON object or file), e.g. '{\"guidance_scale\": 2.0}'; "
+                        "fields: steps, guidance_scale, scheduler, img_scale_factor, top_p, temperature, "
+                        "max_new_tokens, seed, scorer")
+    p.add_argument("--training-data", default=None,
+                   help="what the model is trained on, for its model card (default: the --data pattern)")
     add_arguments(p)
     return p.parse_args(argv)
 
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
 
     model, tokenizer, processor, img_tokens = build_model(args.model, DTYPES[cfg.backbone_dtype])
+    record_run_settings(model, args.run_settings, args.training_data or model.config.training_data or args.data)
     model.to(device).train()
     step_module = TrainStep(model, cfg.weights)
     trainable = model.trainable_parameters()

@@ -35,16 +35,14 @@ def visdial_settings(rounds: list[int]) -> dict:
     return out
 
 
-def default_scorer(model: str) -> str:
-    """CLIP ViT-L/14 as the paper; the toy world is scored by its own metric model (offline)."""
-    from gill.eval.scorer import DEFAULT_SCORER
-    from gill.presets import is_toy, toy_metric_dir
-
-    return f"hf:{toy_metric_dir()}" if is_toy(model) else DEFAULT_SCORER
+def settings_for(gill, args: argparse.Namespace):
+    """The evaluation's run settings: its flags > the model's settings (the toy's own metric model as
+    scorer, for instance) > the library's defaults (CLIP ViT-L/14 as the paper, seed 42 as the original)."""
+    return gill.run_settings({"steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
+                              "scorer": args.scorer, "scheduler": getattr(args, "scheduler", None)})
 
 
 def common(p: argparse.ArgumentParser) -> None:
-    from gill.eval.scorer import DEFAULT_SCORER
     from gill.presets import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or preset (default: {DEFAULT_MODEL})")
@@ -53,12 +51,14 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", nargs="+", default=None, help="subset of settings (default: all)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain Stable Diffusion settings")
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
-    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: 50; the toy model's own)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: 7.5; the toy model's own)")
-    p.add_argument("--seed", type=int, default=42)
+    own = "default: the model's run settings, else the library's"
+    p.add_argument("--steps", type=int, default=None, help=f"diffusion steps ({own}: 50)")
+    p.add_argument("--guidance", type=float, default=None, help=f"classifier-free guidance ({own}: 7.5)")
+    p.add_argument("--scheduler", default=None, help=f"diffusion scheduler ({own}: the pipeline's)")
+    p.add_argument("--seed", type=int, default=None, help=f"base seed ({own}: 42, as the original)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--scorer", default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: "
-                   f"{DEFAULT_SCORER}; for the toy model, the toy world's own metric model)")
+    p.add_argument("--scorer", default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: the "
+                   "model's run settings, e.g. the toy world's own metric model; else CLIP ViT-L/14 as the paper)")
     p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -125,22 +125,17 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(table))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; choose from {list(table)}")
-    if args.scorer is None:
-        args.scorer = default_scorer(args.model)
-    from gill.presets import model_defaults
-
-    recommended = model_defaults(args.model)
-    args.steps = int(recommended.get("steps", 50)) if args.steps is None else args.steps
-    args.guidance = recommended.get("guidance_scale", 7.5) if args.guidance is None else args.guidance
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     if gill.diffusion is None:
         raise ValueError(f"model {args.model} has no diffusion pipeline: evaluation generates images")
+    settings = settings_for(gill, args)
+    args.steps, args.guidance, args.seed, args.scorer = settings.steps, settings.guidance_scale, settings.seed, settings.scorer
     out.mkdir(parents=True, exist_ok=True)
     state = {"task": args.task, "model": str(args.model), "scorer": args.scorer, "seed": args.seed, "steps": args.steps,
-             "guidance": args.guidance, "settings": names, "skipped": dataset.skipped, "context_dir": str(Path(args.images).resolve())}
+             "guidance": args.guidance, "scheduler": settings.scheduler, "settings": names, "skipped": dataset.skipped, "context_dir": str(Path(args.images).resolve())}
     (out / "run.json").write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n")
-    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance)
+    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=settings.scheduler)
     counts = {}
     for name in names:
         mode, build = table[name]

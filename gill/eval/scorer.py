@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-DEFAULT_SCORER = "hf:openai/clip-vit-large-patch14"
+from gill.settings import LIBRARY_DEFAULTS
+
+DEFAULT_SCORER = LIBRARY_DEFAULTS.scorer
 
 
 class ClipScorer:

@@ -1,0 +1,111 @@
+"""Run settings: how a model is best run (diffusion steps, guidance, scheduler, image frequency, sampling,
+seed, the evaluation's scorer), stored with the model and resolved in one place.
+
+A model directory's ``config.json`` carries a ``run`` block (a ``RunSettings``); fields it leaves out
+(``None``) fall back to the library's defaults, ``LIBRARY_DEFAULTS``, the one place their values are
+written. Every front end (``GILL.generate_interleaved``/``stream``, ``python -m gill generate``, the app,
+``gill.eval``) calls ``resolve_settings``: explicit argument > the model's settings > the library default.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunSettings:
+    """Run settings; ``None`` means "not set here" (the next layer down decides)."""
+
+    steps: int | None = None  # diffusion steps
+    guidance_scale: float | None = None  # classifier-free guidance
+    scheduler: str | None = None  # a name of gill.diffusion.SCHEDULERS; unset everywhere: the pipeline's own
+    img_scale_factor: float | None = None  # the original's image-frequency factor on the [IMG0] logit
+    top_p: float | None = None
+    temperature: float | None = None  # 0 is greedy
+    max_new_tokens: int | None = None
+    seed: int | None = None  # decoding and diffusion seed (image k of a conversation uses seed + k)
+    scorer: str | None = None  # the evaluation's CLIP scorer: "hf:NAME_OR_PATH" or "open_clip:MODEL/PRETRAINED"
+
+    def to_dict(self, *, set_only: bool = False) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if v is not None} if set_only else data
+
+    def over(self, lower: RunSettings) -> RunSettings:
+        """These settings, with the fields left unset taken from ``lower``."""
+        return RunSettings(**{f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(lower, f.name)
+                              for f in dataclasses.fields(self)})
+
+    def validated(self, source: str = "run settings") -> RunSettings:
+        """Raise ``ValueError`` naming the field for a value no run can use."""
+        checks = {
+            "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "guidance_scale": lambda v: _number(v) and v >= 0,
+            "img_scale_factor": lambda v: _number(v) and v >= 0,
+            "top_p": lambda v: _number(v) and 0 < v <= 1,
+            "temperature": lambda v: _number(v) and v >= 0,
+            "max_new_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "scheduler": lambda v: isinstance(v, str) and bool(v),
+            "scorer": lambda v: isinstance(v, str) and bool(v),
+        }
+        wanted = {
+            "steps": "an integer >= 1", "guidance_scale": "a number >= 0", "img_scale_factor": "a number >= 0",
+            "top_p": "a number in (0, 1]", "temperature": "a number >= 0", "max_new_tokens": "an integer >= 1",
+            "seed": "an integer >= 0", "scheduler": "a scheduler name", "scorer": "a scorer spec",
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"{source}: {name} is {value!r}; expected {wanted[name]}")
+        return self
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The library's defaults: the original GILL's (``generate_for_images_and_texts`` and its evaluations:
+# 50 PNDM steps at guidance 7.5, factor 1.0, greedy, seed 42). The one place these literals are written.
+LIBRARY_DEFAULTS = RunSettings(
+    steps=50,
+    guidance_scale=7.5,
+    scheduler=None,
+    img_scale_factor=1.0,
+    top_p=1.0,
+    temperature=0.0,
+    max_new_tokens=32,
+    seed=42,
+    scorer="hf:openai/clip-vit-large-patch14",
+)
+
+
+def resolve_settings(explicit: RunSettings | dict[str, Any] | None = None,
+                     model: RunSettings | None = None) -> RunSettings:
+    """Explicit argument > the model's settings > ``LIBRARY_DEFAULTS``. ``explicit`` may be a dict whose
+    ``None`` values mean "not given" (as argparse leaves unset flags)."""
+    if isinstance(explicit, dict):
+        unknown = sorted(set(explicit) - {f.name for f in dataclasses.fields(RunSettings)})
+        if unknown:
+            raise ValueError(f"unknown run setting(s) {unknown}; known: {[f.name for f in dataclasses.fields(RunSettings)]}")
+        explicit = RunSettings(**explicit)
+    explicit = (explicit or RunSettings()).validated("explicit run settings")
+    return explicit.over((model or RunSettings()).over(LIBRARY_DEFAULTS))
+
+
+def resolve_scorer_path(settings: RunSettings, base: str | os.PathLike) -> RunSettings:
+    """A model's ``scorer`` naming a local folder relative to its model directory (``hf:../metric``)
+    made absolute, so a directory carrying its own metric model can be moved."""
+    spec = settings.scorer
+    if not spec or not spec.startswith("hf:"):
+        return settings
+    path = spec[3:]
+    if os.path.isabs(path) or not (Path(base) / path).exists():
+        return settings
+    return dataclasses.replace(settings, scorer="hf:" + str((Path(base) / path).resolve()))
