@@ -234,7 +234,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
     return demo
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from gill.presets import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -248,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--steps", type=int, default=None, help="initial diffusion steps (default: the model's run settings)")
     p.add_argument("--seed", type=int, default=None, help="initial seed (default: the model's run settings)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import torch
 

@@ -11,6 +11,7 @@ from gill.generate import DecodeOptions
 from gill.diffusion import DiffusionOptions
 from gill.model import CaptionOutput, GILLAdapter, GILLModel, ImageEncoding, ImgTokenOutput, LMOutput
 from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Segment, Text
+from gill.settings import LIBRARY_DEFAULTS, RunSettings, resolve_settings
 from gill.retrieval import EmbeddingIndex, FaissIndex, ImageEmbedder, ImageRecord, IndexMismatchError, open_index
 from gill.tokens import ImageTokens, add_image_tokens
 
@@ -22,5 +23,5 @@ __all__ = [
     "CaptionOutput", "CheckpointError", "ConfigError", "DecisionConfig", "DecisionHead", "GILLAdapter",
     "GILLConfig", "GILLModel", "ImageEncoding", "ImageTokens", "ImgTokenOutput", "LMOutput", "MapperConfig",
     "PreprocessConfig", "TokenConfig", "add_image_tokens", "convert_original", "load_model", "read_model_dir",
-    "save_model",
+    "save_model", "RunSettings", "LIBRARY_DEFAULTS", "resolve_settings",
 ]

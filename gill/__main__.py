@@ -7,7 +7,8 @@ import logging
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (its ``generate`` subcommand's parser is ``.generate``)."""
     parser = argparse.ArgumentParser(prog="python -m gill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -50,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
 
+    parser.generate = gen
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    gen = parser.generate
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)  # texts after an --image option come back as extra
     if extra and (args.command != "generate" or any(e.startswith("--") for e in extra)):

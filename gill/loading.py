@@ -121,7 +121,7 @@ def resolve_model_dir(name_or_dir: str | os.PathLike, hub: HubOptions | None = N
         return path
     if path.exists():
         raise ModelNotFoundError(f"{name}: not a model directory (a model directory holds config.json and gill.safetensors)")
-    if _looks_like_repo_id(name):
+    if _looks_like_repo_id(name) and not path.parent.is_dir():  # "runs/bestt" is a typo, not a repo
         return _fetch_repo(name, hub)
     raise ModelNotFoundError(f"{name!r} is neither a model directory, a preset ({', '.join(PRESETS)}) nor a Hub repo id")
 
@@ -130,7 +130,7 @@ def _hub_error(what: str, repo: str, revision: str | None, error: Exception, hin
     from huggingface_hub import constants
 
     offline = " (offline: HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
     return ModelNotFoundError(
         f"cannot get {what} from the Hugging Face Hub repo {repo} (revision {revision or 'main'}){offline}: {reason}. "
         f"{hint}"

@@ -146,8 +146,8 @@ def test_bad_inputs_are_named(gill, tmp_path):
         gill.generate_interleaved(["a red circle"], policy="sometimes", img_scale_factor=1e5, max_new_tokens=8)
     with pytest.raises(FileNotFoundError, match="neither a model directory, a preset"):
         GILL.from_pretrained("no-such-model")
-    with pytest.raises(FileNotFoundError, match="convert_original_checkpoint"):
-        GILL.from_pretrained("gill-opt-6.7b")
+    with pytest.raises(FileNotFoundError, match="model_args.json of the original GILL release .* jykoh/gill"):
+        GILL.from_pretrained("gill-opt-6.7b", local_files_only=True, cache_dir=tmp_path / "hub")
 
 
 def test_model_dir_loads_through_from_pretrained(tmp_path, tiny_opt):
