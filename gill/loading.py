@@ -267,7 +267,6 @@ def _from_model_dir(name: str, path: Path, *, torch_dtype: torch.dtype | None, l
 
 
 def _tiny_random(with_diffusion: bool, seed: int = 0) -> ModelParts:
-    from PIL import Image
 
     from gill.backbones import tiny_stable_diffusion
 

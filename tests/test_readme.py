@@ -11,7 +11,9 @@ def python_blocks():
 def test_readme_pipeline_quick_start_runs():
     scope: dict = {}
     exec(compile(python_blocks()[0], "README.md", "exec"), scope)
-    assert scope["answer"] and len(scope["batch"]) == 2
+    assert len(scope["batch"]) == 2
+    # with the model's own settings (no others given) the toy answers with a picture
+    assert any(type(s).__name__ in ("GeneratedImage", "RetrievedImage") for s in scope["answer"]), scope["answer"]
 
 
 def test_readme_model_quick_start_runs():
