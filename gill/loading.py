@@ -41,7 +41,8 @@ from gill.decision import DecisionHead
 from gill.model import GILLModel
 from gill.presets import PRESETS, Preset, find_preset
 from gill.retrieval import (
-    EmbeddingIndex, ImageEmbedder, ImageRecord, open_index, projection_fingerprint, read_original_embeddings,
+    EmbeddingIndex, ImageEmbedder, ImageRecord, file_sha256, open_index, projection_fingerprint,
+    read_original_embeddings,
 )
 from gill.settings import RunSettings, resolve_scorer_path
 from gill.tokens import ImageTokens, add_image_tokens
@@ -159,11 +160,7 @@ def _content_key(path: Path) -> str:
     real = Path(os.path.realpath(path))
     if real.parent.name == "blobs":
         return real.name
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(real)
 
 
 def _converted_root(hub: HubOptions) -> Path:

@@ -157,16 +157,19 @@ def test_save_pretrained_round_trips_everything(toy, tmp_path):
     assert torch.equal(moved.image_slot_embeddings([caption]).retrieval, a)
 
 
-def test_push_to_hub_uploads_a_model_directory(toy, tmp_path):
-    class FakeApi:  # stands in for huggingface_hub.HfApi (no network here)
+def test_push_to_hub_uploads_a_model_directory_that_loads_back_by_repo_id(toy, tmp_path):
+    cache = tmp_path / "hub"
+
+    class FakeApi:  # stands in for huggingface_hub.HfApi (no network here): "uploads" into a Hub cache
         calls = []
 
         def create_repo(self, repo_id, private, exist_ok):
             self.calls.append(("create", repo_id, private))
 
         def upload_folder(self, repo_id, folder_path, commit_message):
-            files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
-            self.calls.append(("upload", repo_id, files))
+            files = folder_files(Path(folder_path))
+            self.calls.append(("upload", repo_id, sorted(files)))
+            put_in_hub_cache(cache, repo_id, files, blobs=True)
             return "https://hub.example/commit/1"
 
     api = FakeApi()
@@ -174,6 +177,10 @@ def test_push_to_hub_uploads_a_model_directory(toy, tmp_path):
     (_, repo, private), (_, _, files) = api.calls
     assert repo == "me/toy-gill" and private
     assert {"config.json", "gill.safetensors", "decision.safetensors", "README.md", "lm/config.json"} <= set(files)
+    back = GILL.from_pretrained("me/toy-gill", cache_dir=cache, local_files_only=True, load_diffusion=False)
+    assert back.settings.img_scale_factor == 4.0 and len(back.retriever) == len(toy.retriever)
+    caption = ["a large green square in the middle on white."]
+    assert torch.equal(back.image_slot_embeddings([caption]).retrieval, toy.image_slot_embeddings([caption]).retrieval)
 
 
 # ---- the converter ------------------------------------------------------------------------------------
