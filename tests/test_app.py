@@ -103,8 +103,9 @@ def test_chat_in_a_real_browser(tiny_gill, tmp_path):
         demo.close()
 
 
-@pytest.mark.slow
-def test_readme_main_job_serves_the_app():
+@pytest.fixture(scope="module")
+def readme_main_job():
+    """The README's main job, ``python -m app``, exactly as written (default model, default settings)."""
     import subprocess
     import sys
     import time
@@ -117,18 +118,51 @@ def test_readme_main_job_serves_the_app():
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
-                    page = r.read().decode("utf-8", "replace")
-                    assert r.status == 200 and "gradio" in page.lower()
-                    assert "GILL · toy" in page  # the offline default is the trained toy world
+                    yield port, r.status, r.read().decode("utf-8", "replace")
                     return
             except OSError:
                 if proc.poll() is not None:
                     raise AssertionError(proc.stderr.read()[-2000:])
+                if time.time() > deadline:
+                    raise AssertionError("the app did not answer within 120 s")
                 time.sleep(1)
-        raise AssertionError("the app did not answer within 120 s")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_readme_main_job_serves_the_app(readme_main_job):
+    _, status, page = readme_main_job
+    assert status == 200 and "gradio" in page.lower()
+    assert "GILL · toy" in page  # the offline default is the trained toy world
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_readme_main_job_answers_its_first_message_with_a_picture(readme_main_job, tmp_path):
+    """As a person would: open the page, type a caption of the toy world, press Enter, with every setting
+    at its default (the model's run settings: the controls must admit them)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    port = readme_main_job[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1100, "height": 1300})
+        page.goto(f"http://127.0.0.1:{port}/")
+        box = page.locator("#input textarea")
+        box.wait_for(timeout=30_000)
+        box.fill("a large red circle on the left on white.")
+        box.press("Enter")
+        chat = page.locator("#chat")
+        picture = chat.get_by_text("Retrieved image").first.or_(chat.get_by_text("Generated image").first)
+        expect(picture).to_be_visible(timeout=120_000)
+        assert chat.locator("img").count() >= 1
+        assert page.get_by_text("greater than maximum").count() == 0 and page.get_by_text("Error").count() == 0
+        page.screenshot(path=str(tmp_path / "first-message.png"), full_page=True)
+        browser.close()
