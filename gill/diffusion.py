@@ -6,6 +6,7 @@ Works with ``StableDiffusionPipeline`` and any SD-family pipeline whose ``__call
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +54,8 @@ class DiffusionGenerator:
     def __init__(self, pipe: Any):
         self.pipe = pipe
         self._scheduler_name: str | None = None
+        # a diffusers pipeline keeps per-call state (its scheduler's timesteps): one call at a time
+        self._lock = threading.Lock()
 
     def set_scheduler(self, name: str) -> None:
         if name == self._scheduler_name:
@@ -79,6 +82,11 @@ class DiffusionGenerator:
         # unset steps/guidance: the library's defaults; an unset seed stays unseeded here
         seed = (options or DiffusionOptions()).seed
         options = replace((options or DiffusionOptions()).with_settings(RunSettings()), seed=seed)
+        with self._lock:
+            return self._generate(prompt_embeds, options, negative_prompt_embeds, seeds)
+
+    def _generate(self, prompt_embeds: torch.Tensor, options: DiffusionOptions,
+                  negative_prompt_embeds: torch.Tensor | None, seeds: list[int] | None) -> list[Any]:
         if negative_prompt_embeds is None:
             negative_prompt_embeds = options.negative_prompt_embeds
         if options.scheduler is not None:

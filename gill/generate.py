@@ -15,8 +15,10 @@ No I/O here: the caller embeds the prompt and turns token ids and [IMG] states i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -165,13 +167,14 @@ class _HFCache:
 
 
 def _backend(model: GILLModel, options: DecodeOptions, batch: int, prompt_len: int, device: torch.device):
+    """A context manager giving this call's cache (never shared with a concurrent call)."""
     from gill import opt_static
 
     if options.backend not in ("auto", "static", "hf"):
         raise ValueError(f"unknown decoding backend {options.backend!r}; choose auto, static or hf")
     use_static = options.backend == "static" or (options.backend == "auto" and opt_static.supports(model.lm))
     if not use_static:
-        return _HFCache(model)
+        return contextlib.nullcontext(_HFCache(model))
     n = model.config.tokens.num_img_tokens
     # Cache columns are shared: one step takes as many columns as the widest row feeds.
     needed = prompt_len + options.max_new_tokens * (n if batch > 1 else 1) + n
@@ -202,8 +205,15 @@ def _decode_events(rows: _Rows, model: GILLModel, inputs_embeds: torch.Tensor, a
                    pad_token_id: int, generator: torch.Generator | None) -> Iterator[DecodeEvent]:
     options = rows.options
     n_rows, device = inputs_embeds.shape[0], inputs_embeds.device
+    with _backend(model, options, n_rows, inputs_embeds.shape[1], device) as cache:
+        yield from _decode_loop(rows, cache, inputs_embeds, attention_mask, pad_token_id, generator)
+
+
+@torch.no_grad()
+def _decode_loop(rows: _Rows, cache: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 pad_token_id: int, generator: torch.Generator | None) -> Iterator[DecodeEvent]:
+    n_rows, device = inputs_embeds.shape[0], inputs_embeds.device
     n = rows.n_img
-    cache = _backend(model, options, n_rows, inputs_embeds.shape[1], device)
     next_logits = cache.prefill(inputs_embeds, attention_mask)
 
     pad = torch.full((n_rows,), pad_token_id, dtype=torch.long, device=device)

@@ -13,7 +13,10 @@ decode independently, as in ``gill.generate``.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -125,7 +128,8 @@ class StaticOPTDecoder:
         self._step_ids.copy_(ids)
         self._step_valid.copy_(valid.bool())
         if self._graph is None:
-            self._capture()
+            with _CAPTURE_LOCK:
+                self._capture()
         self._graph.replay()
         return self._step_out
 
@@ -151,15 +155,31 @@ class StaticOPTDecoder:
         self.key_valid.copy_(valid)
 
 
+# Idle decoders per model, by shape; a call checks one out, so concurrent calls never share a cache.
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_POOL_LOCK = threading.Lock()
+_CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time, whichever thread decodes
+MAX_IDLE = 4  # idle decoders kept per model (their buffers can be large)
 
 
-def decoder_for(model: GILLModel, batch: int, needed: int) -> StaticOPTDecoder:
-    """A decoder with room for ``needed`` columns, reused across calls (so its CUDA graph is too)."""
+@contextlib.contextmanager
+def decoder_for(model: GILLModel, batch: int, needed: int) -> Iterator[StaticOPTDecoder]:
+    """A decoder with room for ``needed`` columns, for this call alone, reused across calls (so its CUDA
+    graph is too). Calls running at the same time get different decoders."""
     max_len = -(-needed // 256) * 256
-    cache = _DECODERS.setdefault(model, {})
     key = (batch, max_len)
-    if key not in cache:
-        cache.clear()  # keep one decoder per model: its buffers can be large
-        cache[key] = StaticOPTDecoder(model, batch, max_len)
-    return cache[key]
+    with _POOL_LOCK:
+        pool = _DECODERS.setdefault(model, {})
+        for other in [k for k in pool if k != key]:
+            del pool[other]  # keep one shape per model: a new shape usually means the old one is done
+        idle = pool.setdefault(key, [])
+        decoder = idle.pop() if idle else None
+    if decoder is None:
+        decoder = StaticOPTDecoder(model, batch, max_len)
+    try:
+        yield decoder
+    finally:
+        with _POOL_LOCK:
+            idle = _DECODERS.setdefault(model, {}).setdefault(key, [])
+            if len(idle) < MAX_IDLE:
+                idle.append(decoder)
