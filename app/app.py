@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import logging
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+LOG = logging.getLogger("app")
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
 
@@ -100,6 +102,32 @@ def conversation_html(messages: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def conversation_state(state: Any) -> dict:
+    """The model's side of a chat: ``turns`` (each the items of one turn: attached images, the "Q: ...\\nA:"
+    text, the answer's text and images) and ``told`` (the chat has said older turns were dropped)."""
+    if isinstance(state, dict):
+        return {"turns": list(state.get("turns", [])), "told": bool(state.get("told", False))}
+    return {"turns": [], "told": False}
+
+
+def fit_context(pipeline: Any, turns: list[list], turn: list, max_new_tokens: int) -> tuple[list[list], int]:
+    """The most recent whole turns that fit the LM's positions with ``turn`` and room for the answer, and how
+    many older ones were dropped. A turn that does not fit alone is refused (BadInput)."""
+    limit = pipeline.max_positions
+    if limit is None:
+        return turns, 0
+    budget = limit - pipeline.answer_room(max_new_tokens)
+    alone = pipeline.prompt_length(turn)
+    if alone > budget:
+        raise BadInput(f"This message takes {alone} tokens, but the model reads {limit} in all and keeps "
+                       f"{limit - budget} for its answer: please shorten it to at most {max(budget, 0)} tokens.")
+    dropped = 0
+    while turns and pipeline.prompt_length([item for t in turns + [turn] for item in t]) > budget:
+        turns = turns[1:]
+        dropped += 1
+    return turns, dropped
+
+
 def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GILL") -> Any:
     """The Gradio Blocks app around a ``gill.GILL``."""
     import gradio as gr
@@ -118,39 +146,54 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
 
     def respond(message, messages, history, temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed):
         messages = list(messages or [])
-        history = list(history or [])
+        state = conversation_state(history)
+        turns = [list(t) for t in state["turns"]]
         text = (message or {}).get("text", "").strip()
         files = (message or {}).get("files", []) or []
-        new_items, shown = [], []
+        turn, shown = [], []
         try:
             for f in files:
                 path = f if isinstance(f, str) else f.get("path", "")
                 image = load_user_image(path)
-                new_items.append(image)
+                turn.append(image)
                 shown.append({"role": "user", "content": save_image(image)})
-            if not text and not new_items:
+            if not text and not turn:
                 raise BadInput("Please type a message or attach an image.")
+            try:
+                settings = pipeline.run_settings({
+                    "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_tokens),
+                    "img_scale_factor": float(frequency), "steps": int(steps), "guidance_scale": float(guidance),
+                    "seed": int(seed)})
+            except (TypeError, ValueError) as e:
+                raise BadInput(f"A setting is out of range: {e}.") from None
+            if text:
+                turn.append(f"Q: {text}\nA:")  # the original demo's turn format
+            turns, dropped = fit_context(pipeline, turns, turn, settings.max_new_tokens)
         except BadInput as e:
             messages += shown + [{"role": "user", "content": text or "(attachment)"},
                                  {"role": "assistant", "content": f"⚠️ {e}"}]
-            yield messages, history, None
+            yield messages, state, None
             return
         if text:
             shown.append({"role": "user", "content": text})
-            new_items.append(f"Q: {text}\nA:")  # the original demo's turn format
         messages += shown
-        history += new_items
-        yield messages, history, None
+        if dropped and not state["told"]:
+            messages.append({"role": "assistant", "content": (
+                f"(The conversation no longer fits the model's context of {pipeline.max_positions} tokens: "
+                "it now reads only the most recent turns.)")})
+            state = {**state, "told": True}
+        yield messages, state, None
 
         answer: list[Any] = []
         current = None  # the assistant text message being streamed
         try:
             for segment in pipeline.stream(
-                history, policy=policy, seed=int(seed), deltas=True, max_new_tokens=int(max_tokens),
-                temperature=float(temperature), top_p=float(top_p) if temperature > 0 else 1.0,
-                img_scale_factor=float(frequency), stop_strings=("\nQ:",),
-                diffusion=DiffusionOptions(steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
-                                           scheduler=d.scheduler),
+                [item for t in turns + [turn] for item in t], policy=policy, seed=settings.seed, deltas=True,
+                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                top_p=settings.top_p if settings.temperature > 0 else 1.0,
+                img_scale_factor=settings.img_scale_factor, stop_strings=("\nQ:",),
+                diffusion=DiffusionOptions(steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                           seed=settings.seed, scheduler=d.scheduler),
             ):
                 if isinstance(segment, TextDelta):
                     if current is None:
@@ -168,31 +211,26 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                     if segment.image is not None:
                         messages.append({"role": "assistant", "content": save_image(segment.image)})
                         answer.append(segment.image)
-                yield messages, history, None
-        except Exception as e:  # a model error is shown in the chat; the conversation stays usable
+                yield messages, state, None
+        except Exception as e:  # a model error is shown in the chat; the conversation stays as it was
+            LOG.exception("the model failed on a message")
             messages.append({"role": "assistant", "content": f"⚠️ The model failed: {type(e).__name__}: {e}"})
-            yield messages, history, None
+            yield messages, state, None
             return
         text_answer = "".join(a for a in answer if isinstance(a, str)).split("\nQ:")[0]
-        history += [text_answer.strip() + "\n"] + [a for a in answer if not isinstance(a, str)]
+        turn += [text_answer.strip() + "\n"] + [a for a in answer if not isinstance(a, str)]
         if not answer:
             messages.append({"role": "assistant", "content": "(no answer)"})
-        yield messages, history, None
+        state = {**state, "turns": turns + [turn]}
+        yield messages, state, None
 
     def undo(messages, history):
-        messages, history = list(messages or []), list(history or [])
+        messages, state = list(messages or []), conversation_state(history)
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
         while messages and messages[-1]["role"] == "user":
             messages.pop()
-        # drop the last turn from the model's history: back to the last user "Q:" item
-        for i in range(len(history) - 1, -1, -1):
-            if isinstance(history[i], str) and history[i].startswith("Q: "):
-                history = history[:i]
-                while history and not isinstance(history[-1], str):
-                    history.pop()  # the turn's attached images
-                break
-        return messages, history
+        return messages, {**state, "turns": list(state["turns"])[:-1]}
 
     def save(messages):
         path = workdir / "gill-conversation.html"
@@ -203,7 +241,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated** "
                     "and **retrieved** images, each labelled with the decision behind it.")
         chatbot = gr.Chatbot(label="Conversation", height=520, elem_id="chat")
-        history = gr.State([])
+        history = gr.State(conversation_state(None))
         box = gr.MultimodalTextbox(placeholder="Type a message, attach images…", file_count="multiple",
                                    show_label=False, elem_id="input")
         with gr.Row():
@@ -229,7 +267,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         controls = [temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed]
         box.submit(respond, [box, chatbot, history, *controls], [chatbot, history, box])
         undo_btn.click(undo, [chatbot, history], [chatbot, history])
-        reset_btn.click(lambda: ([], []), None, [chatbot, history])
+        reset_btn.click(lambda: ([], conversation_state(None)), None, [chatbot, history])
         save_btn.click(save, [chatbot], [saved])
     return demo
 

@@ -82,6 +82,10 @@ class _Prompt:
     exclude: set[str] = field(default_factory=set)  # keys of the conversation's images
 
 
+class PromptTooLongError(ValueError):
+    """A prompt that, with room for its answer, does not fit the LM's positions."""
+
+
 class GILL:
     """GILL behind one call. Build with ``GILL.from_pretrained`` or from parts (tests inject tiny ones)."""
 
@@ -267,6 +271,49 @@ class GILL:
             prompts.append(_Prompt(torch.cat(parts, dim=0), exclude))
         return prompts
 
+    @property
+    def max_positions(self) -> int | None:
+        """How many positions the LM reads (prompt and answer together), or None if it does not say."""
+        return getattr(self.model.lm.config, "max_position_embeddings", None)
+
+    def prompt_length(self, conversation: Sequence[InputItem]) -> int:
+        """Positions a conversation takes in the prompt (text tokens, BOS included, and k per image),
+        counted without running the vision encoder."""
+        from PIL import Image
+
+        length, seen_text = 0, False
+        for item in conversation:
+            if isinstance(item, (Path, Image.Image)):
+                length += self.model.config.n_visual_tokens
+            else:
+                length += len(self.tokenizer(item, add_special_tokens=not seen_text)["input_ids"])
+                seen_text = True
+        return length
+
+    def answer_room(self, max_new_tokens: int) -> int:
+        """Positions an answer of ``max_new_tokens`` may take: an [IMG] group can start at the last token."""
+        return max_new_tokens + len(self.img_tokens.ids) - 1
+
+    def _fit(self, prompts: list[_Prompt], options: DecodeOptions, truncate: bool) -> None:
+        """Check each prompt against the LM's positions; with ``truncate``, drop its oldest positions."""
+        limit = self.max_positions
+        if limit is None:
+            return
+        room = self.answer_room(options.max_new_tokens)
+        budget = limit - room
+        for c, p in enumerate(prompts):
+            length = p.embeds.shape[0]
+            if length <= budget:
+                continue
+            if truncate and budget > 0:
+                p.embeds = p.embeds[length - budget:]
+                continue
+            raise PromptTooLongError(
+                f"conversation {c} takes {length} positions and its answer up to {room} more "
+                f"(max_new_tokens={options.max_new_tokens}), but this LM reads {limit} positions: shorten it by "
+                f"{length - max(budget, 0)}, lower max_new_tokens, or pass truncate=True to drop the oldest part"
+            )
+
     def _batch(self, prompts: list[_Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad the prompts into (N, T, d) with an attention mask."""
         width = max(p.embeds.shape[0] for p in prompts)
@@ -388,6 +435,11 @@ class GILL:
         original's evaluations got from ``num_words=2, gen_scale_factor=1e5`` (an image forced at once),
         without decoding. Returns the diffusion conditioning and the text-side retrieval embedding."""
         prompts = self.build_prompts(conversations)
+        limit, n = self.max_positions, len(self.img_tokens.ids)
+        for c, p in enumerate(prompts):
+            if limit is not None and p.embeds.shape[0] + n > limit:
+                raise PromptTooLongError(f"conversation {c} takes {p.embeds.shape[0]} positions and its [IMG] "
+                                         f"tokens {n} more, but this LM reads {limit} positions")
         ids = self.model.img_token_ids[None]
         img = self.model.embed_tokens(ids)[0]
         for p in prompts:
@@ -407,10 +459,13 @@ class GILL:
         diffusion: DiffusionOptions | None = None,
         seed: int | None = None,
         original_truncation: bool = False,
+        truncate: bool = False,
         **decode_overrides: Any,
     ) -> list[Segment] | list[list[Segment]]:
         """Answer one conversation (a list of items) or several (a list of lists, decoded as one batch).
 
+        A prompt that with its answer (``max_new_tokens`` plus an [IMG] group) exceeds the LM's positions
+        raises ``PromptTooLongError`` naming the lengths; ``truncate=True`` drops its oldest positions instead.
         ``decode_overrides`` set fields of ``DecodeOptions`` (max_new_tokens, temperature, top_p, top_k,
         stop_strings, img_scale_factor, min_tokens_before_image, ...). Run settings not given here (decoding,
         diffusion steps, guidance, scheduler, seed) are the model's (``self.settings``), else the library's. ``original_truncation`` reproduces
@@ -424,6 +479,7 @@ class GILL:
         options = self._decode_options(options, decode_overrides)
         seed, diffusion = self._seed_and_diffusion(seed, diffusion)
         prompts = self.build_prompts(conversations)
+        self._fit(prompts, options, truncate)
         results = decode(**self._decode_args(prompts, options, seed))
         slots = [(row, s) for row, r in enumerate(results) for s in r.images]
         images = self._images(slots, prompts, policy, diffusion, [set() for _ in prompts], [0] * len(prompts))
@@ -450,6 +506,7 @@ class GILL:
         diffusion: DiffusionOptions | None = None,
         seed: int | None = None,
         deltas: bool = False,
+        truncate: bool = False,
         **decode_overrides: Any,
     ) -> Iterator[Segment | TextDelta]:
         """Answer one conversation, yielding each segment as soon as it is complete: a text run when an
@@ -458,6 +515,7 @@ class GILL:
         options = self._decode_options(options, decode_overrides)
         seed, diffusion = self._seed_and_diffusion(seed, diffusion)
         prompts = self.build_prompts([list(inputs)])
+        self._fit(prompts, options, truncate)
         retrieved: list[set[str]] = [set()]
         pending: list[int] = []
         count = [0]

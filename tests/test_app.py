@@ -48,7 +48,8 @@ def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeyp
     labels = [m["content"] for m in messages if isinstance(m["content"], str) and "image**" in m["content"]]
     assert any("Generated image" in label for label in labels) and any("Retrieved image" in label for label in labels)
     assert any(isinstance(m["content"], dict) and m["role"] == "assistant" for m in messages)
-    assert history[0].size == (40, 40) and history[1] == "Q: a red circle\nA:"
+    turn = history["turns"][0]
+    assert turn[0].size == (40, 40) and turn[1] == "Q: a red circle\nA:" and len(history["turns"]) == 1
     # empty input and a failing model give chat messages, not exceptions
     messages, _, _ = list(fn({"text": "  ", "files": []}, [], [], *controls))[-1]
     assert "Please type a message" in messages[-1]["content"]
@@ -57,6 +58,43 @@ def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeyp
     assert "The model failed: RuntimeError: boom" in messages[-1]["content"]
     page = conversation_html([{"role": "user", "content": "hi"}, {"role": "assistant", "content": {"path": str(tmp_path / "in.png")}}])
     assert "data:image/png;base64," in page
+
+
+def controls_of(demo) -> tuple:
+    """The controls' values as the page starts (the app's defaults)."""
+    labels = ["Temperature (0: greedy)", "Top-p", "Max tokens", "Image frequency (scale factor)", "Decision policy",
+              "Diffusion steps", "Guidance scale", "Seed"]
+    by_label = {getattr(c, "label", None): c for c in demo.blocks.values()}
+    return tuple(by_label[label].value for label in labels)
+
+
+@pytest.mark.slow
+def test_long_chats_and_huge_messages_with_the_default_model():
+    """Ten turns, a 5000-character message, then a short one, on the toy with the app's own defaults."""
+    from gill import GILL
+
+    toy = GILL.from_pretrained("toy")
+    demo = build_demo(toy)
+    fn = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "respond")
+    controls = controls_of(demo)
+    messages, state = [], None
+    captions = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
+                "it moves to the right.", "it turns green.", "a large yellow triangle in the middle on white."]
+    told = 0
+    for i in range(10):
+        messages, state, _ = list(fn({"text": captions[i % 5], "files": []}, messages, state, *controls))[-1]
+        last = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert not any(isinstance(c, str) and c.startswith("⚠️") for c in last), last[-3:]
+        told = sum(isinstance(c, str) and "no longer fits the model's context" in c for c in last)
+    assert told == 1  # said once, although older turns were dropped on several turns
+    tokens = toy.prompt_length([item for t in state["turns"] for item in t])
+    assert tokens <= toy.max_positions and len(state["turns"]) < 10
+    before = list(state["turns"])
+    messages, state, _ = list(fn({"text": "a red circle " * 385, "files": []}, messages, state, *controls))[-1]
+    assert "please shorten it" in messages[-1]["content"] and state["turns"] == before
+    messages, state, _ = list(fn({"text": captions[0], "files": []}, messages, state, *controls))[-1]
+    assert not messages[-1]["content"].startswith("⚠️") if isinstance(messages[-1]["content"], str) else True
+    assert len(state["turns"]) >= 1 and state["turns"][-1][0] == f"Q: {captions[0]}\nA:"
 
 
 @pytest.mark.slow
@@ -165,4 +203,28 @@ def test_readme_main_job_answers_its_first_message_with_a_picture(readme_main_jo
         assert chat.locator("img").count() >= 1
         assert page.get_by_text("greater than maximum").count() == 0 and page.get_by_text("Error").count() == 0
         page.screenshot(path=str(tmp_path / "first-message.png"), full_page=True)
+
+        def send(text: str) -> None:
+            before = chat.locator(".message").count()
+            box.fill(text)
+            box.press("Enter")
+            page.wait_for_function(f"document.querySelectorAll('#chat .message').length > {before}", timeout=60_000)
+            # the answer is done when the submit button is back (not the stop button)
+            page.wait_for_function("!document.querySelector('#input .stop-button')", timeout=120_000)
+
+        for caption in ["it moves to the right.", "it turns blue.", "a small green square on the right on gray.",
+                        "it turns yellow.", "a large red triangle in the middle on white."]:
+            send(caption)
+        send("a red circle " * 385)  # 5000 characters
+        expect(chat.get_by_text("please shorten it")).to_be_visible(timeout=30_000)
+        n_images = chat.locator("img").count()
+        send("a large blue circle on the left on white.")
+        page.wait_for_timeout(1000)
+        assert chat.locator("img").count() > n_images  # a normal answer, with its picture
+        assert page.get_by_text("Error").count() == 0 and page.get_by_text("The model failed").count() == 0
+        page.screenshot(path=str(tmp_path / "long-chat.png"), full_page=True)
         browser.close()
+    shots = Path("/tmp/gill-app-screenshots")
+    shots.mkdir(exist_ok=True)
+    for name in ("first-message.png", "long-chat.png"):
+        shutil.copy(tmp_path / name, shots / name)

@@ -251,3 +251,24 @@ def test_decision_head_reading_the_retrieval_score_searches_first(tmp_path):
         g.decision.linear.bias.copy_(torch.tensor([0.0, 1000.0]))
     out = g.generate_interleaved(CONVERSATIONS[0], max_new_tokens=8, img_scale_factor=1e5, diffusion=FAST)
     assert all(isinstance(s, RetrievedImage) for s in out if not isinstance(s, Text))
+
+
+def test_a_prompt_longer_than_the_lm_is_a_clear_error_or_truncated(gill):
+    from gill.pipeline import PromptTooLongError
+
+    limit = gill.max_positions
+    long = " ".join(["red circle"] * limit)
+    assert gill.prompt_length([long]) > limit
+    with pytest.raises(PromptTooLongError, match=rf"takes {gill.prompt_length([long])} positions .* reads {limit} positions"):
+        gill.generate_interleaved([long], max_new_tokens=8)
+    with pytest.raises(PromptTooLongError):
+        list(gill.stream([long], max_new_tokens=8))
+    with pytest.raises(PromptTooLongError):
+        gill.image_slot_embeddings([[long]])
+    kept = gill.generate_interleaved([long], max_new_tokens=8, truncate=True)
+    assert kept and gill.generate_interleaved(["a red circle"], max_new_tokens=8)  # and the next call works
+    # the length counted without the vision encoder is the length of the embedded prompt
+    from PIL import Image
+
+    conv = ["a red", Image.new("RGB", (8, 8)), "circle and", Image.new("RGB", (8, 8))]
+    assert gill.prompt_length(conv) == gill.build_prompts([conv])[0].embeds.shape[0]
