@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not port_is_free(args.host, args.port):  # said before the model loads
+        print(f"error: port {args.port} on {args.host} is in use (another app?); start this one with --port N",
+              file=sys.stderr)
+        return 1
 
     import torch
 
@@ -305,5 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Defaults.from_settings(settings_for(pipeline, args))
     demo = build_demo(pipeline, defaults, title=f"GILL · {Path(str(args.model)).name}")
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port)
+    except OSError as e:
+        print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -228,3 +228,15 @@ def test_readme_main_job_answers_its_first_message_with_a_picture(readme_main_jo
     shots.mkdir(exist_ok=True)
     for name in ("first-message.png", "long-chat.png"):
         shutil.copy(tmp_path / name, shots / name)
+
+
+def test_a_second_app_on_a_busy_port_says_so(capsys):
+    from app.app import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is in use" in err and "--port" in err and "Traceback" not in err
