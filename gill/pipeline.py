@@ -366,7 +366,10 @@ class GILL:
         already_retrieved: list[set[str]],
         image_counts: list[int],
     ) -> list[list[Segment]]:
-        """Image segments for each slot: decision, then only the branches it needs, batched."""
+        """Image segments for each slot, in answer order: decision, then only the branches it needs, batched.
+
+        A slot never retrieves an image of its conversation nor one an earlier slot retrieved (as the original
+        down-weights shown images), so one call over all slots gives what slot-by-slot streaming gives."""
         if not slots:
             return []
         model = self.model
@@ -375,51 +378,52 @@ class GILL:
             ret_emb = model.text_retrieval_embeddings(hidden)
         scale = model.adapter.logit_scale.exp().item()
         need_ret_score = self.decision is not None and model.config.decision.use_ret_score
-        hits: list[list[Any]] | None = None
+        use_head = self.decision is not None and policy in ("auto", "both")
+        if need_ret_score and use_head and self.retriever is None:
+            raise ValueError("this decision head reads the max retrieval score; load a retrieval index")
 
-        def search() -> list[list[Any]]:
-            exclude = [prompts[r].exclude | already_retrieved[r] for r, _ in slots]
-            return self.retriever.search(ret_emb, k=1, exclude=exclude, scale=scale)
-
-        probs = None
-        if self.decision is not None and policy in ("auto", "both"):
-            max_score = None
-            if need_ret_score:
-                hits = search() if self.retriever is not None else None
-                if hits is None:
-                    raise ValueError("this decision head reads the max retrieval score; load a retrieval index")
-                max_score = torch.tensor([h[0].score if h else 0.0 for h in hits], device=self.device)
-            probs = decision_probs(self.decision, model.decision_features(hidden, max_score))
-        decisions = decide(policy, probs, len(slots), self.diffusion is not None, self.retriever is not None)
-
-        # the k-th image of a conversation (over this answer) is seeded with seed + k
-        nth, seen = [], [0] * len(prompts)
+        # one search for every slot, deep enough to skip what earlier slots of its row may take
+        earlier, seen = [], [0] * len(prompts)
         for row, _ in slots:
-            nth.append(image_counts[row] + seen[row])
+            earlier.append(seen[row])
             seen[row] += 1
+        candidates = None
+        if self.retriever is not None and (policy != "generate" or need_ret_score):
+            exclude = [prompts[r].exclude | already_retrieved[r] for r, _ in slots]
+            candidates = self.retriever.search(ret_emb, k=1 + max(earlier), exclude=exclude, scale=scale)
+        probs = None
+        if use_head and not need_ret_score:
+            probs = decision_probs(self.decision, model.decision_features(hidden))
+
         out: list[list[Segment]] = [[] for _ in slots]
-        ret_rows = [j for j, d in enumerate(decisions) if d.run_retrieval]
-        if ret_rows:
-            if hits is None:
-                hits = search()
-            for j in ret_rows:
-                if not hits[j]:
-                    continue
-                hit = hits[j][0]
+        decisions: list[Decision] = []
+        for j, (row, _) in enumerate(slots):
+            taken = already_retrieved[row]
+            hit = None
+            if candidates is not None:
+                hit = next((h for h in candidates[j] if not ({h.record.sha256, h.record.source} & taken)), None)
+            p = probs[j : j + 1] if probs is not None else None
+            if use_head and need_ret_score:
+                score = torch.tensor([hit.score if hit is not None else 0.0], device=self.device)
+                p = decision_probs(self.decision, model.decision_features(hidden[j : j + 1], score))
+            decision = decide(policy, p, 1, self.diffusion is not None, self.retriever is not None)[0]
+            decisions.append(decision)
+            if decision.run_retrieval and hit is not None:
                 try:
                     image = self.retriever.load_image(hit.record)
                 except (OSError, ValueError):
                     image = None
                 rec = hit.record
-                already_retrieved[slots[j][0]] |= {k for k in (rec.sha256, rec.source) if k}
-                out[j].append(RetrievedImage(image, hit.score, rec.source, rec.caption, rec.sha256, rec.license, decisions[j]))
+                taken |= {k for k in (rec.sha256, rec.source) if k}
+                out[j].append(RetrievedImage(image, hit.score, rec.source, rec.caption, rec.sha256, rec.license, decision))
+
         gen_rows = [j for j, d in enumerate(decisions) if d.run_generation]
         if gen_rows:
             with torch.no_grad():
                 embeds = model.generation_embeddings(hidden[gen_rows])
             seeds = None
-            if diffusion_options.seed is not None:
-                seeds = [diffusion_options.seed + nth[j] for j in gen_rows]
+            if diffusion_options.seed is not None:  # the k-th image of a conversation is seeded with seed + k
+                seeds = [diffusion_options.seed + image_counts[slots[j][0]] + earlier[j] for j in gen_rows]
             images = self.diffusion.generate(embeds, diffusion_options, seeds=seeds)
             for j, image in zip(gen_rows, images):
                 segment = GeneratedImage(image, decisions[j])

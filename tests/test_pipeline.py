@@ -89,12 +89,31 @@ def test_several_image_slots_share_one_diffusion_call(gill, monkeypatch):
     assert n_images >= 3 and calls == [n_images]
 
 
-def test_stream_yields_the_same_segments(gill):
+def seen(segments) -> list[tuple]:
+    """Everything a person sees of an answer: texts; each image's kind, pixels, provenance and decision."""
+    return [("text", s.text) if isinstance(s, Text) else
+            (type(s).__name__, s.image.tobytes() if s.image is not None else None, getattr(s, "source", None),
+             getattr(s, "score", None), s.decision.choice, s.decision.p_ret) for s in segments]
+
+
+@pytest.mark.parametrize("policy", ["retrieve", "both", "auto"])
+def test_stream_yields_the_same_segments_and_no_answer_repeats_an_image(gill, policy):
     conv = CONVERSATIONS[2]
-    whole = gill.generate_interleaved(conv, max_new_tokens=24, policy="both", diffusion=FAST)
-    streamed = list(gill.stream(conv, max_new_tokens=24, policy="both", diffusion=FAST))
-    assert kinds(streamed) == kinds(whole)
-    assert [s.text for s in streamed if isinstance(s, Text)] == [s.text for s in whole if isinstance(s, Text)]
+    kwargs = dict(max_new_tokens=24, policy=policy, img_scale_factor=3.0, diffusion=FAST)
+    whole = gill.generate_interleaved(conv, **kwargs)
+    streamed = list(gill.stream(conv, **kwargs))
+    # the same texts, kinds, pixels, sources and choices; scores and probabilities to float precision
+    # (one slot's heads run batched with the others in one call, alone in the other)
+    exact = lambda rows: [r[:3] + r[4:5] for r in rows]  # noqa: E731
+    assert exact(seen(streamed)) == exact(seen(whole))
+    floats = [(x[3], x[5], y[3], y[5]) for x, y in zip(seen(streamed), seen(whole)) if x[0] != "text"]
+    for a, pa, b, pb in floats:
+        assert (a is b is None) or a == pytest.approx(b, rel=1e-5, abs=1e-6)
+        assert (pa is pb is None) or pa == pytest.approx(pb, abs=1e-6)
+    slots = [s for s in whole if not isinstance(s, Text)]
+    assert len({id(s.decision) for s in slots}) >= 3, whole  # several image slots in one answer
+    sources = [s.source for s in whole if isinstance(s, RetrievedImage)]
+    assert len(sources) == len(set(sources)) >= (2 if policy != "auto" else 0), sources
 
 
 def test_conversation_images_are_not_retrieved(tmp_path):
