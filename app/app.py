@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--steps", type=int, default=None, help="initial diffusion steps (default: the model's run settings)")
     p.add_argument("--seed", type=int, default=None, help="initial seed (default: the model's run settings)")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
     return p
 
 
@@ -295,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: port {args.port} on {args.host} is in use (another app?); start this one with --port N",
               file=sys.stderr)
         return 1
+    from gill._quiet import quiet
 
+    quiet(args.verbose)
     import torch
 
     from gill.pipeline import GILL

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (its ``generate`` subcommand's parser is ``.generate``)."""
     parser = argparse.ArgumentParser(prog="python -m gill", description=__doc__)
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train and reload a tiny GILL on synthetic data (offline, CPU)")
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "generate":
         args.ordered = _ordered_items(argv[1:], parser_options(gen))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from gill._quiet import quiet
+
+    quiet(args.verbose)
     from gill.checkpoint import CheckpointError
     from gill.config import ConfigError
 

@@ -240,3 +240,31 @@ def test_a_second_app_on_a_busy_port_says_so(capsys):
         assert main(["--port", str(port)]) == 1
     err = capsys.readouterr().err
     assert f"port {port} on 127.0.0.1 is in use" in err and "--port" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_clean_first_start_prints_no_warnings():
+    """``python -m app`` as the README runs it: what the terminal shows is where to open the app, nothing else."""
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if "Running on local URL" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert any("Running on local URL" in line for line in lines), lines
+    noisy = [line for line in lines if any(w in line.lower() for w in ("warn", "traceback", "deprecat", "%|", "it/s"))]
+    assert not noisy, noisy

@@ -82,6 +82,7 @@ def index_state(path: Path):
     return (path / "index.faiss").read_bytes(), rows, json.loads((path / "manifest.json").read_text())
 
 
+@pytest.mark.slow  # end to end through subprocesses: in the slow step
 def test_folder_build_reports_bad_files_and_resumes_to_an_identical_index(tmp_path):
     make_folder(tmp_path / "imgs")
     whole = tmp_path / "whole"
@@ -137,6 +138,7 @@ def test_shards_and_tables_with_broken_parts(tmp_path):
     assert (rec.caption, rec.license, rec.source) == ("a teal square", "CC0", str(tmp_path / "ok.png"))
 
 
+@pytest.mark.slow  # end to end through subprocesses: in the slow step
 def test_update_appends_with_stable_ids_and_fingerprints_are_checked(tmp_path):
     make_folder(tmp_path / "imgs")
     more = tmp_path / "more"

@@ -125,6 +125,7 @@ def test_training_learns_retrieval_and_generation_and_counts_bad_data(data, tmp_
     assert (out / "final" / "gill.safetensors").is_file()
 
 
+@pytest.mark.slow  # end to end through subprocesses: in the slow step
 def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
     common = ("--steps", 24, "--save-every", 8)
     run("training.train", *train_args(data, tmp_path / "straight", *common))

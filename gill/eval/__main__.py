@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -67,6 +66,7 @@ def common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gill.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     vist = sub.add_parser("vist", help="VIST contextual generation and retrieval")
     vist.add_argument("--annotations", required=True, help="SIS annotations, e.g. sis/val.story-in-sequence.json")
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from gill._quiet import quiet
+
+    quiet(args.verbose)
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as e:
