@@ -84,22 +84,80 @@ def image_label(segment: Any) -> str:
     return f"**Retrieved image** · {probs} · policy: {d.policy} · score {segment.score:.2f} · source: `{segment.source}`{caption}"
 
 
+def message_parts(content: Any) -> list[tuple[str, str]]:
+    """A chat message's content as ("text", markdown) and ("file", path) parts, in any of the forms Gradio
+    uses (a string, a file dict, Gradio 6's list of typed parts, a component value)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [("text", content)]
+    if isinstance(content, (list, tuple)):
+        return [part for item in content for part in message_parts(item)]
+    if isinstance(content, dict):
+        if content.get("type") == "text" or ("text" in content and "file" not in content):
+            return [("text", str(content.get("text", "")))]
+        file = content.get("file", content)
+        path = file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
+        return [("file", path)] if path else []
+    path = getattr(content, "path", None) or getattr(getattr(content, "file", None), "path", None)
+    if path:
+        return [("file", path)]
+    text = getattr(content, "text", None)
+    return [("text", text)] if text is not None else []
+
+
+def _markdown_lite(text: str) -> str:
+    """Escaped text with the labels' **bold** and `code` kept."""
+    import re
+
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+    return out.replace("\n", "<br>")
+
+
 def conversation_html(messages: list[dict]) -> str:
-    """The chat as a standalone HTML page, images inlined."""
-    parts = ["<html><head><meta charset='utf-8'><title>GILL conversation</title><style>body{font-family:sans-serif;"
-             "max-width:760px;margin:2em auto}.user{background:#eef;padding:8px;border-radius:8px;margin:6px 0}"
-             ".assistant{background:#f6f6f6;padding:8px;border-radius:8px;margin:6px 0}img{max-width:320px}</style>"
-             "</head><body><h1>GILL conversation</h1>"]
+    """The chat as one self-contained HTML page: texts and labels (decisions, provenance) as shown, every
+    image inlined as a data URI (readable size, pixels kept sharp)."""
+    import mimetypes
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>GILL conversation</title><style>"
+             "body{font-family:sans-serif;max-width:820px;margin:2em auto;line-height:1.4}"
+             ".user{background:#eef;padding:8px 12px;border-radius:8px;margin:6px 0 6px 15%}"
+             ".assistant{background:#f6f6f6;padding:8px 12px;border-radius:8px;margin:6px 15% 6px 0}"
+             "img{min-width:256px;max-width:512px;image-rendering:pixelated;display:block}"
+             "code{background:#e8e8e8;padding:0 3px;border-radius:3px}</style></head><body><h1>GILL conversation</h1>"]
     for m in messages:
-        content = m["content"]
-        if isinstance(content, dict) and content.get("path"):
-            data = base64.b64encode(Path(content["path"]).read_bytes()).decode()
-            body = f"<img src='data:image/png;base64,{data}'>"
-        else:
-            body = html.escape(str(content)).replace("\n", "<br>")
-        parts.append(f"<div class='{m['role']}'>{body}</div>")
+        role = m.get("role", "assistant") if isinstance(m, dict) else getattr(m, "role", "assistant")
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        for kind, value in message_parts(content):
+            if kind == "file":
+                path = Path(value)
+                if not path.is_file():
+                    body = f"<i>(image {html.escape(path.name)} is no longer on the server)</i>"
+                else:
+                    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+                    data = base64.b64encode(path.read_bytes()).decode()
+                    body = f"<img alt='{html.escape(path.name)}' src='data:{mime};base64,{data}'>"
+            else:
+                body = _markdown_lite(value)
+            parts.append(f"<div class='{html.escape(str(role))}'>{body}</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+DISPLAY_SIZE = 256  # images smaller than this are shown upscaled (nearest neighbour: no blur)
+
+
+def display_image(image: Any) -> Any:
+    """An image as shown in the chat: small ones (the toy's 32 px) scaled up by a whole factor, sharp."""
+    from PIL import Image
+
+    side = max(image.size)
+    if side >= DISPLAY_SIZE:
+        return image
+    factor = -(-DISPLAY_SIZE // side)
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 def conversation_state(state: Any) -> dict:
@@ -128,6 +186,23 @@ def fit_context(pipeline: Any, turns: list[list], turn: list, max_new_tokens: in
     return turns, dropped
 
 
+def model_hint(pipeline: Any) -> tuple[str, list[str]] | None:
+    """What the shipped toy model understands, with example messages; None for other models."""
+    from gill.presets import toy_dir
+
+    if pipeline.model_dir is None or Path(pipeline.model_dir).resolve() != toy_dir():
+        return None
+    from gill.toy import world
+
+    text = (f"**The toy world** knows only coloured shapes: colours {', '.join(world.COLORS)}; shapes "
+            f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)}; positions {', '.join(world.POSITIONS)}; "
+            f"backgrounds {', '.join(world.BACKGROUNDS)}. Describe a scene, then change it "
+            "(“it moves to the right.”, “it turns blue.”), or attach a picture of a shape.")
+    examples = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
+                "it turns yellow.", "a large green triangle in the middle on white."]
+    return text, examples
+
+
 def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GILL") -> Any:
     """The Gradio Blocks app around a ``gill.GILL``."""
     import gradio as gr
@@ -141,7 +216,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
     def save_image(image: Any) -> dict:
         fd, path = tempfile.mkstemp(suffix=".png", dir=workdir)
         os.close(fd)
-        image.save(path)
+        display_image(image).save(path)
         return {"path": path}
 
     def respond(message, messages, history, temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed):
@@ -240,10 +315,15 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated** "
                     "and **retrieved** images, each labelled with the decision behind it.")
-        chatbot = gr.Chatbot(label="Conversation", height=520, elem_id="chat")
+        hint = model_hint(pipeline)
+        if hint is not None:
+            gr.Markdown(hint[0], elem_id="hint")
+        chatbot = gr.Chatbot(label="Conversation", height=620, elem_id="chat")
         history = gr.State(conversation_state(None))
         box = gr.MultimodalTextbox(placeholder="Type a message, attach images…", file_count="multiple",
                                    show_label=False, elem_id="input")
+        if hint is not None:
+            gr.Examples([{"text": e, "files": []} for e in hint[1]], inputs=[box], label="Try")
         with gr.Row():
             undo_btn = gr.Button("Undo", elem_id="undo")
             reset_btn = gr.Button("Reset", elem_id="reset")

@@ -268,3 +268,39 @@ def test_a_clean_first_start_prints_no_warnings():
     assert any("Running on local URL" in line for line in lines), lines
     noisy = [line for line in lines if any(w in line.lower() for w in ("warn", "traceback", "deprecat", "%|", "it/s"))]
     assert not noisy, noisy
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_saved_conversation_opens_with_its_images(tmp_path):
+    """Save (HTML) on a real chat with the default model, in the message format Gradio hands back."""
+    from playwright.sync_api import sync_playwright
+
+    from gill import GILL
+
+    demo = build_demo(GILL.from_pretrained("toy"))
+    fns = {f.fn.__name__: f.fn for f in demo.fns.values()}
+    controls = controls_of(demo)
+    messages, state = [], None
+    for text in ("a large red circle on the left on white.", "a small blue square on the right on gray."):
+        messages, state, _ = list(fns["respond"]({"text": text, "files": []}, messages, state, *controls))[-1]
+    chat = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "chat")
+    as_gradio_sends_it = chat.preprocess(chat.postprocess(messages))
+    path = Path(fns["save"](as_gradio_sends_it)["value"])
+    page_html = path.read_text()
+    assert "[{'text'" not in page_html and "/tmp/" not in page_html.replace(str(path.parent), "")
+    assert "<b>Retrieved image</b>" in page_html or "<b>Generated image</b>" in page_html
+    n_images = sum(1 for m in messages if isinstance(m["content"], dict))
+    assert n_images >= 2 and page_html.count("src='data:image/png;base64,") == n_images
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 900, "height": 1200})
+        page.goto(path.as_uri())
+        widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+        assert len(widths) == n_images and min(widths) >= 256  # decoded, and shown at a readable size
+        page.screenshot(path=str(tmp_path / "saved.png"), full_page=True)
+        browser.close()
+    shots = Path("/tmp/gill-app-screenshots")
+    shots.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "saved.png", shots / "saved.png")
