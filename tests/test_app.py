@@ -304,3 +304,51 @@ def test_saved_conversation_opens_with_its_images(tmp_path):
     shots = Path("/tmp/gill-app-screenshots")
     shots.mkdir(exist_ok=True)
     shutil.copy(tmp_path / "saved.png", shots / "saved.png")
+
+
+@pytest.mark.slow
+def test_eight_clients_at_once_each_get_the_answer_they_get_alone():
+    """``python -m app --concurrency 4`` (the default model), 8 gradio_client users at once."""
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--concurrency", "4"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    captions = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
+                "a large green triangle in the middle on white.", "a small purple circle on the left on gray."]
+
+    def ask(text: str) -> list:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        messages = client.predict({"text": text, "files": []}, [], api_name="/respond")[0]
+        seen = []
+        for m in messages:
+            for part in m["content"]:
+                seen.append(Path(part["file"]).read_bytes() if part.get("type") == "file" else part.get("text"))
+        return seen
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise AssertionError("the app did not start")
+                time.sleep(1)
+        alone = {c: ask(c) for c in captions}
+        assert len({repr(a) for a in alone.values()}) == len(captions)
+        jobs = captions * 2
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            together = list(pool.map(ask, jobs))
+        wrong = [c for c, got in zip(jobs, together) if got != alone[c]]
+        assert not wrong, f"{len(wrong)} of 8 concurrent answers differ from the same message alone"
+        assert all(any(isinstance(x, bytes) for x in a) for a in together)  # with their pictures
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
