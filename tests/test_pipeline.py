@@ -250,7 +250,9 @@ def test_forced_image_slot_equals_decoding_with_a_forced_image(gill):
     assert isinstance(out[0][0], GeneratedImage)
 
 
-def test_decision_head_reading_the_retrieval_score_searches_first(tmp_path):
+def test_decision_head_reading_the_retrieval_score_uses_each_slots_score(tmp_path):
+    import math
+
     from gill.decision import DecisionHead
 
     g = GILL.from_pretrained("tiny-random")
@@ -259,17 +261,24 @@ def test_decision_head_reading_the_retrieval_score_searches_first(tmp_path):
         g.model.adapter.img_embeddings.normal_(0, 1.0)
     g.model.config.decision.use_ret_score = True
     g.decision = DecisionHead.from_config(g.model.config).eval()
-    with torch.no_grad():  # a head that looks only at the score: retrieve when the best match scores high
+    t = 1.0
+    with torch.no_grad():  # a head that reads only the score: logit(ret) - logit(gen) = score - t
         g.decision.linear.weight.zero_()
         g.decision.linear.weight[1, -1] = 1.0
-        g.decision.linear.bias.copy_(torch.tensor([0.0, -1000.0]))
-    out = g.generate_interleaved(CONVERSATIONS[0], max_new_tokens=8, img_scale_factor=1e5, diffusion=FAST)
-    images = [s for s in out if not isinstance(s, Text)]
-    assert images and all(isinstance(s, GeneratedImage) for s in images)  # scores << 1000: generate
+        g.decision.linear.bias.copy_(torch.tensor([0.0, -t]))
+    out = g.generate_interleaved(CONVERSATIONS[2], max_new_tokens=24, policy="both", img_scale_factor=3.0, diffusion=FAST)
+    retrieved = [s for s in out if isinstance(s, RetrievedImage)]
+    assert len({round(s.score, 3) for s in retrieved}) >= 2, retrieved  # slots whose best matches differ
+    for s in retrieved:  # each slot's decision read the score of the very image it retrieves
+        assert s.decision.p_ret == pytest.approx(1 / (1 + math.exp(-(s.score - t))), abs=1e-5)
+    # and "auto" follows it: retrieve exactly where that score beats the threshold
+    t = sorted(s.score for s in retrieved)[len(retrieved) // 2] - 1e-3
     with torch.no_grad():
-        g.decision.linear.bias.copy_(torch.tensor([0.0, 1000.0]))
-    out = g.generate_interleaved(CONVERSATIONS[0], max_new_tokens=8, img_scale_factor=1e5, diffusion=FAST)
-    assert all(isinstance(s, RetrievedImage) for s in out if not isinstance(s, Text))
+        g.decision.linear.bias.copy_(torch.tensor([0.0, -t]))
+    auto = g.generate_interleaved(CONVERSATIONS[2], max_new_tokens=24, img_scale_factor=3.0, diffusion=FAST)
+    chosen = [s for s in auto if not isinstance(s, Text)]
+    assert {type(s) for s in chosen} == {GeneratedImage, RetrievedImage}, chosen
+    assert all(s.score > t for s in chosen if isinstance(s, RetrievedImage))
 
 
 def test_a_prompt_longer_than_the_lm_is_a_clear_error_or_truncated(gill):
