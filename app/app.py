@@ -146,6 +146,46 @@ def conversation_html(messages: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def conversation_png(messages: list[dict]) -> Any:
+    """The chat as one tall picture (texts wrapped, labels as plain text, images at display size)."""
+    import re
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, pad, line_h = 860, 12, 22
+    try:
+        font = ImageFont.load_default(size=16)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    blocks: list[tuple[str, Any]] = []
+    for m in messages:
+        role = m.get("role", "assistant") if isinstance(m, dict) else getattr(m, "role", "assistant")
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        for kind, value in message_parts(content):
+            if kind == "file" and Path(value).is_file():
+                with Image.open(value) as im:
+                    blocks.append((role, display_image(im.convert("RGB"))))
+            elif kind == "text":
+                plain = re.sub(r"\*\*|`", "", value)
+                lines = [w for para in plain.split("\n") for w in (textwrap.wrap(para, 90) or [""])]
+                blocks.append((role, lines))
+    heights = [(b.height if not isinstance(b, list) else len(b) * line_h) + 2 * pad for _, b in blocks]
+    canvas = Image.new("RGB", (width, sum(heights) + (len(blocks) + 1) * 6), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 6
+    for (role, block), h in zip(blocks, heights):
+        x0 = 120 if role == "user" else 0
+        draw.rounded_rectangle([x0, y, x0 + width - 120, y + h], 8, fill="#eeeeff" if role == "user" else "#f4f4f4")
+        if isinstance(block, list):
+            for i, line in enumerate(block):
+                draw.text((x0 + pad, y + pad + i * line_h), line, fill="black", font=font)
+        else:
+            canvas.paste(block, (x0 + pad, y + pad))
+        y += h + 6
+    return canvas
+
+
 DISPLAY_SIZE = 256  # images smaller than this are shown upscaled (nearest neighbour: no blur)
 
 
@@ -312,6 +352,11 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         path.write_text(conversation_html(messages or []), encoding="utf-8")
         return gr.update(value=str(path), visible=True)
 
+    def save_png(messages):
+        path = workdir / "gill-conversation.png"
+        conversation_png(messages or []).save(path)
+        return gr.update(value=str(path), visible=True)
+
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated** "
                     "and **retrieved** images, each labelled with the decision behind it.")
@@ -328,6 +373,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
             undo_btn = gr.Button("Undo", elem_id="undo")
             reset_btn = gr.Button("Reset", elem_id="reset")
             save_btn = gr.Button("Save conversation (HTML)", elem_id="save")
+            save_png_btn = gr.Button("Save as picture (PNG)", elem_id="save-png")
         saved = gr.File(label="Saved conversation", visible=False)
         with gr.Accordion("Settings", open=False):
             with gr.Row():
@@ -349,6 +395,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         undo_btn.click(undo, [chatbot, history], [chatbot, history])
         reset_btn.click(lambda: ([], conversation_state(None)), None, [chatbot, history])
         save_btn.click(save, [chatbot], [saved])
+        save_png_btn.click(save_png, [chatbot], [saved])
     return demo
 
 

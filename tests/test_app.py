@@ -292,6 +292,10 @@ def test_saved_conversation_opens_with_its_images(tmp_path):
     assert "<b>Retrieved image</b>" in page_html or "<b>Generated image</b>" in page_html
     n_images = sum(1 for m in messages if isinstance(m["content"], dict))
     assert n_images >= 2 and page_html.count("src='data:image/png;base64,") == n_images
+    picture = Path(fns["save_png"](as_gradio_sends_it)["value"])
+    with Image.open(picture) as im:
+        assert im.width == 860 and im.height > 256 * n_images
+        shutil.copy(picture, tmp_path / "saved-picture.png")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
@@ -304,6 +308,7 @@ def test_saved_conversation_opens_with_its_images(tmp_path):
     shots = Path("/tmp/gill-app-screenshots")
     shots.mkdir(exist_ok=True)
     shutil.copy(tmp_path / "saved.png", shots / "saved.png")
+    shutil.copy(tmp_path / "saved-picture.png", shots / "saved-picture.png")
 
 
 @pytest.mark.slow
