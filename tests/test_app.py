@@ -11,6 +11,26 @@ from app.app import BadInput, Defaults, build_demo, conversation_html, load_user
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def open_page(p, url: str, width: int = 1100, height: int = 1300):
+    """(browser, page) in Debian's chromium, headless, with the page at ``url``."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    return browser, page
+
+
+def keep_screenshots(folder: Path, *names: str) -> None:
+    """Copy screenshots where a person can open them after the run (/tmp/gill-app-screenshots)."""
+    shots = Path("/tmp/gill-app-screenshots")
+    shots.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copy(folder / name, shots / name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,11 +131,7 @@ def test_chat_in_a_real_browser(tiny_gill, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1100, "height": 1300})
-            page.goto(f"http://127.0.0.1:{port}/")
+            browser, page = open_page(p, f"http://127.0.0.1:{port}/")
             box = page.locator("#input textarea")
             box.wait_for(timeout=30_000)
             page.locator("#input input[type=file]").set_input_files(str(tmp_path / "photo.png"))
@@ -133,10 +149,7 @@ def test_chat_in_a_real_browser(tiny_gill, tmp_path):
             expect(chat.get_by_text("notes.txt is not an image I can read.")).to_be_visible(timeout=30_000)
             page.screenshot(path=str(tmp_path / "chat-error.png"), full_page=True)
             browser.close()
-        shots = Path("/tmp/gill-app-screenshots")
-        shots.mkdir(exist_ok=True)
-        for name in ("chat.png", "chat-error.png"):
-            shutil.copy(tmp_path / name, shots / name)
+        keep_screenshots(tmp_path, "chat.png", "chat-error.png")
     finally:
         demo.close()
 
@@ -188,11 +201,7 @@ def test_readme_main_job_answers_its_first_message_with_a_picture(readme_main_jo
 
     port = readme_main_job[0]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1100, "height": 1300})
-        page.goto(f"http://127.0.0.1:{port}/")
+        browser, page = open_page(p, f"http://127.0.0.1:{port}/")
         box = page.locator("#input textarea")
         box.wait_for(timeout=30_000)
         box.fill("a large red circle on the left on white.")
@@ -224,10 +233,7 @@ def test_readme_main_job_answers_its_first_message_with_a_picture(readme_main_jo
         assert page.get_by_text("Error").count() == 0 and page.get_by_text("The model failed").count() == 0
         page.screenshot(path=str(tmp_path / "long-chat.png"), full_page=True)
         browser.close()
-    shots = Path("/tmp/gill-app-screenshots")
-    shots.mkdir(exist_ok=True)
-    for name in ("first-message.png", "long-chat.png"):
-        shutil.copy(tmp_path / name, shots / name)
+    keep_screenshots(tmp_path, "first-message.png", "long-chat.png")
 
 
 def test_a_second_app_on_a_busy_port_says_so(capsys):
@@ -297,18 +303,12 @@ def test_saved_conversation_opens_with_its_images(tmp_path):
         assert im.width == 860 and im.height > 256 * n_images
         shutil.copy(picture, tmp_path / "saved-picture.png")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 900, "height": 1200})
-        page.goto(path.as_uri())
+        browser, page = open_page(p, path.as_uri(), width=900, height=1200)
         widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
         assert len(widths) == n_images and min(widths) >= 256  # decoded, and shown at a readable size
         page.screenshot(path=str(tmp_path / "saved.png"), full_page=True)
         browser.close()
-    shots = Path("/tmp/gill-app-screenshots")
-    shots.mkdir(exist_ok=True)
-    shutil.copy(tmp_path / "saved.png", shots / "saved.png")
-    shutil.copy(tmp_path / "saved-picture.png", shots / "saved-picture.png")
+    keep_screenshots(tmp_path, "saved.png", "saved-picture.png")
 
 
 @pytest.mark.slow
