@@ -259,6 +259,13 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         display_image(image).save(path)
         return {"path": path}
 
+    # while an answer streams the box is read-only, so a message typed then is not silently dropped
+    def BUSY():  # noqa: N802
+        return gr.update(value=None, interactive=False)
+
+    def READY():  # noqa: N802
+        return gr.update(value=None, interactive=True)
+
     def respond(message, messages, history, temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed):
         messages = list(messages or [])
         state = conversation_state(history)
@@ -287,7 +294,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         except BadInput as e:
             messages += shown + [{"role": "user", "content": text or "(attachment)"},
                                  {"role": "assistant", "content": f"⚠️ {e}"}]
-            yield messages, state, None
+            yield messages, state, READY()
             return
         if text:
             shown.append({"role": "user", "content": text})
@@ -297,7 +304,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                 f"(The conversation no longer fits the model's context of {pipeline.max_positions} tokens: "
                 "it now reads only the most recent turns.)")})
             state = {**state, "told": True}
-        yield messages, state, None
+        yield messages, state, BUSY()
 
         answer: list[Any] = []
         current = None  # the assistant text message being streamed
@@ -326,18 +333,18 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                     if segment.image is not None:
                         messages.append({"role": "assistant", "content": save_image(segment.image)})
                         answer.append(segment.image)
-                yield messages, state, None
+                yield messages, state, BUSY()
         except Exception as e:  # a model error is shown in the chat; the conversation stays as it was
             LOG.exception("the model failed on a message")
             messages.append({"role": "assistant", "content": f"⚠️ The model failed: {type(e).__name__}: {e}"})
-            yield messages, state, None
+            yield messages, state, READY()
             return
         text_answer = "".join(a for a in answer if isinstance(a, str)).split("\nQ:")[0]
         turn += [text_answer.strip() + "\n"] + [a for a in answer if not isinstance(a, str)]
         if not answer:
             messages.append({"role": "assistant", "content": "(no answer)"})
         state = {**state, "turns": turns + [turn]}
-        yield messages, state, None
+        yield messages, state, READY()
 
     def undo(messages, history):
         messages, state = list(messages or []), conversation_state(history)
