@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from gill.settings import LIBRARY_DEFAULTS, RunSettings
+from gill.settings import RunSettings, fill_unset
 
 # Scheduler names -> diffusers class names; built from the pipeline's own scheduler config.
 SCHEDULERS = {
@@ -41,11 +41,7 @@ class DiffusionOptions:
 
     def with_settings(self, settings: RunSettings) -> DiffusionOptions:
         """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
-        full = RunSettings(steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
-                           scheduler=self.scheduler).validated("diffusion options")
-        full = full.over(settings).over(LIBRARY_DEFAULTS)
-        return replace(self, steps=full.steps, guidance_scale=full.guidance_scale, seed=full.seed,
-                       scheduler=full.scheduler)
+        return fill_unset(self, settings, "diffusion options")
 
 
 class DiffusionGenerator:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from gill import sampling
 from gill.model import GILLModel
-from gill.settings import LIBRARY_DEFAULTS, RunSettings
+from gill.settings import RunSettings, fill_unset
 
 
 @dataclass
@@ -49,11 +49,7 @@ class DecodeOptions:
 
     def with_settings(self, settings: RunSettings) -> DecodeOptions:
         """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
-        full = RunSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                           img_scale_factor=self.img_scale_factor).validated("decoding options")
-        full = full.over(settings).over(LIBRARY_DEFAULTS)
-        return replace(self, max_new_tokens=full.max_new_tokens, temperature=full.temperature, top_p=full.top_p,
-                       img_scale_factor=full.img_scale_factor)
+        return fill_unset(self, settings, "decoding options")
 
 
 @dataclass

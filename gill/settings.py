@@ -71,6 +71,8 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_FIELDS = {f.name for f in dataclasses.fields(RunSettings)}
+
 # The library's defaults: the original GILL's (``generate_for_images_and_texts`` and its evaluations:
 # 50 PNDM steps at guidance 7.5, factor 1.0, greedy, seed 42). The one place these literals are written.
 LIBRARY_DEFAULTS = RunSettings(
@@ -91,12 +93,21 @@ def resolve_settings(explicit: RunSettings | dict[str, Any] | None = None,
     """Explicit argument > the model's settings > ``LIBRARY_DEFAULTS``. ``explicit`` may be a dict whose
     ``None`` values mean "not given" (as argparse leaves unset flags)."""
     if isinstance(explicit, dict):
-        unknown = sorted(set(explicit) - {f.name for f in dataclasses.fields(RunSettings)})
+        unknown = sorted(set(explicit) - _FIELDS)
         if unknown:
-            raise ValueError(f"unknown run setting(s) {unknown}; known: {[f.name for f in dataclasses.fields(RunSettings)]}")
+            raise ValueError(f"unknown run setting(s) {unknown}; known: {sorted(_FIELDS)}")
         explicit = RunSettings(**explicit)
     explicit = (explicit or RunSettings()).validated("explicit run settings")
     return explicit.over((model or RunSettings()).over(LIBRARY_DEFAULTS))
+
+
+def fill_unset(options: Any, settings: RunSettings, source: str) -> Any:
+    """A copy of an options dataclass whose run-setting fields (those named as in ``RunSettings``) left at
+    None are taken from ``settings``, then from ``LIBRARY_DEFAULTS``; the given ones are validated first."""
+    names = [f.name for f in dataclasses.fields(options) if f.name in _FIELDS]
+    given = RunSettings(**{n: getattr(options, n) for n in names}).validated(source)
+    full = given.over(settings).over(LIBRARY_DEFAULTS)
+    return dataclasses.replace(options, **{n: getattr(full, n) for n in names})
 
 
 def resolve_scorer_path(settings: RunSettings, base: str | os.PathLike) -> RunSettings:
