@@ -209,7 +209,8 @@ def test_readme_main_job_answers_its_first_message_with_a_picture(readme_main_jo
         chat = page.locator("#chat")
         picture = chat.get_by_text("Retrieved image").first.or_(chat.get_by_text("Generated image").first)
         expect(picture).to_be_visible(timeout=120_000)
-        assert chat.locator("img").count() >= 1
+        # the label can arrive a moment before the browser has the picture itself
+        expect(chat.locator("img").first).to_be_visible(timeout=60_000)
         assert page.get_by_text("greater than maximum").count() == 0 and page.get_by_text("Error").count() == 0
         page.screenshot(path=str(tmp_path / "first-message.png"), full_page=True)
 
