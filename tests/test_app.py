@@ -140,7 +140,8 @@ def test_chat_in_a_real_browser(tiny_gill, tmp_path):
             chat = page.locator("#chat")
             expect(chat.get_by_text("Generated image").first).to_be_visible(timeout=60_000)
             expect(chat.get_by_text("Retrieved image").first).to_be_visible(timeout=60_000)
-            assert chat.locator("img").count() >= 3  # the upload, a generated and a retrieved image
+            # the upload, a generated and a retrieved image (the pictures can arrive after their labels)
+            page.wait_for_function("document.querySelectorAll('#chat img').length >= 3", timeout=60_000)
             page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
 
             page.locator("#input input[type=file]").set_input_files(str(tmp_path / "notes.txt"))
