@@ -56,22 +56,19 @@ class BadInput(ValueError):
 
 
 def load_user_image(path: str) -> Any:
-    """An uploaded file -> RGB PIL image, or BadInput saying why not."""
-    from PIL import Image, UnidentifiedImageError
+    """An uploaded file -> RGB PIL image (``gill.images.open_image``: size and aspect ratio bounded before
+    any resize), or BadInput naming the file and saying why not."""
+    from gill.images import ImageError, ImageLimits, open_image
 
     name = Path(path).name
-    size = os.path.getsize(path)
-    if size > MAX_IMAGE_BYTES:
-        raise BadInput(f"{name} is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES // 2**20} MB are accepted.")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise BadInput(f"{name} is {im.width}x{im.height} pixels; that is too large.")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, BadInput):
-            raise
-        raise BadInput(f"{name} is not an image I can read.") from None
+        return open_image(path, name=name, limits=ImageLimits(max_pixels=MAX_IMAGE_PIXELS, max_bytes=MAX_IMAGE_BYTES))
+    except FileNotFoundError:
+        raise BadInput(f"{name} did not arrive; please attach it again.") from None
+    except ImageError as e:
+        if e.reason.startswith("not an image"):
+            raise BadInput(f"{name} is not an image I can read.") from None
+        raise BadInput(f"{name} cannot be used: {e.reason}.") from None
 
 
 def image_label(segment: Any) -> str:
@@ -245,6 +242,7 @@ def model_hint(pipeline: Any) -> tuple[str, list[str]] | None:
 
 def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GILL") -> Any:
     """The Gradio Blocks app around a ``gill.GILL``."""
+    analytics = analytics_enabled()
     import gradio as gr
 
     from gill.diffusion import DiffusionOptions
@@ -364,7 +362,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         conversation_png(messages or []).save(path)
         return gr.update(value=str(path), visible=True)
 
-    with gr.Blocks(title=title) as demo:
+    with gr.Blocks(title=title, analytics_enabled=analytics) as demo:
         gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated** "
                     "and **retrieved** images, each labelled with the decision behind it.")
         hint = model_hint(pipeline)
@@ -433,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     from gill._quiet import quiet
 
     quiet(args.verbose)
+    analytics_enabled()
     import torch
 
     from gill.pipeline import GILL
@@ -452,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def analytics_enabled() -> bool:
+    """Gradio's usage analytics stay off (the app runs offline) unless the user sets
+    ``GRADIO_ANALYTICS_ENABLED=True`` themselves; set before gradio is imported, which reads it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    return os.environ["GRADIO_ANALYTICS_ENABLED"].strip().lower() in ("1", "true", "yes")
 
 
 def port_is_free(host: str, port: int) -> bool:

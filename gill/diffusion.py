@@ -41,6 +41,12 @@ class DiffusionOptions:
 
     def with_settings(self, settings: RunSettings) -> DiffusionOptions:
         """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 8 or value % 8):
+                raise ValueError(f"diffusion options: {name} is {value!r}; expected a positive multiple of 8")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"diffusion options: scheduler is {self.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
         return fill_unset(self, settings, "diffusion options")
 
 

@@ -49,7 +49,31 @@ class DecodeOptions:
 
     def with_settings(self, settings: RunSettings) -> DecodeOptions:
         """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
-        return fill_unset(self, settings, "decoding options")
+        return fill_unset(self.validated(), settings, "decoding options")
+
+    def validated(self) -> DecodeOptions:
+        """Raise naming the field for a value decoding cannot use (the run settings are checked by
+        ``fill_unset``). A bare string for ``stop_strings`` is one stop string, not its characters."""
+        if isinstance(self.stop_strings, str):
+            raise TypeError(f"decoding options: stop_strings is the string {self.stop_strings!r}; give a tuple "
+                            f"of strings, e.g. ({self.stop_strings!r},)")
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise TypeError(f"decoding options: stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        for name, lowest in (("top_k", 0), ("min_tokens_before_image", 0), ("max_images", 0)):
+            value = getattr(self, name)
+            if value is None and name == "max_images":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise ValueError(f"decoding options: {name} is {value!r}; expected an integer >= {lowest}")
+        for name in ("stop_on_eos", "allow_images"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"decoding options: {name} is {getattr(self, name)!r}; expected True or False")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"decoding options: backend is {self.backend!r}; choose one of {list(BACKENDS)}")
+        return self
+
+
+BACKENDS = ("auto", "static", "hf")
 
 
 @dataclass
@@ -166,8 +190,8 @@ def _backend(model: GILLModel, options: DecodeOptions, batch: int, prompt_len: i
     """A context manager giving this call's cache (never shared with a concurrent call)."""
     from gill import opt_static
 
-    if options.backend not in ("auto", "static", "hf"):
-        raise ValueError(f"unknown decoding backend {options.backend!r}; choose auto, static or hf")
+    if options.backend not in BACKENDS:
+        raise ValueError(f"decoding options: backend is {options.backend!r}; choose one of {list(BACKENDS)}")
     use_static = options.backend == "static" or (options.backend == "auto" and opt_static.supports(model.lm))
     if not use_static:
         return contextlib.nullcontext(_HFCache(model))

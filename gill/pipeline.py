@@ -216,18 +216,16 @@ class GILL:
 
     # ---- 1. prompts ------------------------------------------------------------------------------
 
-    def _load_image(self, item: Any) -> Any:
-        from PIL import Image, UnidentifiedImageError
+    def _load_image(self, item: Any, where: str) -> Any:
+        """A PIL image or an image file, checked (size, aspect ratio) before any resize: ``ImageError``
+        (a ValueError) names the item and the reason."""
+        from PIL import Image
+
+        from gill.images import check_image, open_image
 
         if isinstance(item, Image.Image):
-            return item.convert("RGB")
-        try:
-            with Image.open(item) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {item}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {item}: {e}") from None
+            return check_image(item, name=where)
+        return open_image(item, name=f"{where} ({item})")
 
     def build_prompts(self, conversations: Sequence[Sequence[InputItem]]) -> list[_Prompt]:
         """Embed each conversation: images -> k soft tokens each (one vision pass for all images of the
@@ -240,7 +238,7 @@ class GILL:
                 raise ValueError(f"conversation {c} is empty: give at least one text or image")
             for i, item in enumerate(conv):
                 if isinstance(item, (Path, Image.Image)):
-                    images.append(self._load_image(item))
+                    images.append(self._load_image(item, f"conversation {c}, item {i}"))
                     where.append((c, i))
                 elif not isinstance(item, str):
                     raise TypeError(
@@ -476,10 +474,8 @@ class GILL:
         the original's post-processing for evaluation parity: each text cut at its first newline or
         period, and text after the last image dropped.
         """
-        if not inputs:
-            raise ValueError("no input: give a list of texts and images (or a list of such lists)")
-        batched = all(isinstance(c, (list, tuple)) for c in inputs)
-        conversations = list(inputs) if batched else [list(inputs)]
+        batched, conversations = _conversations(inputs)
+        _check_policy(policy)
         options = self._decode_options(options, decode_overrides)
         seed, diffusion = self._seed_and_diffusion(seed, diffusion)
         prompts = self.build_prompts(conversations)
@@ -516,9 +512,13 @@ class GILL:
         """Answer one conversation, yielding each segment as soon as it is complete: a text run when an
         image slot starts or decoding ends, an image when it has been retrieved or generated. With
         ``deltas=True`` text comes as ``TextDelta`` pieces while it is decoded (for chat UIs) instead."""
+        batched, conversations = _conversations(inputs)
+        if batched:
+            raise TypeError("stream answers one conversation: give a list of texts and images, not a list of lists")
+        _check_policy(policy)
         options = self._decode_options(options, decode_overrides)
         seed, diffusion = self._seed_and_diffusion(seed, diffusion)
-        prompts = self.build_prompts([list(inputs)])
+        prompts = self.build_prompts(conversations)
         self._fit(prompts, options, truncate)
         retrieved: list[set[str]] = [set()]
         pending: list[int] = []
@@ -549,6 +549,34 @@ class GILL:
                 text = self._text(pending)
                 if text:
                     yield Text(text)
+
+
+def _conversations(inputs: Any) -> tuple[bool, list[list[InputItem]]]:
+    """(batched, conversations) of ``generate_interleaved``'s ``inputs``: one text, image or path is a
+    conversation of one item; a list of items is one conversation; a list of lists is a batch."""
+    from PIL import Image
+
+    if isinstance(inputs, (str, Path, Image.Image)):
+        return False, [[inputs]]
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs: expected a text, an image, a list of texts and images or a list of such lists, "
+                        f"got {type(inputs).__name__}")
+    if not inputs:
+        raise ValueError("inputs: empty; give a list of texts and images (or a list of such lists)")
+    nested = [isinstance(c, (list, tuple)) for c in inputs]
+    if all(nested):
+        return True, [list(c) for c in inputs]
+    if any(nested):
+        raise TypeError("inputs: a mix of conversations (lists) and items; give one list of texts and images, "
+                        "or a list of such lists")
+    return False, [list(inputs)]
+
+
+def _check_policy(policy: Any) -> None:
+    from gill.decision import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"policy is {policy!r}; choose one of {list(POLICIES)}")
 
 
 def _finish(segments: list[Segment], original_truncation: bool) -> list[Segment]:

@@ -1,3 +1,4 @@
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -367,3 +368,14 @@ def test_eight_clients_at_once_each_get_the_answer_they_get_alone():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_gradio_analytics_are_off_unless_the_user_turns_them_on(monkeypatch, tiny_gill):
+    from app.app import analytics_enabled
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    assert analytics_enabled() is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    assert analytics_enabled() is True
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    assert build_demo(tiny_gill, Defaults.from_settings(tiny_gill.run_settings())).analytics_enabled is False

@@ -149,24 +149,48 @@ def test_original_truncation_drops_text_after_the_last_image(gill):
 
 
 def test_bad_inputs_are_named(gill, tmp_path):
-    with pytest.raises(ValueError, match="no input"):
+    with pytest.raises(ValueError, match="inputs: empty"):
         gill.generate_interleaved([])
     with pytest.raises(ValueError, match="conversation 1 is empty"):
         gill.generate_interleaved([["a"], []])
-    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
+    with pytest.raises(TypeError, match="a mix of conversations"):
+        gill.generate_interleaved([["a"], "b"])
+    with pytest.raises(TypeError, match="inputs: expected a text, an image"):
+        gill.generate_interleaved(3)
+    with pytest.raises(TypeError, match="not a list of lists"):
+        list(gill.stream([["a"], ["b"]]))
+    with pytest.raises(FileNotFoundError, match=r"conversation 0, item 1 \(.*missing.png\): no such image file"):
         gill.generate_interleaved(["a", tmp_path / "missing.png"])
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    with pytest.raises(ValueError, match="cannot read image .*notes.png"):
+    with pytest.raises(ValueError, match="conversation 0, item 0 .*notes.png.*: not an image file"):
         gill.generate_interleaved([bad])
     with pytest.raises(TypeError, match="item 0: expected str"):
         gill.generate_interleaved([3])
-    with pytest.raises(ValueError, match="unknown policy 'sometimes'"):
-        gill.generate_interleaved(["a red circle"], policy="sometimes", img_scale_factor=1e5, max_new_tokens=8)
+    for call in (gill.generate_interleaved, lambda *a, **k: list(gill.stream(*a, **k))):
+        # refused before anything runs, not when an image slot happens
+        with pytest.raises(ValueError, match="policy is 'sometimes'; choose one of"):
+            call(["a red circle"], policy="sometimes", max_new_tokens=1)
+    bad_options = {"max_new_tokens": 0, "temperature": -1.0, "top_p": 0.0, "img_scale_factor": float("nan"),
+                   "top_k": -1, "min_tokens_before_image": -2, "max_images": -1, "backend": "fast"}
+    for name, value in bad_options.items():
+        with pytest.raises(ValueError, match=f"decoding options: {name} is"):
+            gill.generate_interleaved(["a"], **{name: value})
+    with pytest.raises(TypeError, match="stop_strings is the string"):
+        gill.generate_interleaved(["a"], stop_strings=".")
+    for name, value in {"steps": 0, "guidance_scale": -1.0, "height": 100, "scheduler": "fastest"}.items():
+        with pytest.raises(ValueError, match=f"diffusion options: {name} is"):
+            gill.generate_interleaved(["a"], diffusion=DiffusionOptions(**{name: value}))
     with pytest.raises(FileNotFoundError, match="neither a model directory, a preset"):
         GILL.from_pretrained("no-such-model")
     with pytest.raises(FileNotFoundError, match="model_args.json of the original GILL release .* jykoh/gill"):
         GILL.from_pretrained("gill-opt-6.7b", local_files_only=True, cache_dir=tmp_path / "hub")
+
+
+def test_one_text_is_a_conversation_of_one_item_not_its_characters(gill):
+    one = gill.generate_interleaved("a red circle", max_new_tokens=6, policy="generate", diffusion=FAST)
+    assert one == gill.generate_interleaved(["a red circle"], max_new_tokens=6, policy="generate", diffusion=FAST)
+    assert isinstance(one, list) and one and not isinstance(one[0], list)
 
 
 def test_model_dir_loads_through_from_pretrained(tmp_path, tiny_opt):
@@ -204,7 +228,7 @@ def test_diffusion_options_reach_the_pipeline(gill, monkeypatch):
     assert seen["prompt_embeds"].shape == (n, 5, 24) and seen["negative_prompt_embeds"].shape == (n, 5, 24)
     assert type(pipe.scheduler).__name__ == "DDIMScheduler"
     assert [g.initial_seed() for g in seen["generator"]] == list(range(5, 5 + n))
-    with pytest.raises(ValueError, match="unknown scheduler 'fast'"):
+    with pytest.raises(ValueError, match="scheduler is 'fast'; choose one of"):
         gill.generate_interleaved(CONVERSATIONS[0], max_new_tokens=12, policy="generate",
                                   diffusion=DiffusionOptions(steps=1, scheduler="fast"), img_scale_factor=1e5)
 
@@ -231,7 +255,7 @@ def test_generate_command_keeps_the_order_of_texts_and_images(tmp_path):
     assert sorted(p.name for p in (tmp_path / "o").iterdir())[:2] == ["01-generated.png", "02-retrieved.png"]
     bad = subprocess.run([sys.executable, "-m", "gill", "generate", "x", "--image", str(tmp_path / "none.png")],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and "image file not found" in bad.stderr
+    assert bad.returncode == 1 and "none.png): no such image file" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_forced_image_slot_equals_decoding_with_a_forced_image(gill):
