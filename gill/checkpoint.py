@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gill._io import atomic_path, atomic_write_text
+from gill._io import atomic_dir, atomic_path, atomic_write_text
 from gill.config import GILLConfig, config_from_model_args
 from gill.decision import DecisionHead
 from gill.model import GILLAdapter, GILLModel
@@ -108,7 +108,12 @@ def load_safetensors(path: str | os.PathLike) -> StateDict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
-    return load_file(str(path))
+    size = path.stat().st_size
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError); name the file and the cause
+        raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes: empty, truncated or not "
+                              f"safetensors? {e})") from None
 
 
 @dataclass
@@ -127,21 +132,36 @@ def save_model_dir(
     adapter: StateDict,
     decision: StateDict | None = None,
 ) -> Path:
-    """Write a model directory after checking both state dicts against the config. Each file is
-    written atomically."""
+    """Write a model directory after checking both state dicts against the config.
+
+    A directory that holds only a model's files (or does not exist) is replaced as a whole: readers and an
+    interrupted write see the old model or the new one, never a mix, and files of the old one that the new
+    one lacks (a decision head) are gone. A directory that holds more (backbones, an index) keeps the rest;
+    its model files are then replaced one by one, each atomically, the config last."""
     out_dir = Path(out_dir)
     check_state_dict(adapter, adapter_shapes(config), f"adapter weights for {out_dir}")
     if decision is not None:
         check_state_dict(decision, decision_shapes(config), f"decision weights for {out_dir}")
+    if not out_dir.exists() or {p.name for p in out_dir.iterdir()} <= MODEL_FILES:
+        with atomic_dir(out_dir) as tmp:
+            _write_model_files(tmp, config, adapter, decision)
+        return out_dir
+    _write_model_files(out_dir, config, adapter, decision)
+    return out_dir
+
+
+MODEL_FILES = {CONFIG_NAME, WEIGHTS_NAME, DECISION_NAME, CARD_NAME}
+
+
+def _write_model_files(out_dir: Path, config: GILLConfig, adapter: StateDict, decision: StateDict | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(adapter, out_dir / WEIGHTS_NAME)
     if decision is not None:
         save_safetensors(decision, out_dir / DECISION_NAME)
     else:
         (out_dir / DECISION_NAME).unlink(missing_ok=True)  # a directory written again without a head has none
-    config.to_json(out_dir / CONFIG_NAME)
     atomic_write_text(out_dir / CARD_NAME, model_card(config, has_decision=decision is not None))
-    return out_dir
+    config.to_json(out_dir / CONFIG_NAME)
 
 
 def model_card(config: GILLConfig, has_decision: bool) -> str:

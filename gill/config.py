@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,7 @@ class GILLConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> GILLConfig:
-        cfg = _from_dict(cls, data, source)
+        cfg = _from_dict(cls, data, source, "")
         try:
             cfg.run.validated(f"{source}.run")
         except ValueError as e:
@@ -156,31 +157,88 @@ class GILLConfig:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+def _from_dict(cls: type, data: dict[str, Any], source: str, path: str) -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys are an error naming each of them."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
+        raise ConfigError(f"{source}: {'field ' + path if path else 'the config'} is {type(data).__name__}; "
+                          f"expected an object for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+        raise ConfigError(f"{source}: unknown field(s) {[path + u for u in unknown]} for {cls.__name__}; "
+                          f"known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            value = _from_dict(hint, value, f"{where}.{name}")
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            value = tuple(value)
+            value = _from_dict(hint, value, source, f"{path}{name}.")
+        else:
+            _check_value(value, hint, f"{source}: field {path}{name}")
+            if typing.get_origin(hint) is tuple and isinstance(value, list):
+                value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+# Fields that are sizes or counts (>= 1); every other integer field is >= 0.
+_POSITIVE = {"lm_hidden_size", "vision_hidden_size", "n_visual_tokens", "ret_emb_dim", "gen_seq_len", "gen_emb_dim",
+             "hidden_dim", "num_heads", "ffn_dim", "num_img_tokens", "image_size", "vocab_size", "format_version"}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list (each item {_describe(args[0])})" if args else "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            return False
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # types this reader does not know are checked by their own code
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    """Raise ConfigError naming the field (file and path) for a value of the wrong type or range."""
+    if not _matches(value, hint):
+        raise ConfigError(f"{where} is {value!r} ({type(value).__name__}); expected {_describe(hint)}")
+    name = where.rsplit(" ", 1)[-1].rsplit(".", 1)[-1]
+    if isinstance(value, int) and not isinstance(value, bool):
+        lowest = 1 if name in _POSITIVE else 0
+        if value < lowest:
+            raise ConfigError(f"{where} is {value}; expected an integer >= {lowest}")
+    if name == "dropout" and not 0 <= value < 1:
+        raise ConfigError(f"{where} is {value}; expected a number in [0, 1)")
+    if name == "img_token_ids" and any(v < 0 for v in value):
+        raise ConfigError(f"{where} is {value}; token ids are >= 0")
 
 
 # ---- the original release's model_args.json --------------------------------------------------------
@@ -221,6 +279,10 @@ def config_from_model_args(
             args = json.loads(Path(args).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{source}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(args, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(args).__name__}")
     required = ["opt_version", "visual_encoder", "n_visual_tokens", "ret_emb_dim", "gen_emb_dim",
                 "num_tokens", "num_clip_tokens", "retrieval_token_idx"]
     missing = [k for k in required if k not in args]
@@ -236,6 +298,13 @@ def config_from_model_args(
     expect("ret_text_fc_mode", "linear", "linear")
     expect("text_emb_layers", [-1], [-1])
     expect("norm_image_embed", "none", "none")
+    for key in ("retrieval_token_idx", "gen_token_idx"):
+        ids = args.get(key, [])
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ConfigError(f"{source}: field {key!r} is {ids!r}; expected a list of token ids (integers >= 0)")
+    for key in ("n_visual_tokens", "ret_emb_dim", "gen_emb_dim", "num_tokens", "num_clip_tokens"):
+        if not isinstance(args[key], int) or isinstance(args[key], bool) or args[key] < 1:
+            raise ConfigError(f"{source}: field {key!r} is {args[key]!r}; expected an integer >= 1")
     ret_ids = list(args["retrieval_token_idx"])
     gen_ids = list(args.get("gen_token_idx", ret_ids))
     if not args.get("share_ret_gen", True) or gen_ids != ret_ids:
@@ -252,7 +321,9 @@ def config_from_model_args(
         raise ConfigError(f"{source}: unknown LM {lm!r}; pass lm_hidden_size")
     if vision_hidden_size is None:
         raise ConfigError(f"{source}: unknown visual encoder {vision!r}; pass vision_hidden_size")
-    return GILLConfig(
+    if not isinstance(lm, str) or not isinstance(vision, str):
+        raise ConfigError(f"{source}: opt_version and visual_encoder must be strings, got {lm!r} and {vision!r}")
+    config = GILLConfig(
         lm=lm,
         vision=vision,
         lm_hidden_size=lm_hidden_size,
@@ -269,3 +340,4 @@ def config_from_model_args(
             vocab_size=vocab_size if vocab_size is not None else max(ret_ids) + 1,
         ),
     )
+    return GILLConfig.from_dict(config.to_dict(), source=source)  # every field type-checked, naming the file

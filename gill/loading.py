@@ -21,6 +21,7 @@ hashes and written atomically; later loads reuse it. The backbones load by their
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import torch
 
 from gill.backbones import image_processor, load_backbones, load_vision, tiny_backbones
 from gill.backbones import load_diffusion as load_diffusion_pipeline
-from gill.checkpoint import convert_original, model_from_files, read_model_dir, resolve_paths
+from gill.checkpoint import CheckpointError, convert_original, model_from_files, read_model_dir, resolve_paths
 from gill.config import GILLConfig
 from gill.decision import DecisionHead
 from gill.model import GILLModel
@@ -253,14 +254,44 @@ def _from_model_dir(name: str, path: Path, *, torch_dtype: torch.dtype | None, l
                     hub: HubOptions) -> ModelParts:
     files = read_model_dir(path)
     config = resolve_paths(files.config, path)
-    backbones = load_backbones(config, torch_dtype=torch_dtype, hub=hub.backbone_kwargs())
+    check_backbone_paths(config, path / "config.json", load_diffusion)
+    with _naming_backbone(path / "config.json", "lm, vision or tokenizer", f"{config.lm}, {config.vision}"):
+        backbones = load_backbones(config, torch_dtype=torch_dtype, hub=hub.backbone_kwargs())
     model, decision = model_from_files(files, backbones.lm, backbones.vision)
     pipe = None
     if load_diffusion and config.diffusion:
-        pipe = load_diffusion_pipeline(config.diffusion, torch_dtype=torch_dtype, **hub.backbone_kwargs())
+        with _naming_backbone(path / "config.json", "diffusion", config.diffusion):
+            pipe = load_diffusion_pipeline(config.diffusion, torch_dtype=torch_dtype, **hub.backbone_kwargs())
         pipe.set_progress_bar_config(disable=True)
     return ModelParts(name, model, backbones.tokenizer, backbones.image_processor, backbones.img_tokens, decision,
                       pipe, settings=resolve_scorer_path(files.config.run, path), model_dir=path)
+
+
+def _looks_like_path(value: str) -> bool:
+    """A value that can only be a local path (a Hub id is ``name`` or ``namespace/name``)."""
+    return os.path.isabs(value) or value.startswith(("./", "../", "~", ".\\")) or value.count("/") > 1
+
+
+def check_backbone_paths(config: Any, source: Path, with_diffusion: bool = True) -> None:
+    """Refuse, naming the file and field, a backbone given as a local path that does not exist (before any
+    loader mistakes it for a Hub id: "Repo id must be in the form ...")."""
+    for name in ("lm", "vision", "tokenizer") + (("diffusion",) if with_diffusion else ()):
+        value = getattr(config, name)
+        if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+            raise ModelNotFoundError(f"{source}: field {name} is {value!r}, a path that does not exist; give an "
+                                     "existing folder (absolute, or relative to the model directory) or a Hub repo id")
+
+
+@contextlib.contextmanager
+def _naming_backbone(source: Path, field: str, value: str):
+    """Backbone loading errors (Hub, network, missing files) said with the config field that named them."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if isinstance(e, (ModelNotFoundError, CheckpointError)):
+            raise
+        raise ModelNotFoundError(f"{source}: cannot load the backbone {value!r} named by field {field}: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def _tiny_random(with_diffusion: bool, seed: int = 0) -> ModelParts:

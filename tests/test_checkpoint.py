@@ -184,3 +184,97 @@ def test_adapter_shapes_need_no_memory():
     assert shapes["visual_prefix.proj.weight"] == (16384, 1024)
     assert shapes["mapper.queries"] == (1, 77, 512)
     check_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()}, shapes, "meta")
+
+
+# ---- bad files name the file and the field -----------------------------------------------------------
+
+
+def _saved(tmp_path, tiny_opt, name="m"):
+    backbones, config = tiny_opt
+    model = GILLModel(backbones.lm, backbones.vision, config)
+    return save_model(tmp_path / name, model, DecisionHead.from_config(config)), model
+
+
+@pytest.mark.parametrize("cut", ["empty", "half", "garbage"])
+def test_a_broken_weights_file_is_named(tmp_path, tiny_opt, cut):
+    out, _ = _saved(tmp_path, tiny_opt)
+    weights = out / "gill.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"empty": b"", "half": data[: len(data) // 2], "garbage": b"\x10" + b"\x00" * 7 + b"{x"}[cut])
+    with pytest.raises(CheckpointError, match=r"gill\.safetensors: not a readable safetensors file"):
+        read_model_dir(out)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lm_hidden_size", "96", r"field lm_hidden_size is '96' \(str\); expected an integer"),
+    ("n_visual_tokens", 4.0, r"field n_visual_tokens is 4.0 \(float\); expected an integer"),
+    ("ret_emb_dim", -1, r"field ret_emb_dim is -1; expected an integer >= 1"),
+    ("mapper.num_heads", "4", r"field mapper.num_heads is '4' \(str\)"),
+    ("mapper.dropout", 1.5, r"field mapper.dropout is 1.5; expected a number in \[0, 1\)"),
+    ("tie_img_embeddings", "yes", r"field tie_img_embeddings is 'yes' \(str\); expected true or false"),
+    ("tokens.img_token_ids", "1,2", r"field tokens.img_token_ids is '1,2'"),
+    ("preprocess.mean", [0.5, 0.5], r"field preprocess.mean is \[0.5, 0.5\]"),
+    ("run.guidance_scale", "high", r"field run.guidance_scale is 'high'"),
+])
+def test_config_fields_of_the_wrong_type_name_the_file_and_the_field(tmp_path, tiny_opt, field, value, message):
+    out, _ = _saved(tmp_path, tiny_opt)
+    data = json.loads((out / "config.json").read_text())
+    *parents, leaf = field.split(".")
+    node = data
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"m/config\.json: " + message):
+        read_model_dir(out)
+
+
+def test_model_args_that_is_not_json_or_has_bad_fields_is_named(tmp_path, shared_data):
+    (tmp_path / "model_args.json").write_text("{'opt_version': ")
+    with pytest.raises(ValueError, match=r"model_args\.json: not valid JSON"):
+        config_from_model_args(tmp_path / "model_args.json")
+    args = json.loads((shared_data / "model_args.json").read_text())
+    for key, bad in (("n_visual_tokens", "4"), ("retrieval_token_idx", 5), ("ret_emb_dim", 0)):
+        (tmp_path / "model_args.json").write_text(json.dumps({**args, key: bad}))
+        with pytest.raises(ValueError, match=rf"model_args\.json: field '{key}' is"):
+            config_from_model_args(tmp_path / "model_args.json")
+
+
+def test_a_backbone_path_that_does_not_exist_is_named_before_any_hub_lookup(tmp_path, tiny_opt):
+    from gill.loading import ModelNotFoundError, load
+
+    out, _ = _saved(tmp_path, tiny_opt)
+    data = json.loads((out / "config.json").read_text())
+    data["lm"] = str(tmp_path / "no" / "such" / "lm")
+    (out / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelNotFoundError, match=r"config\.json: field lm is '.*no/such/lm', a path that does not exist"):
+        load(out, load_index=False)
+
+
+def test_a_model_directory_is_replaced_as_a_whole(tmp_path, tiny_opt, monkeypatch):
+    import gill.checkpoint as ckpt
+
+    out, model = _saved(tmp_path, tiny_opt)  # with a decision head
+    # written again without a head: the old head does not survive, and the card says so
+    save_model(out, model)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "gill.safetensors"]
+    assert "| decision head | no |" in (out / "README.md").read_text()
+    save_model(out, model, DecisionHead.from_config(model.config))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a write that dies half way leaves the previous directory, whole
+    calls = []
+    real = ckpt.save_safetensors
+
+    def dies_on_the_second_file(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real(state, path)
+
+    monkeypatch.setattr(ckpt, "save_safetensors", dies_on_the_second_file)
+    with torch.no_grad():
+        model.adapter.logit_scale.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(out, model, DecisionHead.from_config(model.config))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind

@@ -23,7 +23,7 @@ def test_unknown_field_is_named_with_the_file(tmp_path):
     data["mapper"]["hiden_dim"] = 3
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"config\.json\.mapper: unknown field\(s\) \['hiden_dim'\]"):
+    with pytest.raises(ConfigError, match=r"config\.json: unknown field\(s\) \['mapper.hiden_dim'\]"):
         GILLConfig.from_json(path)
 
 
