@@ -40,8 +40,8 @@ def data(tmp_path_factory):
 
 
 def train_args(data, out, *extra):
-    return ["--model", "tiny-random", "--recipe", "tiny", "--data", data["train"], "--sd-embeddings", data["sd"],
-            "--out", out, "--no-progress", "--no-tensorboard", *map(str, extra)]
+    return [str(a) for a in ("--model", "tiny-random", "--recipe", "tiny", "--data", data["train"], "--sd-embeddings",
+                             data["sd"], "--out", out, "--no-progress", "--no-tensorboard", *extra)]
 
 
 def test_schedule_is_the_originals():
@@ -127,17 +127,28 @@ def test_training_learns_retrieval_and_generation_and_counts_bad_data(data, tmp_
 
 @pytest.mark.slow  # end to end through subprocesses: in the slow step
 def test_killed_and_resumed_run_ends_with_the_same_weights(data, tmp_path):
-    common = ("--steps", 24, "--save-every", 8)
+    """A real kill -9 once the first checkpoint is on disk, wherever the run then is; the rerun resumes."""
+    import signal
+    import time
+
+    common = ("--steps", 40, "--save-every", 8)
     run("training.train", *train_args(data, tmp_path / "straight", *common))
-    dead = run("training.train", *train_args(data, tmp_path / "killed", *common),
-               env={"GILL_TRAIN_TEST_EXIT_AT_STEP": "13"}, check=False)
-    assert dead.returncode == 137
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-0000008"]
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", *train_args(data, tmp_path / "killed", *common)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-0000008").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final").exists()
     run("training.train", *train_args(data, tmp_path / "killed", *common, "--resume"))
     a = load_safetensors(tmp_path / "straight" / "final" / "gill.safetensors")
     b = load_safetensors(tmp_path / "killed" / "final" / "gill.safetensors")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "killed" / "history.json").read_text()) == \
+        json.loads((tmp_path / "straight" / "history.json").read_text())
 
 
 @pytest.mark.slow
@@ -182,3 +193,126 @@ def test_decision_head_learns_a_separable_rule(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["test_macro_f1"] >= 0.9 and result["test_examples"] == 60
     assert (tmp_path / "m" / "decision.safetensors").is_file()
+
+
+# ---- bad targets, bad steps, bad checkpoints ---------------------------------------------------------
+
+
+def _copy_sd(data, tmp_path, name, change):
+    """A copy of the precomputed embeddings with ``change(tensors)`` applied to train-0's file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sd = tmp_path / name
+    shutil.copytree(data["sd"], sd)
+    tensors = load_file(str(sd / "train-0.safetensors"))
+    change(tensors)
+    save_file(tensors, str(sd / "train-0.safetensors"))
+    return sd
+
+
+def _weights(out):
+    return load_safetensors(out / "final" / "gill.safetensors")
+
+
+def test_a_nan_target_is_skipped_and_the_weights_equal_a_run_without_it(data, tmp_path):
+    from training.train import main
+
+    first = sorted(__import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(Path(data["sd"]) / "train-0.safetensors")))[0]
+
+    def poison(t):
+        t[first][3, 5] = float("nan")
+
+    def drop(t):
+        del t[first]
+
+    args = ("--steps", 8, "--shuffle-buffer", 0, "--save-every", 100)
+    assert main(train_args({**data, "sd": _copy_sd(data, tmp_path, "nan", poison)}, tmp_path / "nan", *args)) == 0
+    assert main(train_args({**data, "sd": _copy_sd(data, tmp_path, "without", drop)}, tmp_path / "without", *args)) == 0
+    a, b = _weights(tmp_path / "nan"), _weights(tmp_path / "without")
+    assert all(torch.isfinite(v).all() for v in a.values())
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    skipped = json.loads((tmp_path / "nan" / "skipped.json").read_text())
+    assert skipped.get("non-finite diffusion embedding") >= 1
+
+
+def test_mis_shaped_and_unreadable_embeddings_are_counted_not_fatal(data, tmp_path):
+    from training.train import main
+
+    def reshape(t):
+        k = sorted(t)[0]
+        t[k] = t[k][:3]
+
+    sd = _copy_sd(data, tmp_path, "shape", reshape)
+    (sd / "train-1.safetensors").write_bytes((sd / "train-1.safetensors").read_bytes()[:100])  # truncated
+    out = tmp_path / "run"
+    assert main(train_args({**data, "sd": sd}, out, "--steps", 3, "--save-every", 100)) == 0
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert skipped.get("mis-shaped diffusion embedding", 0) >= 1
+    assert skipped.get("unreadable diffusion embeddings file", 0) >= 1
+
+
+def test_a_non_finite_step_changes_nothing_and_too_many_in_a_row_stop_the_run(data, tmp_path):
+    from training.data import ShardStream, expand_shards, global_batches
+    from training.train import TrainingError, train_step, setup
+
+    run = setup(train_args(data, tmp_path / "run", "--max-bad-steps", 2))
+    stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0)
+    samples, _ = next(global_batches(iter(stream), run.cfg.batch_size, __import__("collections").Counter()))
+    before = {k: v.clone() for k, v in run.model.adapter.state_dict().items()}
+    samples[0].sd_embedding = samples[0].sd_embedding.clone().fill_(float("inf"))
+    assert train_step(run, samples) is None
+    assert run.state["step"] == 0 and run.state["bad_steps"] == 1
+    for k, v in run.model.adapter.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(TrainingError, match="2 steps in a row had a non-finite loss or gradient"):
+        train_step(run, samples)
+
+
+def test_resume_falls_back_to_the_newest_valid_checkpoint_and_keeps_history(data, tmp_path, caplog):
+    from training.train import main
+
+    common = ("--steps", 12, "--save-every", 4, "--keep-last", 3)
+    assert main(train_args(data, tmp_path / "straight", *common)) == 0
+    out = tmp_path / "resumed"
+    assert main(train_args(data, out, "--steps", 8, "--save-every", 4, "--keep-last", 3)) == 0
+    state = out / "checkpoints" / "step-0000008" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])  # torn by a crash, say
+    with caplog.at_level("INFO"):
+        assert main(train_args(data, out, *common, "--resume", "--log-every", 7)) == 0
+    text = caplog.text
+    assert "step-0000008 is unusable" in text and "trainer_state.pt" in text
+    assert "resumed from" in text and "step-0000004" in text and "newest usable" in text
+    assert "resuming with changed settings" in text and "log_every: 5 -> 7" in text
+    a, b = _weights(tmp_path / "straight"), _weights(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    history = json.loads((out / "history.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "history.json").read_text())
+    assert len(history) == 12 and history == straight
+
+
+def test_resume_with_no_usable_checkpoint_says_why(data, tmp_path, capsys):
+    from training.train import main
+
+    out = tmp_path / "run"
+    assert main(train_args(data, out, "--steps", 4, "--save-every", 4)) == 0
+    (out / "checkpoints" / "step-0000004" / "gill.safetensors").write_bytes(b"")
+    assert main(train_args(data, out, "--steps", 8, "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "none of the 1 checkpoint(s)" in err and "gill.safetensors: not a readable safetensors file" in err
+
+
+def test_training_flags_are_range_checked_when_parsed(capsys):
+    from training.train import parse
+
+    for flag, value, message in (("--batch-size", "0", "--batch-size is 0; expected >= 1"),
+                                 ("--lr", "-1", "--lr is -1; expected > 0"),
+                                 ("--concat-prob", "1.5", "--concat-prob is 1.5; expected <= 1"),
+                                 ("--steps", "many", "--steps is 'many'; expected an integer")):
+        with pytest.raises(SystemExit):
+            parse(["--model", "m", "--data", "d", "--sd-embeddings", "s", "--out", "o", flag, value])
+        assert message in capsys.readouterr().err

@@ -23,6 +23,7 @@ class TrainConfig:
     decay_every: int = 10_000  # then x decay_gamma every decay_every steps (the original: once, at 12k)
     decay_gamma: float = 0.1
     grad_clip: float = 1.0
+    max_bad_steps: int = 10  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
     max_len: int = 32  # caption tokens incl. BOS and the [IMG] tokens
     concat_prob: float = 0.5  # the original's concat-captions trick (pairs of examples in one sequence)
     renorm_img_embeddings: bool = True  # rescale [IMG] rows to the LM rows' mean norm after each step
@@ -48,8 +49,43 @@ RECIPES = {
 }
 
 
+# Allowed ranges, checked when the flag is parsed: (lowest, highest, lowest excluded).
+_RANGES = {
+    "steps": (1, None, False), "batch_size": (1, None, False), "grad_accum": (1, None, False),
+    "lr": (0, None, True), "beta1": (0, 1, False), "beta2": (0, 1, False), "eps": (0, None, True),
+    "weight_decay": (0, None, False), "warmup_steps": (0, None, False), "decay_every": (1, None, False),
+    "decay_gamma": (0, None, True), "grad_clip": (0, None, True), "max_bad_steps": (1, None, False),
+    "max_len": (2, None, False), "concat_prob": (0, 1, False), "val_every": (1, None, False),
+    "val_batches": (0, None, False), "log_every": (1, None, False), "save_every": (1, None, False),
+    "keep_last": (1, None, False), "seed": (0, None, False), "num_workers": (0, None, False),
+    "shuffle_buffer": (0, None, False),
+}
+
+
+def _ranged(name: str, kind: type):
+    lowest, highest, open_low = _RANGES.get(name, (None, None, False))
+
+    def parse(text: str):
+        flag = "--" + name.replace("_", "-")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} is {text!r}; expected {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and value != value:
+            raise argparse.ArgumentTypeError(f"{flag} is NaN")
+        if lowest is not None and (value < lowest or (open_low and value == lowest)):
+            raise argparse.ArgumentTypeError(f"{flag} is {text}; expected {'>' if open_low else '>='} {lowest}"
+                                             + (f" and <= {highest}" if highest is not None else ""))
+        if highest is not None and value > highest:
+            raise argparse.ArgumentTypeError(f"{flag} is {text}; expected <= {highest}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per scalar field, overriding the recipe."""
+    """One ``--flag`` per scalar field, overriding the recipe; numbers are range-checked when parsed."""
     for f in dataclasses.fields(TrainConfig):
         if f.name == "weights":
             continue
@@ -57,8 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         name = "--" + f.name.replace("_", "-")
         if kind is None:
             parser.add_argument(name, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
+        elif kind is str:
+            parser.add_argument(name, type=str, default=None)
         else:
-            parser.add_argument(name, type=kind, default=None)
+            parser.add_argument(name, type=_ranged(f.name, kind), default=None)
 
 
 def from_args(recipe: str, args: argparse.Namespace) -> TrainConfig:

@@ -14,7 +14,6 @@ out as ``Sample`` with ``error`` set, so the loop can count them; they never rea
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -55,11 +54,19 @@ def shard_name(url: str) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
-class SDEmbeddings:
-    """Per-shard safetensors files of precomputed diffusion text embeddings, opened lazily."""
+class BadEmbedding(ValueError):
+    """A precomputed embedding that cannot be a training target; the message is the counted reason."""
 
-    def __init__(self, root: str | os.PathLike | None):
+
+class SDEmbeddings:
+    """Per-shard safetensors files of precomputed diffusion text embeddings, opened lazily.
+
+    ``shape``: the (L, d) every target must have (the model's ``gen_seq_len, gen_emb_dim``); a target of
+    another shape, with a NaN or an infinity, or in a file that cannot be read raises ``BadEmbedding``."""
+
+    def __init__(self, root: str | os.PathLike | None, shape: tuple[int, int] | None = None):
         self.root = Path(root) if root is not None else None
+        self.shape = tuple(shape) if shape is not None else None
         self._open: dict[str, Any] = {}
 
     def get(self, shard: str, key: str) -> torch.Tensor | None:
@@ -70,19 +77,33 @@ class SDEmbeddings:
             from safetensors import safe_open
 
             path = self.root / f"{name}.safetensors"
-            self._open[name] = safe_open(str(path), framework="pt") if path.is_file() else None
+            try:
+                self._open[name] = safe_open(str(path), framework="pt") if path.is_file() else None
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: every sample of it is counted
+                self._open[name] = BadEmbedding(f"unreadable diffusion embeddings file: {path.name} ({e})")
         f = self._open[name]
+        if isinstance(f, BadEmbedding):
+            raise f
         if f is None or key not in f.keys():
             return None
-        return f.get_tensor(key)
+        try:
+            emb = f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise BadEmbedding(f"unreadable diffusion embedding: {name}/{key} ({e})") from None
+        if self.shape is not None and tuple(emb.shape) != self.shape:
+            raise BadEmbedding(f"mis-shaped diffusion embedding: {list(emb.shape)}, expected {list(self.shape)}")
+        if not torch.isfinite(emb).all():
+            raise BadEmbedding("non-finite diffusion embedding: NaN or infinity")
+        return emb
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     """The samples of one epoch, in a seeded order, from ``start`` on (earlier ones are not decoded)."""
 
     def __init__(self, shards: list[str], image_processor: Any, sd_dir: str | None, *, epoch: int = 0,
-                 seed: int = 0, start: int = 0, shuffle_buffer: int = 1000, need_sd: bool = True):
-        self.shards, self.image_processor, self.sd_dir = shards, image_processor, sd_dir
+                 seed: int = 0, start: int = 0, shuffle_buffer: int = 1000, need_sd: bool = True,
+                 sd_shape: tuple[int, int] | None = None):
+        self.shards, self.image_processor, self.sd_dir, self.sd_shape = shards, image_processor, sd_dir, sd_shape
         self.epoch, self.seed, self.start, self.buffer, self.need_sd = epoch, seed, start, shuffle_buffer, need_sd
 
     def _raw(self, generator: torch.Generator) -> Iterator[tuple[str, dict]]:
@@ -118,7 +139,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # DataLoader workers each decode every n-th item; the loader's round-robin restores the order.
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        sd = SDEmbeddings(self.sd_dir)
+        sd = SDEmbeddings(self.sd_dir, self.sd_shape)
         for index, (url, raw) in enumerate(self._shuffled()):
             if index % workers != worker:
                 continue
@@ -129,7 +150,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield self._decode(url, key, raw, sd)
 
     def _decode(self, url: str, key: str, raw: dict, sd: SDEmbeddings) -> Sample:
-        from PIL import Image
+        from gill.images import ImageError, open_image
 
         if "__error__" in raw:
             return Sample(key, error=raw["__error__"])
@@ -140,14 +161,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             return Sample(key, error="no image")
-        emb = sd.get(url, raw["__key__"])
+        try:
+            emb = sd.get(url, raw["__key__"])
+        except BadEmbedding as e:
+            if self.need_sd:
+                return Sample(key, error=str(e))
+            emb = None
         if emb is None and self.need_sd:
             return Sample(key, error="missing diffusion embedding")
         try:
-            with Image.open(io.BytesIO(raw[ext])) as im:
-                image = im.convert("RGB")
-        except Exception as e:  # PIL raises several types for bad files
-            return Sample(key, error=f"corrupt image: {type(e).__name__}")
+            image = open_image(raw[ext], name=key)
+        except ImageError as e:  # bounded before the resize; the reason's first words are the counted kind
+            return Sample(key, error=f"corrupt image: {e.reason}")
         pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
         return Sample(key, pixels, caption, emb)
 

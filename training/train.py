@@ -20,12 +20,14 @@ import argparse
 import contextlib
 import json
 import logging
-import os
+import math
 import shutil
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,14 +79,13 @@ def checkpoints(out: Path) -> list[Path]:
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
     from gill.checkpoint import save_model
 
+    from gill._io import atomic_dir
+
     final = out / "checkpoints" / f"step-{state['step']:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(tmp, model)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
-               tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        save_model(tmp, model)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
+                   tmp / "trainer_state.pt")
     for old in checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -162,16 +163,47 @@ def parse(argv: list[str] | None):
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from gill.checkpoint import load_strict, load_safetensors
+class TrainingError(RuntimeError):
+    """A run that cannot go on (too many bad steps in a row, no usable checkpoint to resume)."""
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds; ``train_step``, ``validate_and_keep_best`` and ``save`` drive it, so a
+    test (or another loop) can run any part."""
+
+    args: argparse.Namespace
+    cfg: Any
+    device: torch.device
+    world: int
+    rank: int
+    per_rank: int
+    out: Path
+    model: Any
+    tokenizer: Any
+    processor: Any
+    step_module: Any
+    ddp: Any
+    trainable: list
+    optimizer: Any
+    scheduler: Any
+    emb_norm: float
+    out_norm: float | None
+    concat_rng: torch.Generator
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "position": 0, "best": -1.0, "skipped": {},
+                                                 "bad_steps": 0, "history": []})
+    skipped: Counter = field(default_factory=Counter)
+    bad_in_a_row: int = 0
+    writer: Any = None
+
+
+def setup(argv: list[str] | None = None) -> Run:
     from training import distributed as D
     from training.config import from_args, lr_factor
-    from training.data import ShardStream, expand_shards, global_batches
-    from training.step import TrainStep, mean_row_norm, renorm_img_embeddings, tokenize
+    from training.step import TrainStep, mean_row_norm, renorm_img_embeddings
 
     args = parse(argv)
     cfg = from_args(args.recipe, args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device or "cpu")
     D.setup(device.type)
     world, rank = D.world_size(), D.rank()
@@ -182,10 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: batch size {cfg.batch_size} is not divisible by {world} processes x {cfg.grad_accum} accumulation steps")
     if cfg.concat_prob > 0 and per_rank % 2:
         raise SystemExit(f"error: concat-captions pairs examples: the per-process micro-batch ({per_rank}) must be even")
-    out = Path(args.out)
     torch.manual_seed(cfg.seed)
-
-    model, tokenizer, processor, img_tokens = build_model(args.model, DTYPES[cfg.backbone_dtype])
+    model, tokenizer, processor, _ = build_model(args.model, DTYPES[cfg.backbone_dtype])
     record_run_settings(model, args.run_settings, args.training_data or model.config.training_data or args.data)
     model.to(device).train()
     step_module = TrainStep(model, cfg.weights)
@@ -198,20 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     out_norm = mean_row_norm(out_emb.weight) if out_emb is not None else None
     if cfg.renorm_img_embeddings:
         renorm_img_embeddings(model, emb_norm, out_norm)
-
-    state = {"step": 0, "epoch": 0, "position": 0, "best": -1.0, "skipped": {}}
-    concat_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    if args.resume and checkpoints(out):
-        last = checkpoints(out)[-1]
-        load_strict(model.adapter, load_safetensors(last / "gill.safetensors"), str(last))
-        saved = torch.load(last / "trainer_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        scheduler.load_state_dict(saved.pop("scheduler"))
-        concat_rng.set_state(saved.pop("concat_rng"))
-        torch.set_rng_state(saved.pop("torch_rng"))
-        state.update(saved)
-        LOG.info("resumed from %s (step %d)", last, state["step"])
-
     if world > 1:
         frozen = [n for n, p in step_module.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in step_module.named_buffers()]
@@ -219,125 +235,258 @@ def main(argv: list[str] | None = None) -> int:
         ddp = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         ddp = step_module
+    run = Run(args, cfg, device, world, rank, per_rank, Path(args.out), model, tokenizer, processor, step_module, ddp,
+              trainable, optimizer, scheduler, emb_norm, out_norm, torch.Generator().manual_seed(cfg.seed + 1))
+    if args.resume:
+        resume(run)
+    return run
 
-    writer = None
-    if rank == 0 and not args.no_tensorboard:
+
+def settings_record(run: Run) -> dict:
+    """What a resumed run compares against: the recipe's values and the data it reads."""
+    import dataclasses
+
+    cfg = dataclasses.asdict(run.cfg)
+    return {**cfg, "model": run.args.model, "data": run.args.data, "sd_embeddings": run.args.sd_embeddings,
+            "world_size": run.world}
+
+
+def verified_checkpoint(path: Path, run: Run) -> dict:
+    """A checkpoint's trainer state, after checking its weights against the model (raises naming the file)."""
+    from gill.checkpoint import check_state_dict, expected_shapes, load_safetensors
+
+    weights = load_safetensors(path / "gill.safetensors")
+    check_state_dict(weights, expected_shapes(run.model.adapter), str(path / "gill.safetensors"))
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        raise ValueError(f"{path / 'gill.safetensors'}: holds NaN or infinite weights")
+    try:
+        saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, missing, foreign: say which file and why
+        raise ValueError(f"{path / 'trainer_state.pt'}: cannot be read ({type(e).__name__}: {e})") from None
+    missing = {"optimizer", "scheduler", "concat_rng", "torch_rng", "step"} - set(saved)
+    if missing:
+        raise ValueError(f"{path / 'trainer_state.pt'}: lacks {sorted(missing)}")
+    saved["weights"] = weights
+    return saved
+
+
+def resume(run: Run) -> Path | None:
+    """Continue from the newest checkpoint that verifies, saying which and why newer ones were passed over,
+    and what differs from the settings it was saved with. None when there is no checkpoint (a fresh run)."""
+    from gill.checkpoint import load_strict
+
+    found = checkpoints(run.out)
+    if not found:
+        LOG.info("no checkpoint in %s: starting from step 0", run.out / "checkpoints")
+        return None
+    problems = []
+    for path in reversed(found):
+        try:
+            saved = verified_checkpoint(path, run)
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+            LOG.warning("checkpoint %s is unusable (%s); trying the one before", path.name, e)
+            continue
+        load_strict(run.model.adapter, saved.pop("weights"), str(path))
+        run.optimizer.load_state_dict(saved.pop("optimizer"))
+        run.scheduler.load_state_dict(saved.pop("scheduler"))
+        run.concat_rng.set_state(saved.pop("concat_rng"))
+        torch.set_rng_state(saved.pop("torch_rng"))
+        before = saved.pop("settings", None)
+        run.state.update(saved)
+        run.skipped = Counter(run.state["skipped"])
+        if problems:
+            LOG.warning("resumed from %s (step %d), the newest usable checkpoint", path, run.state["step"])
+        else:
+            LOG.info("resumed from %s (step %d)", path, run.state["step"])
+        if before is not None:
+            now = settings_record(run)
+            changed = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
+            if changed:
+                LOG.warning("resuming with changed settings: %s",
+                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
+        return path
+    raise TrainingError(f"--resume: none of the {len(found)} checkpoint(s) in {run.out / 'checkpoints'} is usable:\n  "
+                        + "\n  ".join(problems) + "\nremove them to start again, or restore a good copy")
+
+
+def train_step(run: Run, samples: list) -> dict[str, float] | None:
+    """One optimizer step on this rank's part of a global batch. Returns the step's losses, or None when
+    the loss or the gradient is not finite: then nothing is updated, the step is counted in
+    ``state["bad_steps"]``, and after ``cfg.max_bad_steps`` such steps in a row the run stops."""
+    from training import distributed as D
+    from training.step import renorm_img_embeddings, tokenize
+
+    cfg, model = run.cfg, run.model
+    vision_dtype = next(model.vision.parameters()).dtype
+    mine = samples[run.rank * run.per_rank * cfg.grad_accum:(run.rank + 1) * run.per_rank * cfg.grad_accum]
+    concat_cap = bool(torch.rand((), generator=run.concat_rng) < cfg.concat_prob)
+    concat_img = bool(torch.rand((), generator=run.concat_rng) < cfg.concat_prob)
+    run.optimizer.zero_grad(set_to_none=True)
+    logged = Counter()
+    for micro in range(cfg.grad_accum):
+        part = mine[micro * run.per_rank:(micro + 1) * run.per_rank]
+        pixels = torch.stack([s.pixel_values for s in part]).to(run.device, vision_dtype)
+        target = torch.stack([s.sd_embedding for s in part]).to(run.device, torch.float32)
+        text = tokenize(run.tokenizer, [s.caption for s in part], cfg.max_len, model.config.tokens.num_img_tokens)
+        sync = micro == cfg.grad_accum - 1 or run.world == 1
+        ctx = run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext()
+        with ctx, autocast(cfg, run.device):
+            result = run.ddp(pixels, text, target, concat_cap, concat_img)
+        (result.total / cfg.grad_accum).backward()
+        for name in ("caption", "img_token_ce", "contrastive", "mapper"):
+            logged[name] += getattr(result, name).item() / cfg.grad_accum
+    # gradients are all-reduced, so every rank sees the same norm and takes the same decision
+    norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
+    logged = D.all_mean(dict(logged))
+    logged["total"] = logged["caption"] + logged["img_token_ce"] + logged["contrastive"] + logged["mapper"]
+    if not (math.isfinite(float(norm)) and math.isfinite(logged["total"])):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.state["bad_steps"] = run.state.get("bad_steps", 0) + 1
+        run.bad_in_a_row += 1
+        LOG.warning("step %d skipped: non-finite %s (%d in a row, %d in all)", run.state["step"] + 1,
+                    "gradient" if math.isfinite(logged["total"]) else "loss", run.bad_in_a_row, run.state["bad_steps"])
+        if run.bad_in_a_row >= cfg.max_bad_steps:
+            raise TrainingError(f"{run.bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at "
+                                f"step {run.state['step'] + 1}); the weights are those of step {run.state['step']}, and "
+                                "no checkpoint was written from a bad step. Lower --lr, check the data, or raise "
+                                "--max-bad-steps")
+        return None
+    run.bad_in_a_row = 0
+    run.optimizer.step()
+    run.scheduler.step()
+    if cfg.renorm_img_embeddings:
+        renorm_img_embeddings(model, run.emb_norm, run.out_norm)
+    run.state["step"] += 1
+    return logged
+
+
+def save(run: Run) -> Path | None:
+    """A checkpoint of the current step (rank 0 writes; every rank waits). Refused, keeping the older ones,
+    if a weight is not finite."""
+    from training import distributed as D
+
+    run.state["skipped"] = dict(run.skipped)
+    path = None
+    if run.rank == 0:
+        bad = [n for n, p in run.model.adapter.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"step {run.state['step']}: weights {bad[:5]} are not finite; no checkpoint written "
+                                f"(the last good one is kept in {run.out / 'checkpoints'})")
+        path = save_checkpoint(run.out, run.model, run.optimizer, run.scheduler,
+                               {**run.state, "concat_rng": run.concat_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                                "settings": settings_record(run)},
+                               run.cfg.keep_last)
+    D.barrier()
+    return path
+
+
+def validate_and_keep_best(run: Run) -> dict[str, float]:
+    metrics = validate(run.model, run.tokenizer, run.processor, run.args, run.cfg, run.device)
+    if run.rank == 0:
+        LOG.info("step %d %s", run.state["step"], json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        if run.writer is not None:
+            for k, v in metrics.items():
+                run.writer.add_scalar(k, v, run.state["step"])
+    score = metrics.get("val/t2i_recall@1", -1.0)
+    if run.rank == 0 and score > run.state["best"]:
+        from gill._io import atomic_write_text
+        from gill.checkpoint import save_model
+
+        run.state["best"] = score
+        save_model(run.out / "best", run.model)
+        atomic_write_text(run.out / "best" / "metrics.json", json.dumps({"step": run.state["step"], **metrics}, indent=2))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training import distributed as D
+    from training.data import ShardStream, expand_shards, global_batches
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run = setup(argv)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cfg, args, state, out = run.cfg, run.args, run.state, run.out
+    if run.rank == 0 and not args.no_tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out / "tensorboard"))
+            run.writer = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
             LOG.warning("tensorboard not installed: no TensorBoard logs")
     bar = None
-    if rank == 0 and not args.no_progress:
+    if run.rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=state["step"], unit="step", dynamic_ncols=True)
 
     train_shards = expand_shards(args.data)
-    skipped = Counter(state["skipped"])
-    exit_at = int(os.environ.get("GILL_TRAIN_TEST_EXIT_AT_STEP", "0"))  # test hook: simulate a kill
-    history = []
-    vision_dtype = next(model.vision.parameters()).dtype
+    sd_shape = (run.model.config.gen_seq_len, run.model.config.gen_emb_dim)
     t_start, samples_seen = time.perf_counter(), 0
 
     def loader(epoch: int, start: int):
-        stream = ShardStream(train_shards, processor, args.sd_embeddings, epoch=epoch, seed=cfg.seed, start=start,
-                             shuffle_buffer=cfg.shuffle_buffer)
+        stream = ShardStream(train_shards, run.processor, args.sd_embeddings, epoch=epoch, seed=cfg.seed, start=start,
+                             shuffle_buffer=cfg.shuffle_buffer, sd_shape=sd_shape)
         dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          collate_fn=lambda x: x)
-        return global_batches(iter(dl), cfg.batch_size, skipped)
+        return global_batches(iter(dl), cfg.batch_size, run.skipped)
 
     batches = loader(state["epoch"], state["position"])
     fresh = False
-    while state["step"] < cfg.steps:
-        try:
-            samples, consumed = next(batches)
-        except StopIteration:
-            if fresh:
-                raise SystemExit(f"error: no complete batch of {cfg.batch_size} in the training data") from None
-            state["epoch"] += 1
-            state["position"] = 0
-            batches = loader(state["epoch"], 0)
-            fresh = True
-            continue
-        fresh = False
-        # this rank's micro-batches of the global batch
-        mine = samples[rank * per_rank * cfg.grad_accum:(rank + 1) * per_rank * cfg.grad_accum]
-        concat_cap = bool(torch.rand((), generator=concat_rng) < cfg.concat_prob)
-        concat_img = bool(torch.rand((), generator=concat_rng) < cfg.concat_prob)
-        optimizer.zero_grad(set_to_none=True)
-        logged = Counter()
-        for micro in range(cfg.grad_accum):
-            part = mine[micro * per_rank:(micro + 1) * per_rank]
-            pixels = torch.stack([s.pixel_values for s in part]).to(device, vision_dtype)
-            target = torch.stack([s.sd_embedding for s in part]).to(device, torch.float32)
-            text = tokenize(tokenizer, [s.caption for s in part], cfg.max_len, model.config.tokens.num_img_tokens)
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx, autocast(cfg, device):
-                result = ddp(pixels, text, target, concat_cap, concat_img)
-            (result.total / cfg.grad_accum).backward()
-            for name in ("caption", "img_token_ce", "contrastive", "mapper"):
-                logged[name] += getattr(result, name).item() / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if cfg.renorm_img_embeddings:
-            renorm_img_embeddings(model, emb_norm, out_norm)
-        state["step"] += 1
-        state["position"] = consumed  # stream items of this epoch consumed (the resume point)
-        samples_seen += cfg.batch_size
-        logged = D.all_mean(dict(logged))
-        logged["total"] = (logged["caption"] + logged["img_token_ce"] + logged["contrastive"] + logged["mapper"])
-        history.append(logged)
-        if rank == 0:
-            rate = samples_seen / max(time.perf_counter() - t_start, 1e-9)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{logged['total']:.3f}", samples_per_s=f"{rate:.1f}")
-            if writer is not None and state["step"] % cfg.log_every == 0:
-                for k, v in logged.items():
-                    writer.add_scalar(f"train/{k}", v, state["step"])
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state["step"])
-                writer.add_scalar("train/samples_per_s", rate, state["step"])
-        if args.val_data and (state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps):
-            metrics = validate(model, tokenizer, processor, args, cfg, device)
-            if rank == 0:
-                LOG.info("step %d %s", state["step"], json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(k, v, state["step"])
-            score = metrics.get("val/t2i_recall@1", -1.0)
-            if rank == 0 and score > state["best"]:
-                state["best"] = score
-                from gill.checkpoint import save_model
-
-                shutil.rmtree(out / "best.tmp", ignore_errors=True)
-                save_model(out / "best.tmp", model)
-                (out / "best.tmp" / "metrics.json").write_text(json.dumps({"step": state["step"], **metrics}, indent=2))
-                shutil.rmtree(out / "best", ignore_errors=True)
-                os.replace(out / "best.tmp", out / "best")
-        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-            state["skipped"] = dict(skipped)
-            if rank == 0:
-                save_checkpoint(out, model, optimizer, scheduler,
-                                {**state, "concat_rng": concat_rng.get_state(), "torch_rng": torch.get_rng_state()},
-                                cfg.keep_last)
-            D.barrier()
-        if exit_at and state["step"] == exit_at:
-            os._exit(137)
-    if rank == 0:
+    try:
+        while state["step"] < cfg.steps:
+            try:
+                samples, consumed = next(batches)
+            except StopIteration:
+                if fresh:
+                    raise SystemExit(f"error: no complete batch of {cfg.batch_size} in the training data") from None
+                state["epoch"] += 1
+                state["position"] = 0
+                batches = loader(state["epoch"], 0)
+                fresh = True
+                continue
+            fresh = False
+            logged = train_step(run, samples)
+            state["position"] = consumed  # stream items of this epoch consumed (the resume point)
+            if logged is None:
+                continue
+            samples_seen += cfg.batch_size
+            state["history"].append(logged)
+            if run.rank == 0:
+                rate = samples_seen / max(time.perf_counter() - t_start, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logged['total']:.3f}", samples_per_s=f"{rate:.1f}")
+                if run.writer is not None and state["step"] % cfg.log_every == 0:
+                    for k, v in logged.items():
+                        run.writer.add_scalar(f"train/{k}", v, state["step"])
+                    run.writer.add_scalar("train/lr", run.scheduler.get_last_lr()[0], state["step"])
+                    run.writer.add_scalar("train/samples_per_s", rate, state["step"])
+            if args.val_data and (state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps):
+                validate_and_keep_best(run)
+            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+                save(run)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        D.cleanup()
+        return 1
+    if run.rank == 0:
+        from gill._io import atomic_write_text
         from gill.checkpoint import save_model
 
-        save_model(out / "final", model)
-        (out / "history.json").write_text(json.dumps(history))
-        (out / "skipped.json").write_text(json.dumps(dict(skipped), indent=2))
+        save_model(out / "final", run.model)
+        atomic_write_text(out / "history.json", json.dumps(state["history"]))
+        report = {**dict(run.skipped), **({"non-finite steps": state["bad_steps"]} if state.get("bad_steps") else {})}
+        atomic_write_text(out / "skipped.json", json.dumps(report, indent=2))
         if bar is not None:
             bar.close()
-        if writer is not None:
-            writer.close()
-        LOG.info("done: %d steps; bad samples skipped (occurrences): %s", state["step"], dict(skipped) or "none")
+        if run.writer is not None:
+            run.writer.close()
+        LOG.info("done: %d steps; bad samples skipped (occurrences): %s; non-finite steps skipped: %d",
+                 state["step"], dict(run.skipped) or "none", state.get("bad_steps", 0))
     D.cleanup()
     return 0
 
