@@ -17,11 +17,23 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
+def caption_of(image: Path) -> str:
+    """The caption beside an image (``NAME.txt``); one that is not UTF-8 is reported and left empty, so
+    training counts the sample as "empty caption" instead of the whole conversion failing."""
+    path = image.with_suffix(".txt")
+    if not path.is_file():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (UnicodeDecodeError, OSError) as e:
+        print(f"warning: {path}: caption not readable as UTF-8 text ({e}); the sample gets no caption", file=sys.stderr)
+        return ""
+
+
 def rows(source: Path) -> list[tuple[Path, str]]:
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip() if p.with_suffix(".txt").is_file() else "")
-                for p in files]
+        return [(p, caption_of(p)) for p in files]
     delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
     with open(source, newline="", encoding="utf-8") as f:
         table = list(csv.DictReader(f, delimiter=delimiter))

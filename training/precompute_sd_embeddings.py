@@ -13,7 +13,6 @@ model directory or preset means the diffusion pipeline it generates with.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -66,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import save_file
 
+    from gill._io import atomic_path
+
     from training.data import expand_shards, shard_name
 
     out = Path(args.out)
@@ -83,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             chunk = items[start:start + args.batch_size]
             states = encode(tokenizer, encoder, [c for _, c in chunk])
             tensors.update({k: s.contiguous() for (k, _), s in zip(chunk, states)})
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"sd": args.sd})
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:  # a unique temporary name: two runs over one folder do not collide
+            save_file(tensors, str(tmp), metadata={"sd": args.sd})
         done += 1
         print(f"{target}: {len(tensors)} captions")
     print(f"{done} shards written, {skipped} already done")
