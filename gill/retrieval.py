@@ -8,13 +8,21 @@ model alone (vision encoder + retrieval projection), for building indexes withou
 (``gill.loading.load_image_embedder`` reads one from a model). ``read_original_embeddings`` reads the
 original release's ``cc3m_embeddings_urls.npy`` with a restricted unpickler.
 
-Index directory (``FORMAT_VERSION`` 1):
+Index directory (``INDEX_FORMAT_VERSION`` 2; format 1 directories are read too):
 - ``manifest.json``: format_version, dim, metric ("inner_product" over L2-normalised vectors), count,
   index_type ("flat", "ivf", "ivfpq", "hnsw"), index_params, fingerprint (of the model's image-retrieval
-  projection, ``projection_fingerprint``), model (name or path it was built with);
-- ``index.faiss``: the FAISS index; vector i is the image with id i;
-- ``metadata.sqlite``: table ``images(id, source, caption, sha256, width, height, license)``;
+  projection, ``projection_fingerprint``), model (name or path it was built with), files (the names of
+  this generation's FAISS index and metadata table; format 1: ``index.faiss`` and ``metadata.sqlite``),
+  source_roots (the folders outside the directory the build read images from) and roots_signature;
+- the FAISS index (``index-GENERATION.faiss``): vector i is the image with id i;
+- the metadata table (``metadata-GENERATION.sqlite``): ``images(id, source, caption, sha256, width, height,
+  license)``;
 - ``report.json`` (build counts, skipped items) and ``work/`` (resumable build state) are the builder's.
+
+The manifest is written last, in one rename: it is the commit point of a build or an update, so a reader
+sees the previous generation's files or the new ones, never a mix. Every file is checked when the index
+is opened (``IndexFormatError`` names the one at fault), and hits' local images are read only from
+inside the index directory or the build's own source folders (``FaissIndex.image_path``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from gill.images import check_image, open_image
 
 
 @dataclass(frozen=True)
@@ -60,12 +70,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 def open_local_image(record: ImageRecord) -> Any:
     """Default loader: the record's source as a local file. URLs are not fetched here (no hidden network
     calls on the hot path); give the index a loader that fetches them, with a timeout, if you want that."""
-    from PIL import Image
-
     if "://" in record.source:
         raise FileNotFoundError(f"image {record.id} is a URL ({record.source}); this index has no URL loader")
-    with Image.open(record.source) as im:
-        return im.convert("RGB")
+    return open_image(record.source)  # bounded size and aspect ratio; ImageError names the file
 
 
 class EmbeddingIndex:
@@ -128,14 +135,62 @@ class EmbeddingIndex:
 
 # ---- index directories ---------------------------------------------------------------------------------
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: ``files`` (the generation's file names), ``source_roots``, ``roots_signature``
 MANIFEST_NAME = "manifest.json"
-INDEX_NAME = "index.faiss"
+INDEX_NAME = "index.faiss"  # format 1's fixed names; format 2 names each generation's files in the manifest
 METADATA_NAME = "metadata.sqlite"
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+METADATA_COLUMNS = ("id", "source", "caption", "sha256", "width", "height", "license")
+KEY_FILE_ENV = "GILL_INDEX_KEY_FILE"
 
 
 class IndexMismatchError(ValueError):
     """An index built with another model's image-retrieval projection."""
+
+
+class IndexFormatError(ValueError):
+    """A file of an index directory that is missing, unreadable, corrupt or inconsistent with the others;
+    ``path`` names the file and the message says what was expected."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(f"{os.fspath(path)}: {problem}")
+        self.path = Path(path)
+
+
+class SourceOutsideError(ValueError):
+    """A hit's local source lies outside the folders an index may read images from."""
+
+
+def _is_int(lo: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_file_name(v: Any) -> bool:
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v and "\0" not in v
+
+
+# field -> (check, what is expected), for reading a manifest written by anyone
+_MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "format_version": (_is_int(1), "an integer >= 1"),
+    "dim": (_is_int(1), "an integer >= 1"),
+    "count": (_is_int(0), "an integer >= 0"),
+    "index_type": (lambda v: v in INDEX_TYPES, f"one of {', '.join(INDEX_TYPES)}"),
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "model": (lambda v: isinstance(v, str), "a string"),
+    "metric": (lambda v: v == "inner_product", '"inner_product"'),
+    "index_params": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(1)(x) for k, x in v.items()),
+                     "an object of integers >= 1 (nlist, nprobe, pq_m, hnsw_m, ef_search)"),
+    "files": (lambda v: isinstance(v, dict) and set(v) == {"index", "metadata"} and all(map(_is_file_name, v.values())),
+              'an object {"index": FILE, "metadata": FILE} of file names inside the index directory'),
+    "source_roots": (lambda v: isinstance(v, list) and all(isinstance(r, str) and os.path.isabs(r) for r in v),
+                     "a list of absolute folder paths"),
+    "roots_signature": (lambda v: isinstance(v, str), "a string"),
+}
+_REQUIRED = ("dim", "count", "index_type", "fingerprint")
+
+
+def _legacy_files() -> dict[str, str]:
+    return {"index": INDEX_NAME, "metadata": METADATA_NAME}
 
 
 @dataclass
@@ -147,6 +202,9 @@ class IndexManifest:
     model: str = ""
     metric: str = "inner_product"
     index_params: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=_legacy_files)
+    source_roots: list[str] = field(default_factory=list)
+    roots_signature: str = ""
     format_version: int = INDEX_FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -154,19 +212,36 @@ class IndexManifest:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> IndexManifest:
+        """Read and check a manifest: a file that is not JSON, lacks a field or has one of the wrong type
+        raises ``IndexFormatError`` naming the file and the field."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no index manifest (is this an index directory?)") from None
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
+        except (OSError, UnicodeDecodeError) as e:
+            raise IndexFormatError(path, f"cannot read the index manifest ({e})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise IndexFormatError(path, f"not JSON ({e}); expected the index manifest, a JSON object") from None
+        if not isinstance(data, dict):
+            raise IndexFormatError(path, f"holds a JSON {type(data).__name__}; expected the index manifest, a JSON object")
+        version = data.get("format_version", 1)
+        if _is_int(1)(version) and version > INDEX_FORMAT_VERSION:
+            raise IndexFormatError(path, f"index format {version} is newer than this library reads "
+                                         f"(up to {INDEX_FORMAT_VERSION})")
+        unknown = sorted(set(data) - set(_MANIFEST_FIELDS))
         if unknown:
-            raise ValueError(f"{path}: unknown manifest field(s) {unknown}")
-        manifest = cls(**data)
-        if manifest.format_version > INDEX_FORMAT_VERSION:
-            raise ValueError(f"{path}: index format {manifest.format_version} is newer than this library reads")
-        return manifest
+            raise IndexFormatError(path, f"unknown manifest field(s) {unknown}")
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise IndexFormatError(path, f"missing manifest field(s) {missing}")
+        for name, value in data.items():
+            check, expected = _MANIFEST_FIELDS[name]
+            if not check(value):
+                raise IndexFormatError(path, f"manifest field {name!r} is {value!r}; expected {expected}")
+        return cls(**data)
 
 
 def projection_fingerprint(projection: torch.nn.Linear) -> str:
@@ -176,6 +251,84 @@ def projection_fingerprint(projection: torch.nn.Linear) -> str:
     for t in (projection.weight, projection.bias):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# ---- where an index may read images from ------------------------------------------------------------
+#
+# An index records local images as paths; a shared index is data from someone else, and its metadata (or
+# its manifest) could name any file: ``../../etc/passwd``, ``/home/you/private.jpg``. So a hit's local
+# image is read only from inside the index directory, or from a folder the build recorded in the
+# manifest's ``source_roots`` *and* signed with this user's key (an HMAC with a random key kept in
+# ``~/.config/gill/index-key``, or the file ``$GILL_INDEX_KEY_FILE``): an index this user built from their
+# own folders reads them, an index from elsewhere reads only what it carries. ``allow_outside=True``
+# or ``source_roots=[...]`` (folders the caller trusts) open it up.
+
+
+def _key_file() -> Path:
+    if os.environ.get(KEY_FILE_ENV):
+        return Path(os.environ[KEY_FILE_ENV])
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "gill" / "index-key"
+
+
+def _read_key(create: bool = False) -> bytes | None:
+    """This user's signing key (32 random bytes, mode 0600); None where there is none and it cannot be made."""
+    import secrets
+
+    from gill._io import unique_temp_name
+
+    path = _key_file()
+    try:
+        key = path.read_bytes()
+        return key if len(key) >= 32 else None
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = unique_temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # a secret: not the umask's mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # never replaces a key another process made meanwhile
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        key = path.read_bytes()
+        return key if len(key) >= 32 else None
+    except OSError:
+        return None
+
+
+def _roots_mac(key: bytes, roots: Sequence[str]) -> str:
+    import hmac
+
+    return hmac.new(key, json.dumps(sorted(roots)).encode("utf-8"), "sha256").hexdigest()
+
+
+def sign_source_roots(roots: Sequence[str]) -> str:
+    """The signature a build stores beside its ``source_roots`` ("" for none, or where no key can be kept)."""
+    if not roots:
+        return ""
+    key = _read_key(create=True)
+    return _roots_mac(key, roots) if key is not None else ""
+
+
+def source_roots_signed(manifest: IndexManifest) -> bool:
+    """Whether this user's key signed the manifest's ``source_roots`` (so this user's build recorded them)."""
+    import hmac
+
+    if not manifest.source_roots or not manifest.roots_signature:
+        return False
+    key = _read_key()
+    return key is not None and hmac.compare_digest(_roots_mac(key, manifest.source_roots), manifest.roots_signature)
 
 
 def read_records(db: sqlite3.Connection, ids: Sequence[int]) -> dict[int, ImageRecord]:
@@ -188,27 +341,102 @@ def read_records(db: sqlite3.Connection, ids: Sequence[int]) -> dict[int, ImageR
     return {r[0]: ImageRecord(*r) for r in rows}
 
 
-class FaissIndex:
-    """An index directory opened for search (same interface as ``EmbeddingIndex``)."""
+class _Replaced(Exception):
+    """The manifest changed while the files it named were being opened (a concurrent update)."""
 
-    def __init__(self, path: str | os.PathLike, image_loader: Callable[[ImageRecord], Any] = open_local_image):
+
+class FaissIndex:
+    """An index directory opened for search (same interface as ``EmbeddingIndex``).
+
+    Opening checks every file: a manifest that is not JSON or has a field of the wrong type, an
+    ``index.faiss`` that is corrupt, truncated or disagrees with the manifest, a ``metadata.sqlite`` that
+    is not a database or holds another number of rows than the index holds vectors: each raises
+    ``IndexFormatError`` naming the file. ``load_image`` reads local sources only from inside the index
+    directory or a signed source root (see above) unless ``allow_outside`` or ``source_roots`` say more.
+    """
+
+    def __init__(self, path: str | os.PathLike, image_loader: Callable[[ImageRecord], Any] = open_local_image, *,
+                 allow_outside: bool = False, source_roots: Sequence[str | os.PathLike] = ()):
+        self.path = Path(path)
+        self.image_loader = image_loader
+        self.allow_outside = allow_outside
+        for attempt in range(3):
+            self.manifest = IndexManifest.read(self.path / MANIFEST_NAME)
+            try:
+                self.index = self._read_faiss()
+                self.db = self._open_metadata()
+                break
+            except _Replaced:
+                if attempt == 2:
+                    raise IndexFormatError(self.path / MANIFEST_NAME, "kept changing while the index was opened; "
+                                                                      "is an update running? try again") from None
+        roots = [os.path.realpath(self.path)]
+        if source_roots_signed(self.manifest):
+            roots += self.manifest.source_roots
+        roots += [os.path.realpath(r) for r in source_roots]
+        self.image_roots = list(dict.fromkeys(roots))  # where load_image may read local images
+
+    def _file(self, kind: str) -> Path:
+        path = self.path / self.manifest.files[kind]
+        if not path.is_file():
+            try:
+                if IndexManifest.read(self.path / MANIFEST_NAME) != self.manifest:
+                    raise _Replaced
+            except (OSError, ValueError):
+                pass
+            what = "FAISS index" if kind == "index" else "metadata table"
+            raise IndexFormatError(path, f"missing; the manifest names it as the index's {what}")
+        return path
+
+    def _read_faiss(self) -> Any:
         import faiss
 
-        self.path = Path(path)
-        self.manifest = IndexManifest.read(self.path / MANIFEST_NAME)
-        self.index = faiss.read_index(str(self.path / INDEX_NAME))
-        if self.index.ntotal != self.manifest.count or self.index.d != self.manifest.dim:
-            raise ValueError(
-                f"{self.path}: {INDEX_NAME} holds {self.index.ntotal} vectors of dim {self.index.d}, the manifest "
-                f"says {self.manifest.count} of dim {self.manifest.dim}"
-            )
-        for name, value in self.manifest.index_params.items():
+        m, path = self.manifest, self._file("index")
+        try:
+            index = faiss.read_index(str(path))
+        except (RuntimeError, MemoryError) as e:
+            raise IndexFormatError(path, f"not a readable FAISS index, corrupt or truncated ({e})") from None
+        if index.ntotal != m.count or index.d != m.dim:
+            raise IndexFormatError(path, f"holds {index.ntotal} vectors of dim {index.d}; the manifest says "
+                                         f"{m.count} of dim {m.dim}")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise IndexFormatError(path, "is not an inner-product index; expected metric inner_product")
+        for name, value in m.index_params.items():
             if name == "nprobe":
-                faiss.extract_index_ivf(self.index).nprobe = value
+                try:
+                    faiss.extract_index_ivf(index).nprobe = value
+                except RuntimeError:
+                    raise IndexFormatError(path, f"is not an IVF index, but the manifest's index_type is "
+                                                 f"{m.index_type!r} with nprobe") from None
             elif name == "ef_search":
-                self.index.hnsw.efSearch = value
-        self.db = sqlite3.connect(f"file:{self.path / METADATA_NAME}?mode=ro", uri=True, check_same_thread=False)
-        self.image_loader = image_loader
+                if not hasattr(index, "hnsw"):
+                    raise IndexFormatError(path, f"is not an HNSW index, but the manifest's index_type is "
+                                                 f"{m.index_type!r} with ef_search")
+                index.hnsw.efSearch = value
+        return index
+
+    def _open_metadata(self) -> sqlite3.Connection:
+        path, count = self._file("metadata"), self.manifest.count
+        db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+        try:
+            columns = {r[1]: (r[2].upper(), r[5]) for r in db.execute("PRAGMA table_info(images)")}
+            if set(METADATA_COLUMNS) - set(columns) or columns["id"] != ("INTEGER", 1):
+                raise IndexFormatError(path, f"has no table images({', '.join(METADATA_COLUMNS)}) with an INTEGER "
+                                             f"PRIMARY KEY id; found columns {sorted(columns)}")
+            n, lo, hi = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM images").fetchone()
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise IndexFormatError(path, f"not a readable SQLite database, corrupt or truncated ({e}); expected "
+                                         "the index's metadata table") from None
+        except IndexFormatError:
+            db.close()
+            raise
+        if n != count or (n and (lo, hi) != (0, n - 1)):
+            db.close()
+            span = f" (ids {lo}..{hi})" if n else ""
+            raise IndexFormatError(path, f"has {n} image rows{span}; the index holds {count} vectors, one row "
+                                         f"per vector with ids 0..{count - 1} expected")
+        return db
 
     @property
     def dim(self) -> int:
@@ -217,13 +445,17 @@ class FaissIndex:
     def __len__(self) -> int:
         return self.manifest.count
 
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        try:
+            return self.db.execute(sql, list(params)).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise IndexFormatError(self.path / self.manifest.files["metadata"], f"unreadable ({e})") from None
+
     def _excluded_ids(self, keys: set[str]) -> set[int]:
         if not keys:
             return set()
         marks = ",".join("?" * len(keys))
-        rows = self.db.execute(
-            f"SELECT id FROM images WHERE sha256 IN ({marks}) OR source IN ({marks})", [*keys, *keys]
-        ).fetchall()
+        rows = self._query(f"SELECT id FROM images WHERE sha256 IN ({marks}) OR source IN ({marks})", [*keys, *keys])
         return {r[0] for r in rows}
 
     def search(
@@ -233,22 +465,51 @@ class FaissIndex:
 
         if queries.shape[-1] != self.dim:
             raise ValueError(f"queries are {queries.shape[-1]}-d but the index holds {self.dim}-d embeddings")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         q = F.normalize(queries.detach().float().cpu(), dim=-1).numpy().astype(np.float32)
         excluded = [self._excluded_ids(exclude[i]) if exclude else set() for i in range(len(q))]
         k_search = min(k + max((len(e) for e in excluded), default=0), len(self))
+        if k_search == 0:
+            return [[] for _ in range(len(q))]
         scores, ids = self.index.search(q, k_search)
-        records = read_records(self.db, sorted({int(i) for i in ids.ravel() if i >= 0}))
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        marks = ",".join("?" * len(wanted))
+        records = {r[0]: ImageRecord(*r) for r in self._query(
+            f"SELECT id, source, caption, sha256, width, height, license FROM images WHERE id IN ({marks})", wanted)}
         hits = []
         for row in range(len(q)):
             kept = [Hit(records[int(i)], float(s) * scale) for s, i in zip(scores[row], ids[row])
-                    if i >= 0 and int(i) not in excluded[row]]
+                    if i >= 0 and int(i) not in excluded[row] and int(i) in records]
             hits.append(kept[:k])
         return hits
 
+    def image_path(self, source: str) -> Path:
+        """The file a local ``source`` names (relative ones are read from the index directory), refused with
+        ``SourceOutsideError`` where it (symlinks followed) leaves the folders this index may read."""
+        from gill._io import inside
+
+        try:
+            target = Path(os.path.realpath(self.path / source))  # an absolute source replaces the index path
+        except ValueError as e:  # e.g. an embedded NUL
+            raise SourceOutsideError(f"{self.path}: image source {source!r} is not a path ({e})") from None
+        if self.allow_outside:
+            return target
+        for root in self.image_roots:
+            try:
+                return inside(root, target, what="image source")
+            except ValueError:
+                continue
+        raise SourceOutsideError(
+            f"{self.path}: image source {source!r} is outside the index directory"
+            + (" and the source folders its build recorded" if len(self.image_roots) > 1 else "")
+            + "; it is not read (pass allow_outside=True, or source_roots=[FOLDER] for a folder you trust)")
+
     def load_image(self, record: ImageRecord) -> Any:
-        """The record's image; a relative local source is read from inside the index directory."""
-        if "://" not in record.source and not os.path.isabs(record.source):
-            record = replace(record, source=str(self.path / record.source))
+        """The record's image. A relative local source is read from inside the index directory; no local
+        source is read from outside the folders this index may read (``image_path``)."""
+        if "://" not in record.source:
+            record = replace(record, source=str(self.image_path(record.source)))
         return self.image_loader(record)
 
 
@@ -258,10 +519,14 @@ def open_index(
     *,
     allow_mismatch: bool = False,
     image_loader: Callable[[ImageRecord], Any] = open_local_image,
+    allow_outside: bool = False,
+    source_roots: Sequence[str | os.PathLike] = (),
 ) -> FaissIndex:
     """Open an index directory; refuse it if it was built with another image-retrieval projection than
-    the one whose ``fingerprint`` is given (``allow_mismatch=True`` overrides)."""
-    index = FaissIndex(path, image_loader=image_loader)
+    the one whose ``fingerprint`` is given (``allow_mismatch=True`` overrides). ``allow_outside`` and
+    ``source_roots``: where hits' local images may be read from beyond the index directory and its signed
+    source roots (see ``FaissIndex``)."""
+    index = FaissIndex(path, image_loader=image_loader, allow_outside=allow_outside, source_roots=source_roots)
     if fingerprint is not None and index.manifest.fingerprint != fingerprint and not allow_mismatch:
         raise IndexMismatchError(
             f"{path} was built with another model's image-retrieval projection (index fingerprint "
@@ -293,9 +558,12 @@ class ImageEmbedder:
 
     @torch.no_grad()
     def embed(self, images: Sequence[Any]) -> torch.Tensor:
-        """PIL images -> (N, dim) float32 on the CPU."""
+        """PIL images -> (N, dim) float32 on the CPU. An image too large or too elongated to embed safely
+        raises ``gill.images.ImageError`` (naming it by its position) before any resize."""
         param = next(self.vision.parameters())
-        pixels = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        # checked before the processor's resize: a 60000x1 image would become a 13-megapixel-wide one
+        images = [check_image(im, name=f"image {i}") for i, im in enumerate(images)]
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         pooled = self.vision(pixel_values=pixels.to(param.device, param.dtype)).pooler_output
         return self.projection(pooled.to(self.projection.weight.dtype)).float().cpu()
 

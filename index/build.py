@@ -5,8 +5,11 @@
 
 Images are embedded in batches by the model's vision encoder and image-retrieval projection (the LM is
 not loaded). Rerunning the same command resumes a killed build: committed batches are skipped, so no
-image is embedded twice and none is lost. Unreadable images, corrupt files, broken shards and
-unreachable URLs are skipped, counted and listed in ``report.json``; duplicates (same sha256) are dropped.
+image is embedded twice and none is lost. Unreadable, corrupt, oversized (over 40 megapixels) and
+over-elongated (beyond 20:1) images, broken shards and unreachable URLs are skipped, counted and listed in
+``report.json`` with their reasons; an image whose caption is not UTF-8 text is kept with an empty caption
+and counted as a bad caption; duplicates (same sha256) are dropped. Bad flag values (``--batch-size 0``)
+are refused when the command line is parsed.
 Under torchrun each rank embeds a disjoint part (shards for webdataset, rows for folders and tables) and
 rank 0 merges them.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import logging
 import os
 import sys
@@ -24,6 +26,8 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+
+from index.args import positive_int, positive_seconds
 
 LOG = logging.getLogger("index.build")
 SOURCE_STRIDE = 1_000_000  # order key of the k-th source added to an index: shard + k * SOURCE_STRIDE
@@ -36,11 +40,13 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index directory")
     p.add_argument("--index-type", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], default="auto",
                    help="auto: exact up to 200k images, IVF beyond")
-    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--nlist", type=positive_int, default=None, help="IVF lists, >= 1 (default 4*sqrt(N))")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists searched per query, >= 1")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch, >= 1")
     p.add_argument("--device", default=None, help="e.g. cuda; under torchrun each rank takes cuda:LOCAL_RANK")
-    p.add_argument("--url-timeout", type=float, default=10.0)
+    p.add_argument("--url-timeout", type=positive_seconds, default=10.0, help="seconds per URL, > 0")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="read a table's relative paths that leave the table's folder (../x.jpg)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -51,16 +57,29 @@ def batched(items, n):
         yield batch
 
 
-def decode_image(data: bytes):
-    """bytes -> (RGB PIL image, None) or (None, reason)."""
-    from PIL import Image, UnidentifiedImageError
+def decode_image(data: bytes, name: str = "image"):
+    """bytes -> (RGB PIL image, None) or (None, reason). Size and aspect ratio are bounded from the header,
+    before any pixel is decoded (``gill.images.open_image``)."""
+    from gill.images import ImageError, open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB"), None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        return None, f"corrupt image: {type(e).__name__}: {e}"
+        return open_image(data, name=name), None
+    except ImageError as e:
+        return None, f"bad image: {e.reason}"
+
+
+def embed_images(embedder, images: list) -> list[tuple[np.ndarray | None, str | None]]:
+    """(vector, None) or (None, reason) per image. A batch the embedder refuses (an image it will not
+    resize) is embedded again one image at a time, so only the bad image is skipped."""
+    from gill.images import ImageError
+
+    try:
+        return [(v, None) for v in embedder.embed(images).numpy().astype(np.float32)]
+    except ValueError as e:
+        if len(images) > 1:
+            return [result for image in images for result in embed_images(embedder, [image])]
+        reason = e.reason if isinstance(e, ImageError) else f"the image processor refused it ({e})"
+        return [(None, f"bad image: {reason}")]
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -68,7 +87,7 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size: int, url_timeout: float,
-                 progress: bool) -> dict:
+                 progress: bool, allow_outside: bool = False) -> dict:
     """Read ``source`` into this rank's work DB (resumable). Returns counts for this run."""
     from index.sources import iter_items
     from index.store import Row, WorkDB
@@ -84,7 +103,8 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
         from tqdm import tqdm
 
         bar = tqdm(unit="img", desc=f"embedding {source}", smoothing=0.05)
-    items = iter_items(source, shard_filter=lambda s: s % world == rank, skip=done.__contains__, url_timeout=url_timeout)
+    items = iter_items(source, shard_filter=lambda s: s % world == rank, skip=done.__contains__, url_timeout=url_timeout,
+                       allow_outside=allow_outside)
     start = time.perf_counter()
     for n_batch, batch in enumerate(batched(items, batch_size), start=1):
         rows, images, image_rows = [], [], []
@@ -98,10 +118,11 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
             if item.error:
                 row.reason = item.error
                 continue
-            image, reason = decode_image(item.data)
+            image, reason = decode_image(item.data, name=item.uid)
             if image is None:
                 row.reason = reason
                 continue
+            row.reason = item.warning or ""  # kept: a bad caption is counted, not fatal
             row.sha256 = hashlib.sha256(item.data).hexdigest()
             row.width, row.height = image.size
             if row.sha256 in hashes:
@@ -112,9 +133,12 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
             images.append(image)
             image_rows.append(row)
         if images:
-            vectors = embedder.embed(images).numpy().astype(np.float32)
-            for row, v in zip(image_rows, vectors):
-                row.vector = v.tobytes()
+            for row, (v, reason) in zip(image_rows, embed_images(embedder, images)):
+                if v is None:
+                    row.status, row.reason = "failed", reason
+                    hashes.discard(row.sha256)
+                else:
+                    row.vector = v.tobytes()
         if exit_after and n_batch > exit_after:
             os._exit(137)  # dies before committing this batch, like a kill
         work.commit(rows)
@@ -144,10 +168,24 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    from gill.retrieval import IndexFormatError
+    from index.sources import SourceError
+    from index.store import BuildStateError
+
+    try:
+        return run(args, update=update)
+    except (SourceError, IndexFormatError, BuildStateError) as e:  # a source or index file at fault: named
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, *, update: bool = False) -> int:
     from gill.loading import load_image_embedder
     from gill.retrieval import MANIFEST_NAME, IndexManifest
+    from index.sources import kind_of
     from index.store import WorkDB, finalize
 
+    kind_of(args.source)  # a source that is not there fails before the model loads
     rank, world, local_rank = dist_info()
     out = Path(args.out)
     device = args.device
@@ -178,7 +216,8 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
             meta.set_meta("sources", "\n".join(sources))
     meta.close()
     counts = embed_source(embedder, args.source, out, source_no=sources.index(args.source),
-                          batch_size=args.batch_size, url_timeout=args.url_timeout, progress=not args.no_progress)
+                          batch_size=args.batch_size, url_timeout=args.url_timeout, progress=not args.no_progress,
+                          allow_outside=args.allow_outside)
     LOG.info("rank %d: %s", rank, counts)
     barrier()
     if rank != 0:
@@ -189,7 +228,7 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     report = finalize(out, dim=embedder.dim, fingerprint=fingerprint, model=str(args.model), index_type=index_type,
                       nlist=args.nlist, nprobe=args.nprobe)
     print(f"{out}: {report['count']} images ({report['index_type']}), {report['duplicates']} duplicates, "
-          f"{report['failed']} failed (listed in {out / 'report.json'})")
+          f"{report['failed']} failed, {report['bad_captions']} bad captions (listed in {out / 'report.json'})")
     return 0
 
 

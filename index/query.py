@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from index.args import positive_int
+
 
 def text_query(gill, text: str) -> torch.Tensor:
     tok = gill.tokenizer(text + gill.img_tokens.text, return_tensors="pt")
@@ -24,33 +26,42 @@ def text_query(gill, text: str) -> torch.Tensor:
         return model.text_retrieval_embeddings(out.img_hidden)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--index", required=True)
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text")
     q.add_argument("--image")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=positive_int, default=5, help="hits to print, >= 1")
     p.add_argument("--allow-mismatch", action="store_true", help="use an index built by another model")
     p.add_argument("--json", action="store_true", help="print JSON lines")
-    args = p.parse_args(argv)
+    return p
 
-    from PIL import Image
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     from gill import GILL
+    from gill.images import ImageError, open_image
 
+    image = None
+    if args.image is not None:
+        try:  # checked before the model loads: bounded size and aspect ratio, before the processor resizes
+            image = open_image(args.image)
+        except (FileNotFoundError, ImageError) as e:
+            print(f"error: --image {e}", file=sys.stderr)
+            return 1
     try:
         gill = GILL.from_pretrained(args.model, index=args.index, load_diffusion=False,
                                     allow_index_mismatch=args.allow_mismatch)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.text is not None:
+    if image is None:
         query = text_query(gill, args.text)
     else:
-        with Image.open(args.image) as im:
-            pixels = gill.image_processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
+        pixels = gill.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             query = gill.model.encode_images(pixels.to(gill.device)).retrieval
     scale = gill.model.adapter.logit_scale.exp().item()

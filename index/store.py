@@ -4,8 +4,11 @@ Each rank writes ``work/rank-R.sqlite``: one row per item it has read (embedded,
 with the embedding for embedded ones, committed one batch per transaction. A killed build therefore
 loses at most the batch in flight, and a resumed one skips every committed item: no image is embedded
 twice and none is lost. ``finalize`` merges the ranks in source order, drops duplicates by content hash
-(first one wins), and writes ``index.faiss``, ``metadata.sqlite``, ``report.json`` and, last,
-``manifest.json``, each atomically.
+(first one wins), and writes a new *generation*: ``index-GEN.faiss`` and ``metadata-GEN.sqlite`` under
+names no other finalize uses, then ``manifest.json`` naming them (the commit point: one rename), then
+``report.json``, and only then removes the files of the generation it replaced. A build or an update
+killed at any point leaves the previous index whole and readable; two finalizing at once never write
+one temporary file (the last manifest wins, the other's files are removed by a later finalize).
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ import json
 import math
 import os
 import sqlite3
+import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gill.retrieval import INDEX_NAME, MANIFEST_NAME, METADATA_NAME, IndexManifest
+from gill._io import atomic_path, atomic_write_text
+from gill.retrieval import MANIFEST_NAME, IndexManifest, sign_source_roots
+
+REPORT_NAME = "report.json"
+STALE_AFTER_S = 3600.0  # an unnamed generation file this old is a crashed or outraced finalize's: removed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -47,12 +57,21 @@ class Row:
     vector: bytes | None = None
 
 
+class BuildStateError(ValueError):
+    """A build's work file that cannot be read; the message names it."""
+
+
 class WorkDB:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.db = sqlite3.connect(path)
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise BuildStateError(f"{path}: not a readable build state database ({e}); remove it (and rebuild "
+                                  "what it held) or use a new index directory") from None
 
     def done_uids(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT uid FROM items")}
@@ -91,8 +110,34 @@ def stored_source(source: str, out: Path) -> str:
         return source
     try:
         return Path(source).resolve().relative_to(out.resolve()).as_posix()
-    except ValueError:
+    except (ValueError, OSError):
         return source
+
+
+def source_roots(sources: Iterable[str], out: Path) -> list[str]:
+    """The fewest folders (symlinks resolved) holding every local image file among ``sources`` that lies
+    outside ``out``: what the manifest records (signed) as the folders a reader may load hits from."""
+    out_real = os.path.realpath(out)
+    real_dirs: dict[str, str] = {}
+    dirs: set[str] = set()
+    for source in sources:
+        if "://" in source or not os.path.isabs(source) or not os.path.lexists(source):
+            continue  # URLs, sources inside the index directory, shard members, vanished files
+        parent = os.path.dirname(source)
+        if parent not in real_dirs:
+            real_dirs[parent] = os.path.realpath(parent)
+        dirs.add(os.path.dirname(os.path.realpath(source)) if os.path.islink(source) else real_dirs[parent])
+    kept: set[str] = set()
+    for d in sorted(dirs, key=len):  # ancestors first
+        p, covered = d, False
+        while not covered:
+            covered = p in kept or p == out_real
+            if os.path.dirname(p) == p:
+                break
+            p = os.path.dirname(p)
+        if not covered:
+            kept.add(d)
+    return sorted(kept)
 
 
 def merged_rows(work: Path) -> list[tuple]:
@@ -169,22 +214,45 @@ def build_faiss(vectors: np.ndarray, index_type: str, *, nlist: int | None = Non
     return index, params
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    write(tmp)
-    os.replace(tmp, path)
+def _current_manifest(out: Path) -> IndexManifest | None:
+    try:
+        return IndexManifest.read(out / MANIFEST_NAME)
+    except (OSError, ValueError):  # none yet, or unreadable: this finalize replaces it
+        return None
+
+
+def _generation_names() -> tuple[str, str]:
+    gen = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"index-{gen}.faiss", f"metadata-{gen}.sqlite"
+
+
+def _remove_replaced(out: Path, previous: IndexManifest | None, current: IndexManifest) -> None:
+    """Remove the replaced generation's files, and generation or temporary files no manifest names that
+    are older than ``STALE_AFTER_S`` (left by a killed finalize, or by one that lost a race)."""
+    keep = set(current.files.values())
+    doomed = set(previous.files.values()) - keep if previous is not None else set()
+    now = time.time()
+    for pattern in ("index-*.faiss", "metadata-*.sqlite", ".index-*.tmp", ".metadata-*.tmp",
+                    f".{MANIFEST_NAME}.*.tmp", f".{REPORT_NAME}.*.tmp", ".*.faiss.tmp", ".*.sqlite.tmp"):
+        for p in out.glob(pattern):
+            try:
+                if p.name not in keep and now - p.stat().st_mtime > STALE_AFTER_S:
+                    doomed.add(p.name)
+            except OSError:
+                pass
+    for name in doomed:
+        (out / name).unlink(missing_ok=True)
 
 
 def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: str | None = None,
              **faiss_kwargs) -> dict:
-    """Merge the ranks' work and write the index directory. Returns the report."""
+    """Merge the ranks' work and write a new generation of the index directory (see the module's
+    docstring). Returns the report."""
     import faiss
 
     rows = merged_rows(out / "work")
     seen: set[str] = set()
-    kept, duplicates, failed = [], [], []
+    kept, duplicates, failed, bad_captions = [], [], [], []
     for r in rows:
         shard, pos, uid, status, reason, source, caption, lic, sha, w, h, vec = r
         if status == "failed":
@@ -194,15 +262,20 @@ def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: s
         else:
             seen.add(sha)
             kept.append(r)
+            if reason:  # kept with a problem: a caption that could not be read
+                bad_captions.append({"uid": uid, "reason": reason})
     vectors = np.stack([np.frombuffer(r[11], dtype=np.float32) for r in kept]) if kept else np.zeros((0, dim), np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     vectors = np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
     index_type = index_type or choose_index_type(len(kept))
     index, params = build_faiss(vectors, index_type, **faiss_kwargs)
+    stored = [stored_source(r[5], out) for r in kept]
 
-    _atomic(out / INDEX_NAME, lambda p: faiss.write_index(index, str(p)))
-
-    def write_db(p: Path) -> None:
+    previous = _current_manifest(out)
+    index_name, metadata_name = _generation_names()
+    with atomic_path(out / index_name) as p:
+        faiss.write_index(index, str(p))
+    with atomic_path(out / metadata_name) as p:
         db = sqlite3.connect(p)
         db.executescript(
             "CREATE TABLE images (id INTEGER PRIMARY KEY, source TEXT, caption TEXT, sha256 TEXT, width INTEGER, "
@@ -211,16 +284,23 @@ def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: s
         )
         with db:
             db.executemany("INSERT INTO images VALUES (?,?,?,?,?,?,?)",
-                           [(i, stored_source(r[5], out), r[6], r[8], r[9], r[10], r[7]) for i, r in enumerate(kept)])
+                           [(i, src, r[6], r[8], r[9], r[10], r[7]) for i, (src, r) in enumerate(zip(stored, kept))])
         db.close()
-
-    _atomic(out / METADATA_NAME, write_db)
+    roots = source_roots(stored, out)
+    manifest = IndexManifest(dim=dim, count=len(kept), index_type=index_type, fingerprint=fingerprint,
+                             model=model, index_params=params, files={"index": index_name, "metadata": metadata_name},
+                             source_roots=roots, roots_signature=sign_source_roots(roots))
+    atomic_write_text(out / MANIFEST_NAME, manifest.to_json())  # the commit point
+    kinds: dict[str, int] = {}
+    for f in failed:
+        kind = (f["reason"] or "unknown").split(":", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
     report = {
         "count": len(kept), "items_read": len(rows), "duplicates": len(duplicates), "failed": len(failed),
-        "failures": failed, "duplicate_uids": duplicates[:1000], "index_type": index_type, "index_params": params,
+        "failed_by_kind": dict(sorted(kinds.items())), "bad_captions": len(bad_captions),
+        "failures": failed, "bad_caption_items": bad_captions, "duplicate_uids": duplicates[:1000],
+        "index_type": index_type, "index_params": params, "files": manifest.files,
     }
-    _atomic(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
-    manifest = IndexManifest(dim=dim, count=len(kept), index_type=index_type, fingerprint=fingerprint,
-                             model=model, index_params=params)
-    _atomic(out / MANIFEST_NAME, lambda p: p.write_text(manifest.to_json()))
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    _remove_replaced(out, previous, manifest)
     return report

@@ -4,6 +4,8 @@
 
 New images get the next ids; images already in the index (same sha256) are counted as duplicates.
 The FAISS index is rebuilt from all stored embeddings with the index's type (IVF quantizers retrained).
+An update killed at any point leaves the previous index whole: readers keep using it until the new
+manifest is written in one rename (``index.store.finalize``); rerun the same command to resume.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def test_vist_end_to_end_on_the_fixture(tmp_path):
     assert "0.641" in page and "Мы пошли на пляж ☀️" in page and "context_masked" in page
     # a finished run resumed computes nothing, and can be re-scored
     assert main(args) == 0
-    assert json.loads((out / "summary.json").read_text())["runs"]["gill/1-caption"] == {"computed": 0, "reused": 3}
+    assert json.loads((out / "summary.json").read_text())["runs"]["gill/1-caption"] == {"computed": 0, "reused": 3, "skipped": []}
     assert main(["score", str(out), "--task", "vist"]) == 0
 
 
@@ -134,10 +134,10 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     assert list(read_records(tmp_path / "out" / setting.name / "records.jsonl")) == ["s1", "s2"]
     calls.clear()
     monkeypatch.setattr(gill.diffusion, "generate", lambda e, *a, **k: calls.append(len(e)) or real(e, *a, **k))
-    assert run_setting(gill, data, setting, tmp_path / "out", diffusion=opts, batch_size=2) == {"computed": 1, "reused": 2}
+    assert run_setting(gill, data, setting, tmp_path / "out", diffusion=opts, batch_size=2) == {"computed": 1, "reused": 2, "skipped": []}
     assert calls == [1]  # only s5 was generated
     calls.clear()
-    assert run_setting(gill, data, setting, tmp_path / "out", diffusion=opts, batch_size=2) == {"computed": 0, "reused": 3}
+    assert run_setting(gill, data, setting, tmp_path / "out", diffusion=opts, batch_size=2) == {"computed": 0, "reused": 3, "skipped": []}
     assert calls == []
 
 

@@ -20,6 +20,12 @@ from synthetic import write_shard
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _own_index_key(tmp_path, monkeypatch):
+    """Builds sign the source folders they record with this test's key, not the user's (~/.config/gill)."""
+    monkeypatch.setenv("GILL_INDEX_KEY_FILE", str(tmp_path / "index-key"))
+
+
 def png_bytes(color, size=(32, 32)):
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
@@ -76,10 +82,12 @@ def make_folder(root: Path):
 def index_state(path: Path):
     import sqlite3
 
-    db = sqlite3.connect(path / "metadata.sqlite")
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = manifest.pop("files")  # each generation's file names are its own
+    db = sqlite3.connect(path / files["metadata"])
     rows = db.execute("SELECT * FROM images ORDER BY id").fetchall()
     db.close()
-    return (path / "index.faiss").read_bytes(), rows, json.loads((path / "manifest.json").read_text())
+    return (path / files["index"]).read_bytes(), rows, manifest
 
 
 @pytest.mark.slow  # end to end through subprocesses: in the slow step
@@ -90,7 +98,7 @@ def test_folder_build_reports_bad_files_and_resumes_to_an_identical_index(tmp_pa
     report = json.loads((whole / "report.json").read_text())
     assert report["count"] == 10 and report["duplicates"] == 1 and report["failed"] == 2
     reasons = {f["uid"]: f["reason"] for f in report["failures"]}
-    assert set(reasons) == {"11_corrupt.jpg", "12_truncated.png"} and all("corrupt image" in r for r in reasons.values())
+    assert set(reasons) == {"11_corrupt.jpg", "12_truncated.png"} and all(r.startswith("bad image:") for r in reasons.values())
 
     killed = tmp_path / "killed"
     dead = run("index.build", "--model", "tiny-random", "--source", tmp_path / "imgs", "--out", killed, "--batch-size", "3",

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+MAX_STEPS = 1000  # the diffusion schedulers' training timesteps: more inference steps than these are refused
+MAX_SEED = 2**32 - 1
+MAX_ROUNDS = 10  # a VisDial dialog has 10 rounds
 
 VIST_SETTINGS = {
     "gill/1-caption": ("gill", lambda e: [e.captions[-1]]),
@@ -41,6 +46,49 @@ def settings_for(gill, args: argparse.Namespace):
                               "scorer": args.scorer, "scheduler": getattr(args, "scheduler", None)})
 
 
+def int_in(low: int, high: int | None = None):
+    """An argparse ``type=`` for integers in [low, high]; argparse names the flag in its message
+    ("argument --batch-size: must be an integer >= 1, got '0'")."""
+    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # what argparse calls the type in its own messages
+    return parse
+
+
+def float_in(low: float, high: float | None = None):
+    """An argparse ``type=`` for finite numbers in [low, high]."""
+    wanted = f"a number >= {low:g}" if high is None else f"a number from {low:g} to {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted
+    return parse
+
+
+def scorer_spec(text: str) -> str:
+    """``hf:NAME_OR_PATH`` or ``open_clip:MODEL/PRETRAINED``, checked before any image is generated."""
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in ("hf", "open_clip") or not name:
+        raise argparse.ArgumentTypeError(f"must be 'hf:NAME_OR_PATH' or 'open_clip:MODEL/PRETRAINED', got {text!r}")
+    return text
+
+
 def common(p: argparse.ArgumentParser) -> None:
     from gill.presets import DEFAULT_MODEL
 
@@ -49,14 +97,15 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--settings", nargs="+", default=None, help="subset of settings (default: all)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain Stable Diffusion settings")
-    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+    p.add_argument("--limit", type=int_in(1), default=None, help="first N (usable) examples only")
     own = "default: the model's run settings, else the library's"
-    p.add_argument("--steps", type=int, default=None, help=f"diffusion steps ({own}: 50)")
-    p.add_argument("--guidance", type=float, default=None, help=f"classifier-free guidance ({own}: 7.5)")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None, help=f"diffusion steps, 1-{MAX_STEPS} ({own}: 50)")
+    p.add_argument("--guidance", type=float_in(0), default=None, help=f"classifier-free guidance, >= 0 ({own}: 7.5)")
     p.add_argument("--scheduler", default=None, help=f"diffusion scheduler ({own}: the pipeline's)")
-    p.add_argument("--seed", type=int, default=None, help=f"base seed ({own}: 42, as the original)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--scorer", default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: the "
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=None,
+                   help=f"base seed, 0-{MAX_SEED} ({own}: 42, as the original)")
+    p.add_argument("--batch-size", type=int_in(1), default=8, help="examples per forward (default: 8)")
+    p.add_argument("--scorer", type=scorer_spec, default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: the "
                    "model's run settings, e.g. the toy world's own metric model; else CLIP ViT-L/14 as the paper)")
     p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package)")
     p.add_argument("--device", default=None)
@@ -71,15 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     vist = sub.add_parser("vist", help="VIST contextual generation and retrieval")
     vist.add_argument("--annotations", required=True, help="SIS annotations, e.g. sis/val.story-in-sequence.json")
     vist.add_argument("--caption-field", default="original_text")
+    vist.add_argument("--allow-outside-root", action="store_true",
+                      help="read image ids that point outside --images ('../x', '/abs/path', symlinks out); "
+                           "by default such stories are skipped and counted")
     common(vist)
     visdial = sub.add_parser("visdial", help="VisDial generation after 1, 5, 10 rounds")
     visdial.add_argument("--dialogs", required=True, help="visdial_1.0_val.json")
-    visdial.add_argument("--rounds", type=int, nargs="+", default=[1, 5, 10])
+    visdial.add_argument("--rounds", type=int_in(1, MAX_ROUNDS), nargs="+", default=[1, 5, 10],
+                         help=f"dialogue rounds before the image, each 1-{MAX_ROUNDS} (default: 1 5 10)")
     common(visdial)
     rescore = sub.add_parser("score", help="re-score a finished output directory")
     rescore.add_argument("out")
     rescore.add_argument("--task", choices=["vist", "visdial"], required=True)
-    rescore.add_argument("--scorer", default=None)
+    rescore.add_argument("--scorer", type=scorer_spec, default=None)
     rescore.add_argument("--lpips", action="store_true")
     rescore.add_argument("--device", default=None)
     return parser
@@ -100,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from gill._io import atomic_write_text
+    from gill.eval.data import skip_counts
     from gill.eval.report import write_report
     from gill.eval.runner import Setting, run_setting, score
     from gill.eval.scorer import ClipScorer, LpipsScorer
@@ -120,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
 
     args.task = args.command
     if args.task == "vist":
-        dataset = load_vist(args.annotations, args.images, args.caption_field)
+        dataset = load_vist(args.annotations, args.images, args.caption_field,
+                            allow_outside_root=args.allow_outside_root)
         table = VIST_SETTINGS
     else:
         dataset = load_visdial(args.dialogs, args.images)
@@ -140,14 +196,16 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     state = {"task": args.task, "model": str(args.model), "scorer": args.scorer, "seed": args.seed, "steps": args.steps,
              "guidance": args.guidance, "scheduler": settings.scheduler, "settings": names, "skipped": dataset.skipped, "context_dir": str(Path(args.images).resolve())}
-    (out / "run.json").write_text(json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "run.json", json.dumps(state, indent=2, ensure_ascii=False) + "\n")
     options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=settings.scheduler)
     counts = {}
     for name in names:
         mode, build = table[name]
         counts[name] = run_setting(gill, dataset, Setting(name, mode, build), out, diffusion=options,
                                    batch_size=args.batch_size, seed=args.seed)
-        print(f"{name}: {counts[name]['computed']} generated, {counts[name]['reused']} already done")
+        c = counts[name]
+        print(f"{name}: {c['computed']} generated, {c['reused']} already done"
+              + (f", {len(c['skipped'])} skipped (unreadable input images)" if c["skipped"] else ""))
     retrieval = None
     if args.task == "vist":
         from gill.eval.runner import vist_retrieval
@@ -158,9 +216,11 @@ def run(args: argparse.Namespace) -> int:
                     extra={"model": str(args.model), "skipped": dataset.skipped, "runs": counts,
                            "context_dir": state["context_dir"]})
     for name, s in summary["settings"].items():
-        print(f"{name:28s} n={s['n']:5d}  CLIP similarity {s['clip_similarity']:.4f} +- {s['clip_similarity_ci95']:.4f}")
+        print(f"{name:28s} n={s['n']:5d}  CLIP similarity {s['clip_similarity']:.4f} +- {s['clip_similarity_ci95']:.4f}"
+              + (f"  ({len(s['skipped'])} not scored)" if s.get("skipped") else ""))
     if dataset.skipped:
-        print(f"skipped {len(dataset.skipped)} example(s): see {out / 'summary.json'}")
+        by_kind = ", ".join(f"{n} {kind}" for kind, n in skip_counts(dataset.skipped).items())
+        print(f"skipped {len(dataset.skipped)} example(s) ({by_kind}): see {out / 'summary.json'}")
     print(write_report(out, args.task))
     return 0
 

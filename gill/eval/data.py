@@ -1,15 +1,38 @@
 """Dataset readers: VIST (SIS annotations + an image folder) and VisDial (visdial_1.0_val).
 
-Readers never raise on a bad example: it is skipped and its reason is kept in ``skipped``.
+Readers never raise on a bad example: it is skipped and kept in ``skipped`` as ``{"id", "kind", "reason"}``
+(``kind`` is one of ``SKIP_KINDS``, for counting; ``reason`` names the file and says why). Only a file that
+is not a dataset at all (unreadable, not JSON, the wrong format) raises ``ValueError`` naming it.
+
+Every image a kept example uses (context images and the target) has been opened with
+``gill.images.open_image`` (bounded size and aspect ratio, truncated files refused), unless the reader
+is asked not to (``verify_images=False``); the runner and the scorer open them again the same way and
+skip what has broken since.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from gill._io import inside
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+# what a skipped example's "kind" may be
+DUPLICATE = "duplicate id"
+TOO_SHORT = "too few steps"
+MISSING = "missing image"
+UNREADABLE = "unreadable image"
+OUTSIDE = "outside root"
+BAD_ENTRY = "bad entry"
+UNREADABLE_OUTPUT = "unreadable output"  # the scorer: a generated image that cannot be read back
+SKIP_KINDS = (DUPLICATE, TOO_SHORT, MISSING, UNREADABLE, OUTSIDE, BAD_ENTRY, UNREADABLE_OUTPUT)
 
 
 @dataclass
@@ -19,73 +42,216 @@ class Example:
     context_images: list[Path]  # VIST: the first 4 images; VisDial: none
     target: Path  # the ground-truth image the output is compared with
     target_id: str = ""
+    context_ids: list[str] = field(default_factory=list)  # VIST: the context images' photo ids
 
 
 @dataclass
 class Dataset:
     examples: list[Example]
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"id", "reason"}
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"id", "kind", "reason"}
     gallery: dict[str, Path] = field(default_factory=dict)  # image id -> file (VIST retrieval)
 
+    def skip(self, example_id: str, kind: str, reason: str) -> None:
+        self.skipped.append({"id": example_id, "kind": kind, "reason": reason})
 
-def find_image(folder: Path, image_id: str) -> Path | None:
+
+def skip_counts(skipped: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Skipped examples counted by kind (entries written before kinds existed count as ``"other"``)."""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        kind = s.get("kind", "other")
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+class OutsideRootError(ValueError):
+    pass
+
+
+def find_image(folder: Path, image_id: str, allow_outside_root: bool = False) -> Path | None:
+    """``folder/<image_id>.<suffix>`` for the first suffix that exists, else None. An id that leads outside
+    ``folder`` (``..``, an absolute path, a symlink out) raises ``OutsideRootError`` unless allowed."""
     for suffix in IMAGE_SUFFIXES:
-        path = folder / f"{image_id}{suffix}"
+        name = f"{image_id}{suffix}"
+        if allow_outside_root:
+            path = Path(folder) / name
+        else:
+            try:
+                path = inside(folder, name, what="image id")
+            except ValueError as e:
+                raise OutsideRootError(str(e)) from None
         if path.is_file():
             return path
     return None
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the {what} file ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON {what} file ({e})") from None
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image (None: it can). Decodes it fully, with the size bounds."""
+    from gill.images import ImageError, open_image
+
+    try:
+        open_image(path, name=str(path))
+    except ImageError as e:
+        return e.reason
+    except FileNotFoundError:
+        return "the file is gone"
+    except OSError as e:
+        return f"the file cannot be read ({e})"
+    return None
+
+
+def verify_images(dataset: Dataset, images_of, workers: int | None = None) -> None:
+    """Open every image of every example once (in a few threads); an example with an unreadable image is
+    moved to ``skipped``. ``images_of(example)`` -> [(image id, path)]."""
+    paths = list(dict.fromkeys(p for e in dataset.examples for _, p in images_of(e)))
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        problems = dict(zip(paths, pool.map(_image_problem, paths)))
+    kept = []
+    for e in dataset.examples:
+        bad = [(i, p, problems[p]) for i, p in images_of(e) if problems[p] is not None]
+        if bad:
+            dataset.skip(e.id, UNREADABLE, "unreadable image file(s): " + "; ".join(
+                f"{i} ({p}): {why}" for i, p, why in bad))
+        else:
+            kept.append(e)
+    dataset.examples = kept
+
+
 def load_vist(annotations: str | Path, images: str | Path, caption_field: str = "original_text",
-              story_length: int = 5) -> Dataset:
+              story_length: int = 5, *, allow_outside_root: bool = False, verify: bool = True) -> Dataset:
     """SIS JSON (``{"annotations": [[{story_id, photo_flickr_id, worker_arranged_photo_order, original_text,
     text}], ...]}``) -> stories of ``story_length`` (caption, image) steps in annotated order.
 
-    A story is skipped when it has fewer steps or any of its image files is missing (as the original)."""
+    A story is skipped when it has fewer steps or any of its image files is missing (as the original), when
+    one of its images cannot be read (``verify``), when an image id points outside ``images`` (unless
+    ``allow_outside_root``), when an entry is malformed, and when two stories share its id (a step order
+    that occurs twice: both copies are skipped, since their steps cannot be told apart)."""
     annotations, images = Path(annotations), Path(images)
-    data = json.loads(annotations.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or "annotations" not in data:
-        raise ValueError(f"{annotations}: not a VIST SIS file (no 'annotations')")
-    stories: dict[str, list[dict]] = {}
-    for entry in data["annotations"]:
-        item = entry[0] if isinstance(entry, list) else entry
-        stories.setdefault(str(item["story_id"]), []).append(item)
+    data = _read_json(annotations, "VIST annotations")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{annotations}: not a VIST SIS file (no 'annotations' list)")
     out = Dataset([])
+    stories: dict[str, list[dict]] = {}
+    broken: dict[str, str] = {}  # story id -> why one of its entries is unusable
+    for n, entry in enumerate(data["annotations"]):
+        item = entry[0] if isinstance(entry, list) and len(entry) == 1 else entry
+        if not isinstance(item, dict) or item.get("story_id") is None:
+            out.skip(f"annotations[{n}]", BAD_ENTRY, f"annotation {n} in {annotations} is not a story step "
+                                                     "(no story_id)")
+            continue
+        story_id = str(item["story_id"])
+        stories.setdefault(story_id, []).append(item)
+        pid = item.get("photo_flickr_id")
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "" or "\x00" in str(pid):
+            broken.setdefault(story_id, f"annotation {n} in {annotations} has photo_flickr_id {pid!r}")
+        order = item.get("worker_arranged_photo_order", 0)
+        try:
+            item["_order"] = int(order)
+        except (TypeError, ValueError):
+            broken.setdefault(story_id, f"annotation {n} in {annotations} has worker_arranged_photo_order {order!r}")
+            item["_order"] = 0
     for story_id, items in stories.items():
-        items.sort(key=lambda a: int(a.get("worker_arranged_photo_order", 0)))
+        if story_id in broken:
+            out.skip(story_id, BAD_ENTRY, broken[story_id])
+            continue
+        orders = [a["_order"] for a in items if "worker_arranged_photo_order" in a]
+        repeated = sorted({o for o in orders if orders.count(o) > 1})
+        if repeated:
+            copies = max(orders.count(o) for o in repeated)
+            out.skip(story_id, DUPLICATE, f"duplicate story id {story_id!r} in {annotations}: step order "
+                     f"{repeated[0]} occurs {copies} times ({len(items)} steps); all copies skipped")
+            continue
+        items.sort(key=lambda a: a["_order"])
         if len(items) < story_length:
-            out.skipped.append({"id": story_id, "reason": f"story has {len(items)} steps, needs {story_length}"})
+            out.skip(story_id, TOO_SHORT, f"story has {len(items)} steps, needs {story_length}")
             continue
         items = items[:story_length]
-        paths = [find_image(images, str(a["photo_flickr_id"])) for a in items]
-        missing = [str(a["photo_flickr_id"]) for a, p in zip(items, paths) if p is None]
+        ids = [str(a["photo_flickr_id"]) for a in items]
+        try:
+            paths = [find_image(images, i, allow_outside_root) for i in ids]
+        except OutsideRootError as e:
+            out.skip(story_id, OUTSIDE, f"{e} (in {annotations}; pass --allow-outside-root to read it)")
+            continue
+        except OSError as e:
+            out.skip(story_id, BAD_ENTRY, f"cannot look up its images in {images} ({e})")
+            continue
+        missing = [i for i, p in zip(ids, paths) if p is None]
         if missing:
-            out.skipped.append({"id": story_id, "reason": f"missing image file(s) {missing}"})
+            out.skip(story_id, MISSING, f"missing image file(s) {missing} in {images}")
             continue
         captions = [str(a.get(caption_field) or a.get("text") or "").strip() for a in items]
-        for a, p in zip(items, paths):
-            out.gallery.setdefault(str(a["photo_flickr_id"]), p)  # duplicate ids share one gallery entry
-        out.examples.append(Example(story_id, captions, paths[:-1], paths[-1], str(items[-1]["photo_flickr_id"])))
+        out.examples.append(Example(story_id, captions, paths[:-1], paths[-1], ids[-1], ids[:-1]))
+
+    def images_of(e: Example) -> list[tuple[str, Path]]:
+        return list(zip(e.context_ids + [e.target_id], e.context_images + [e.target]))
+
+    if verify:
+        verify_images(out, images_of)
+    for e in out.examples:
+        for image_id, path in images_of(e):
+            out.gallery.setdefault(image_id, path)  # duplicate image ids share one gallery entry
     return out
 
 
-def load_visdial(dialogs: str | Path, images: str | Path, image_name: str = "VisualDialog_val2018_{:012d}.jpg") -> Dataset:
+def load_visdial(dialogs: str | Path, images: str | Path, image_name: str = "VisualDialog_val2018_{:012d}.jpg",
+                 *, verify: bool = True) -> Dataset:
     """visdial_1.0_val.json -> one example per dialog: 10 rounds of ``Q: question?`` / ``A: answer``
-    lines (the caption is not used, as in the paper) and the dialog's image as the target."""
+    lines (the caption is not used, as in the paper) and the dialog's image as the target.
+
+    A dialog is skipped when its image is missing or unreadable, when an entry is malformed, and when two
+    dialogs share an image id (the example id): all of them are skipped."""
     dialogs, images = Path(dialogs), Path(images)
-    data = json.loads(dialogs.read_text(encoding="utf-8"))["data"]
-    questions, answers = data["questions"], data["answers"]
+    raw = _read_json(dialogs, "VisDial dialogs")
+    try:
+        data = raw["data"]
+        questions, answers, entries = data["questions"], data["answers"], data["dialogs"]
+        if not isinstance(entries, list):
+            raise TypeError
+    except (KeyError, TypeError):
+        raise ValueError(f"{dialogs}: not a VisDial file (no data.questions, data.answers and data.dialogs)") from None
     out = Dataset([])
-    for d in data["dialogs"]:
-        image_id = int(d["image_id"])
-        target = images / image_name.format(image_id)
-        if not target.is_file():
-            out.skipped.append({"id": str(image_id), "reason": f"missing image file {target.name}"})
+    parsed: dict[str, list[Example]] = {}
+    for n, d in enumerate(entries):
+        try:
+            image_id = d["image_id"]
+            if isinstance(image_id, (bool, float)):
+                raise ValueError(f"image_id {image_id!r} is not an integer")
+            image_id = int(image_id)
+            lines = []
+            for turn in d["dialog"]:
+                q = questions[turn["question"]].strip().rstrip("?")
+                a = answers[turn["answer"]].strip() if "answer" in turn else ""
+                lines += [f"Q: {q}?", f"A: {a}"]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            what = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no {e}"
+            out.skip(f"dialogs[{n}]", BAD_ENTRY, f"dialog {n} in {dialogs} is malformed ({what})")
             continue
-        lines = []
-        for turn in d["dialog"]:
-            q = questions[turn["question"]].strip().rstrip("?")
-            a = answers[turn["answer"]].strip() if "answer" in turn else ""
-            lines += [f"Q: {q}?", f"A: {a}"]
-        out.examples.append(Example(str(image_id), lines, [], target, str(image_id)))
+        ex = Example(str(image_id), lines, [], images / image_name.format(image_id), str(image_id))
+        parsed.setdefault(ex.id, []).append(ex)
+    for image_id, copies in parsed.items():
+        if len(copies) > 1:
+            out.skip(image_id, DUPLICATE, f"duplicate dialog image_id {image_id} in {dialogs}: {len(copies)} "
+                                          "dialogs; all copies skipped")
+            continue
+        ex = copies[0]
+        if not ex.target.is_file():
+            out.skip(image_id, MISSING, f"missing image file {ex.target.name} in {images}")
+            continue
+        out.examples.append(ex)
+    if verify:
+        verify_images(out, lambda e: [(e.target_id, e.target)])
     return out

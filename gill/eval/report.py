@@ -6,6 +6,8 @@ import html
 import json
 from pathlib import Path
 
+from gill._io import atomic_write_text
+from gill.eval.data import skip_counts
 from gill.eval.runner import read_records
 
 # arXiv 2305.17216 (see the project's reference notes). CLIP ViT-L/14 image-feature cosine; LPIPS.
@@ -46,18 +48,27 @@ def write_report(out: Path, task: str, grid: int = 12) -> Path:
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{s['n']}</td><td>{_fmt(s['clip_similarity'])} "
             f"&plusmn; {_fmt(s['clip_similarity_ci95'])}</td><td>{_fmt(p.get('clip_similarity'))}</td>"
-            f"<td>{_fmt(s.get('lpips'))}</td><td>{_fmt(p.get('lpips'))}</td></tr>"
+            f"<td>{_fmt(s.get('lpips'))}</td><td>{_fmt(p.get('lpips'))}</td><td>{len(s.get('skipped', []))}</td></tr>"
         )
+    skipped = summary.get("skipped", [])
     parts = [
         f"<html><head><meta charset='utf-8'><title>GILL evaluation: {task}</title><style>"
         "body{font-family:sans-serif;margin:2em} td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
         " img{width:112px;height:112px;object-fit:cover;margin:2px} .row{display:flex;align-items:center;gap:8px;margin:8px 0}"
         " .cap{font-size:11px;max-width:420px} .arrow{font-size:24px;color:#888}</style></head><body>",
         f"<h1>GILL evaluation: {task}</h1><p>scorer: {html.escape(summary.get('scorer', ''))}; "
-        f"model: {html.escape(str(summary.get('model', '')))}; skipped examples: {len(summary.get('skipped', []))}</p>",
+        f"model: {html.escape(str(summary.get('model', '')))}; skipped examples: {len(skipped)}"
+        + "".join(f"; {html.escape(kind)}: {n}" for kind, n in skip_counts(skipped).items()) + "</p>",
         "<table><tr><th>setting</th><th>n</th><th>CLIP similarity (ours, 95% CI)</th><th>paper</th><th>LPIPS (ours)</th>"
-        "<th>paper</th></tr>", *rows, "</table>",
+        "<th>paper</th><th>not scored</th></tr>", *rows, "</table>",
     ]
+    unscored = [(name, x) for name, s in summary["settings"].items() for x in s.get("skipped", [])]
+    if skipped or unscored:
+        parts.append("<h2>Skipped</h2><table><tr><th>example</th><th>where</th><th>kind</th><th>reason</th></tr>")
+        for where, x in [("dataset", x) for x in skipped] + unscored:
+            parts.append(f"<tr><td>{html.escape(str(x.get('id')))}</td><td>{html.escape(where)}</td>"
+                         f"<td>{html.escape(str(x.get('kind', '')))}</td><td>{html.escape(str(x.get('reason')))}</td></tr>")
+        parts.append("</table>")
     if "retrieval" in summary:
         r = summary["retrieval"]
         parts.append(f"<h2>Retrieval of the last image (gallery of {r.get('gallery_size')} images)</h2><table>"
@@ -90,5 +101,5 @@ def write_report(out: Path, task: str, grid: int = 12) -> Path:
             )
     parts.append("</body></html>")
     path = out / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write_text(path, "\n".join(parts))
     return path

@@ -2,19 +2,24 @@
 
 Layout of an output directory::
 
-    OUT/<setting>/images/<example id>.png   the generated image
+    OUT/<setting>/images/<example id>.png   the generated image (an id that is not a safe file name gets
+                                            a hash suffix: see ``output_name``)
     OUT/<setting>/records.jsonl             one line per finished example (id, seed, prompt, target, ...)
     OUT/summary.json                        every setting's scores (written by ``score``)
     OUT/report.html                         grids and the table beside the paper's numbers
 
 An example is finished when its line is in ``records.jsonl`` and its image exists; a rerun skips
 finished examples, so an interrupted run resumes and a finished one can be re-scored (``score``).
+A line that cannot be read (the torn last line of a killed run) is dropped with a warning and its example
+recomputed. Images are written under unique temporary names and renamed into place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +28,10 @@ from typing import Any
 
 import torch
 
-from gill.eval.data import Dataset, Example
+from gill._io import atomic_path, atomic_write_text, inside
+from gill.eval.data import UNREADABLE, UNREADABLE_OUTPUT, Dataset, Example, skip_counts
+
+LOG = logging.getLogger("gill.eval")
 
 
 @dataclass
@@ -38,28 +46,94 @@ def stable_seed(base: int, example_id: str) -> int:
     return base + int(hashlib.sha256(example_id.encode()).hexdigest()[:8], 16) % 1_000_000
 
 
+def _scan_records(path: Path) -> tuple[dict[str, dict], list[str], bool]:
+    """(records by id, a description of each line that was dropped, whether the file must be rewritten
+    before appending: a dropped line, or a last line without its newline)."""
+    records: dict[str, dict] = {}
+    dropped: list[str] = []
+    if not path.is_file():
+        return records, dropped, False
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            dropped.append(f"line {n} is not JSON ({e.msg}; a run killed while writing it?)")
+            continue
+        if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("image"), str):
+            dropped.append(f"line {n} is not a record (no id and image)")
+            continue
+        records[r["id"]] = r
+    return records, dropped, bool(dropped) or (text != "" and not text.endswith("\n"))
+
+
 def read_records(path: Path) -> dict[str, dict]:
-    records = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[r["id"]] = r
+    """The records of a ``records.jsonl`` by id (the last line of an id wins). Lines that cannot be read (a
+    torn last line, when a run was killed mid-write) are dropped with a warning: their examples count as
+    not done, and a rerun recomputes them."""
+    records, dropped, _ = _scan_records(path)
+    for d in dropped:
+        LOG.warning("%s: %s; dropped (its example will be recomputed)", path, d)
     return records
 
 
+def _repair_records(path: Path, records: dict[str, dict]) -> None:
+    """Rewrite ``records.jsonl`` with its readable records only, so that appending starts on a fresh line."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
+
+
+def _load_inputs(inputs: Any) -> Any:
+    """A GILL conversation with its image files opened (bounded, RGB); ``ImageError`` or
+    ``FileNotFoundError`` for one that cannot be read."""
+    from gill.images import check_image, open_image
+
+    if isinstance(inputs, str):
+        return inputs
+    return [x if isinstance(x, str) else open_image(x, name=str(x)) if isinstance(x, os.PathLike)
+            else check_image(x) for x in inputs]
+
+
 def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusion, batch_size: int = 8,
-                seed: int = 42, truncate_left: bool = True) -> dict[str, int]:
-    """Generate the missing outputs of one setting. Returns counts: computed, reused."""
+                seed: int = 42, truncate_left: bool = True) -> dict[str, Any]:
+    """Generate the missing outputs of one setting. Returns counts: computed, reused, and ``skipped``: the
+    examples whose input images could not be read now (``{"id", "kind", "reason"}``; they are not written
+    and a rerun tries them again)."""
+    from gill.images import ImageError
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     folder = out / setting.name
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records_path = folder / "records.jsonl"
-    done = {i for i, r in read_records(records_path).items() if (folder / r["image"]).is_file()}
+    records, dropped, rewrite = _scan_records(records_path)
+    for d in dropped:
+        LOG.warning("%s: %s; dropped (its example will be recomputed)", records_path, d)
+    if rewrite:
+        _repair_records(records_path, records)
+    done = {i for i, r in records.items() if _output_path(folder, r["image"]) is not None}
     todo = [e for e in dataset.examples if e.id not in done]
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        seeds = [stable_seed(seed, e.id) for e in batch]
-        inputs = [setting.build(e) for e in batch]
+    skipped: list[dict[str, str]] = []
+
+    def ready():  # (example, its inputs as described, its inputs as given to the model), unreadable ones skipped
+        for e in todo:
+            inputs = setting.build(e)
+            if setting.mode != "gill":
+                yield e, inputs, inputs
+                continue
+            try:
+                yield e, inputs, _load_inputs(inputs)
+            except (ImageError, OSError) as err:  # broken or gone since the dataset was read
+                skipped.append({"id": e.id, "kind": UNREADABLE, "reason": f"an input image cannot be read: {err}"})
+
+    computed = 0
+    stream = ready()
+    while batch := list(itertools.islice(stream, batch_size)):
+        examples = [e for e, _, _ in batch]
+        described = [describe(d) for _, d, _ in batch]
+        inputs = [x for _, _, x in batch]
+        seeds = [stable_seed(seed, e.id) for e in examples]
         extra: list[dict] = [{} for _ in batch]
         if setting.mode == "gill":
             slots = gill.image_slot_embeddings(inputs)
@@ -69,15 +143,33 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
         else:
             images = generate_from_text(gill.diffusion.pipe, inputs, diffusion, seeds, truncate_left)
         with open(records_path, "a", encoding="utf-8") as f:
-            for e, s, prompt, image, x in zip(batch, seeds, inputs, images, extra):
-                rel = f"images/{safe_name(e.id)}.png"
-                tmp = folder / f"{rel}.tmp.png"
-                image.save(tmp)
-                os.replace(tmp, folder / rel)
+            for e, s, prompt, image, x in zip(examples, seeds, described, images, extra):
+                rel = f"images/{output_name(e.id)}.png"
+                with atomic_path(folder / rel) as tmp:
+                    image.save(tmp, format="PNG")
                 f.write(json.dumps({"id": e.id, "image": rel, "seed": s, "target": str(e.target),
-                                    "target_id": e.target_id, "prompt": describe(prompt), **x}, ensure_ascii=False) + "\n")
+                                    "target_id": e.target_id, "prompt": prompt, **x}, ensure_ascii=False) + "\n")
                 f.flush()
-    return {"computed": len(todo), "reused": len(done)}
+                computed += 1
+    return {"computed": computed, "reused": len(done), "skipped": skipped}
+
+
+def _output_path(folder: Path, rel: str) -> Path | None:
+    """A record's image inside its setting's folder, if it is there."""
+    try:
+        path = inside(folder, rel, what="output image")
+    except ValueError:
+        return None
+    return path if path.is_file() else None
+
+
+def output_name(example_id: str) -> str:
+    """The file name (without suffix) of an example's output: its id when that is a safe file name, else
+    the id made safe plus a hash of it, so that two ids never share a file (``a/b`` and ``a_b``)."""
+    name = safe_name(example_id)
+    if name == example_id and not name.startswith("."):
+        return name
+    return f"{name}-{hashlib.sha256(example_id.encode()).hexdigest()[:8]}"
 
 
 def safe_name(example_id: str) -> str:
@@ -110,60 +202,119 @@ def generate_from_text(pipe, prompts: Sequence[str], options, seeds: Sequence[in
 # ---- scoring -------------------------------------------------------------------------------------------
 
 
-def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra: dict | None = None) -> dict:
-    """CLIP similarity (and LPIPS) of every setting's outputs with their targets -> summary.json."""
-    from PIL import Image
+def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra: dict | None = None,
+          batch_size: int = 32) -> dict:
+    """CLIP similarity (and LPIPS) of every setting's outputs with their targets -> summary.json.
 
+    Each image is opened with ``gill.images.open_image``; a record whose output or target cannot be read is
+    not scored but listed in its setting's ``skipped`` (``{"id", "kind", "reason"}``), and ``n`` counts
+    the scored ones. The dataset's own skipped examples (``extra["skipped"]``) are counted by kind in
+    ``skipped_counts``."""
     from gill.eval.metrics import mean_and_ci, paired_cosine
+    from gill.images import ImageError, open_image
+
+    def load(path: Path | None, what: str) -> tuple[Any, str | None]:  # (image, None) or (None, why not)
+        try:
+            if path is None:
+                raise FileNotFoundError("no such file in the setting's folder")
+            return open_image(path, name=str(path)), None
+        except (ImageError, OSError) as e:
+            return None, f"{what} cannot be read: {e}"
 
     summary: dict[str, Any] = {"scorer": getattr(scorer, "spec", type(scorer).__name__), "settings": {}}
-    target_cache: dict[str, torch.Tensor] = {}
+    target_cache: dict[str, torch.Tensor | str] = {}  # target path -> its features, or why it cannot be read
     for records_path in sorted(out.glob("*/*/records.jsonl")):
         folder = records_path.parent
         name = folder.relative_to(out).as_posix()
         records = list(read_records(records_path).values())
         if not records:
             continue
-        outputs = [Image.open(folder / r["image"]) for r in records]
-        missing = [r["target"] for r in records if r["target"] not in target_cache]
-        if missing:
-            feats = scorer.embed([Image.open(t) for t in missing])
-            target_cache.update(dict(zip(missing, feats)))
-        sims = paired_cosine(scorer.embed(outputs), torch.stack([target_cache[r["target"]] for r in records]))
-        mean, ci = mean_and_ci(sims.tolist())
-        entry = {"n": len(records), "clip_similarity": mean, "clip_similarity_ci95": ci}
+        sims: list[float] = []
+        distances: list[float] = []
+        skipped: list[dict[str, str]] = []
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            new_targets = list(dict.fromkeys(r["target"] for r in chunk if r["target"] not in target_cache))
+            opened = []
+            for t in new_targets:
+                im, why = load(Path(t), "the ground-truth image")
+                if im is None:
+                    target_cache[t] = why
+                else:
+                    opened.append((t, im))
+            if opened:
+                target_cache.update(zip([t for t, _ in opened], scorer.embed([im for _, im in opened])))
+            pairs = []
+            for r in chunk:
+                if isinstance(target_cache[r["target"]], str):
+                    skipped.append({"id": r["id"], "kind": UNREADABLE, "reason": target_cache[r["target"]]})
+                    continue
+                output, why = load(_output_path(folder, r["image"]), f"the output image {r['image']}")
+                if output is None:
+                    skipped.append({"id": r["id"], "kind": UNREADABLE_OUTPUT, "reason": why})
+                else:
+                    pairs.append((r, output))
+            if not pairs:
+                continue
+            feats = scorer.embed([o for _, o in pairs])
+            sims += paired_cosine(feats, torch.stack([target_cache[r["target"]] for r, _ in pairs])).tolist()
+            if lpips is not None:
+                for r, o in pairs:
+                    target, _ = load(Path(r["target"]), "the ground-truth image")
+                    if target is not None:
+                        distances.append(lpips.distance(o, target))
+        mean, ci = mean_and_ci(sims)
+        entry = {"n": len(sims), "clip_similarity": mean, "clip_similarity_ci95": ci, "skipped": skipped}
         if lpips is not None:
-            d = [lpips.distance(o, Image.open(r["target"])) for o, r in zip(outputs, records)]
-            entry["lpips"], entry["lpips_ci95"] = mean_and_ci(d)
+            entry["lpips"], entry["lpips_ci95"] = mean_and_ci(distances)
         summary["settings"][name] = entry
     if retrieval:
         summary["retrieval"] = retrieval
     summary.update(extra or {})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    if "skipped" in summary:
+        summary["skipped_counts"] = skip_counts(summary["skipped"])
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 
 @torch.no_grad()
 def vist_retrieval(gill, dataset: Dataset, out: Path, settings: Sequence[str], batch_size: int = 32) -> dict:
     """Recall@1/5/10 of each story's last image among all stories' images, from the text-side embedding
-    saved for each GILL setting, under both gallery protocols."""
-    from PIL import Image
+    saved for each GILL setting, under both gallery protocols.
 
+    Gallery images are opened with ``gill.images.open_image``; one that cannot be read is left out of the
+    gallery and listed in ``gallery_skipped``, and a query whose target is not in the gallery is not scored
+    (listed in its setting's ``skipped``)."""
     from gill.eval.metrics import recall_at_k
+    from gill.images import ImageError, open_image
 
-    ids = sorted(dataset.gallery)
+    ids, feats, gallery_skipped = [], [], []
+    candidates = sorted(dataset.gallery)
+    param = next(gill.model.vision.parameters())
+    for start in range(0, len(candidates), batch_size):
+        images = []
+        for i in candidates[start:start + batch_size]:
+            try:
+                images.append(open_image(dataset.gallery[i], name=str(dataset.gallery[i])))
+                ids.append(i)
+            except (ImageError, OSError) as e:
+                gallery_skipped.append({"id": i, "kind": UNREADABLE, "reason": f"a gallery image cannot be read: {e}"})
+        if images:
+            pixels = gill.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            feats.append(gill.model.encode_images(pixels.to(param.device, param.dtype)).retrieval.float().cpu())
+    results: dict[str, Any] = {"gallery_size": len(ids)}
+    if gallery_skipped:
+        results["gallery_skipped"] = gallery_skipped
+    if not ids:
+        return results
     index = {i: n for n, i in enumerate(ids)}
-    feats = []
-    for start in range(0, len(ids), batch_size):
-        images = [Image.open(dataset.gallery[i]).convert("RGB") for i in ids[start:start + batch_size]]
-        pixels = gill.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        param = next(gill.model.vision.parameters())
-        feats.append(gill.model.encode_images(pixels.to(param.device, param.dtype)).retrieval.float().cpu())
     gallery = torch.nn.functional.normalize(torch.cat(feats), dim=-1)
-    context = {e.id: [Path(p).stem for p in e.context_images] for e in dataset.examples}
-    results = {"gallery_size": len(ids)}
+    context = {e.id: e.context_ids or [Path(p).stem for p in e.context_images] for e in dataset.examples}
     for name in settings:
         records = [r for r in read_records(out / name / "records.jsonl").values() if "retrieval_embedding" in r]
+        skipped = [{"id": r["id"], "kind": UNREADABLE, "reason": f"its target {r['target_id']} is not in the gallery"}
+                   for r in records if r["target_id"] not in index]
+        records = [r for r in records if r["target_id"] in index]
         if not records:
             continue
         q = torch.nn.functional.normalize(torch.tensor([r["retrieval_embedding"] for r in records]), dim=-1)
@@ -179,4 +330,6 @@ def vist_retrieval(gill, dataset: Dataset, out: Path, settings: Sequence[str], b
             "full_gallery": {f"R@{k}": v for k, v in recall_at_k(scores, targets).items()},
             "n": len(records),
         }
+        if skipped:
+            results[name]["skipped"] = skipped
     return results

@@ -1,5 +1,8 @@
 """Image-similarity scorers: CLIP image features (Hugging Face ``CLIPModel``, the original's metric, or
-open_clip) and, optionally, LPIPS."""
+open_clip) and, optionally, LPIPS.
+
+They take in-memory PIL images and check each with ``gill.images.check_image`` (bounded size and aspect
+ratio) before any resize; files are opened by their callers with ``gill.images.open_image``."""
 
 from __future__ import annotations
 
@@ -47,8 +50,11 @@ class ClipScorer:
 
     @torch.no_grad()
     def embed(self, images: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
-        feats = [self._embed([im.convert("RGB") for im in images[i:i + batch_size]]).float().cpu()
-                 for i in range(0, len(images), batch_size)]
+        """(N, D) features; ``gill.images.ImageError`` for an image out of bounds (naming its position)."""
+        from gill.images import check_image
+
+        feats = [self._embed([check_image(im, name=f"image {i + j}") for j, im in enumerate(images[i:i + batch_size])])
+                 .float().cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(feats) if feats else torch.zeros(0)
 
 
@@ -65,8 +71,10 @@ class LpipsScorer:
     def distance(self, a: Any, b: Any) -> float:
         import numpy as np
 
+        from gill.images import check_image
+
         def tensor(im):
-            arr = np.asarray(im.convert("RGB").resize((256, 256)), dtype=np.float32) / 127.5 - 1.0
+            arr = np.asarray(check_image(im).resize((256, 256)), dtype=np.float32) / 127.5 - 1.0
             return torch.from_numpy(arr).permute(2, 0, 1)[None].to(self.device)
 
         return self.model(tensor(a), tensor(b)).item()
