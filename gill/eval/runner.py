@@ -62,8 +62,8 @@ def _scan_records(path: Path) -> tuple[dict[str, dict], list[str], bool]:
         except json.JSONDecodeError as e:
             dropped.append(f"line {n} is not JSON ({e.msg}; a run killed while writing it?)")
             continue
-        if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("image"), str):
-            dropped.append(f"line {n} is not a record (no id and image)")
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("id", "image", "target")):
+            dropped.append(f"line {n} is not a record (no id, image and target)")
             continue
         records[r["id"]] = r
     return records, dropped, bool(dropped) or (text != "" and not text.endswith("\n"))
@@ -169,7 +169,7 @@ def output_name(example_id: str) -> str:
     name = safe_name(example_id)
     if name == example_id and not name.startswith("."):
         return name
-    return f"{name}-{hashlib.sha256(example_id.encode()).hexdigest()[:8]}"
+    return f"{name.lstrip('.') or '_'}-{hashlib.sha256(example_id.encode()).hexdigest()[:8]}"
 
 
 def safe_name(example_id: str) -> str:
