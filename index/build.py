@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.args import positive_int, positive_seconds
+from gill.arguments import float_in, int_in
 
 LOG = logging.getLogger("index.build")
 SOURCE_STRIDE = 1_000_000  # order key of the k-th source added to an index: shard + k * SOURCE_STRIDE
@@ -40,11 +40,11 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index directory")
     p.add_argument("--index-type", choices=["auto", "flat", "ivf", "ivfpq", "hnsw"], default="auto",
                    help="auto: exact up to 200k images, IVF beyond")
-    p.add_argument("--nlist", type=positive_int, default=None, help="IVF lists, >= 1 (default 4*sqrt(N))")
-    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists searched per query, >= 1")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch, >= 1")
+    p.add_argument("--nlist", type=int_in(1), default=None, help="IVF lists, >= 1 (default 4*sqrt(N))")
+    p.add_argument("--nprobe", type=int_in(1), default=None, help="IVF lists searched per query, >= 1")
+    p.add_argument("--batch-size", type=int_in(1), default=64, help="images per batch, >= 1")
     p.add_argument("--device", default=None, help="e.g. cuda; under torchrun each rank takes cuda:LOCAL_RANK")
-    p.add_argument("--url-timeout", type=positive_seconds, default=10.0, help="seconds per URL, > 0")
+    p.add_argument("--url-timeout", type=float_in(0, above=True), default=10.0, help="seconds per URL, > 0")
     p.add_argument("--allow-outside", action="store_true",
                    help="read a table's relative paths that leave the table's folder (../x.jpg)")
     p.add_argument("--no-progress", action="store_true")

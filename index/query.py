@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from index.args import positive_int
+from gill.arguments import int_in
 
 
 def text_query(gill, text: str) -> torch.Tensor:
@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text")
     q.add_argument("--image")
-    p.add_argument("-k", type=positive_int, default=5, help="hits to print, >= 1")
+    p.add_argument("-k", type=int_in(1), default=5, help="hits to print, >= 1")
     p.add_argument("--allow-mismatch", action="store_true", help="use an index built by another model")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     return p

@@ -309,10 +309,10 @@ def test_resume_with_no_usable_checkpoint_says_why(data, tmp_path, capsys):
 def test_training_flags_are_range_checked_when_parsed(capsys):
     from training.train import parse
 
-    for flag, value, message in (("--batch-size", "0", "--batch-size is 0; expected >= 1"),
-                                 ("--lr", "-1", "--lr is -1; expected > 0"),
-                                 ("--concat-prob", "1.5", "--concat-prob is 1.5; expected <= 1"),
-                                 ("--steps", "many", "--steps is 'many'; expected an integer")):
+    for flag, value, message in (("--batch-size", "0", "argument --batch-size: must be an integer >= 1, got '0'"),
+                                 ("--lr", "-1", "argument --lr: must be a number > 0, got '-1'"),
+                                 ("--concat-prob", "1.5", "argument --concat-prob: must be a number from 0 to 1, got '1.5'"),
+                                 ("--steps", "many", "argument --steps: must be an integer >= 1, got 'many'")):
         with pytest.raises(SystemExit):
             parse(["--model", "m", "--data", "d", "--sd-embeddings", "s", "--out", "o", flag, value])
         assert message in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from gill.arguments import float_in, int_in
 from gill.losses import LossWeights
 
 
@@ -49,39 +50,16 @@ RECIPES = {
 }
 
 
-# Allowed ranges, checked when the flag is parsed: (lowest, highest, lowest excluded).
+# Allowed ranges, checked when the flag is parsed (gill.arguments: argparse names the flag).
 _RANGES = {
-    "steps": (1, None, False), "batch_size": (1, None, False), "grad_accum": (1, None, False),
-    "lr": (0, None, True), "beta1": (0, 1, False), "beta2": (0, 1, False), "eps": (0, None, True),
-    "weight_decay": (0, None, False), "warmup_steps": (0, None, False), "decay_every": (1, None, False),
-    "decay_gamma": (0, None, True), "grad_clip": (0, None, True), "max_bad_steps": (1, None, False),
-    "max_len": (2, None, False), "concat_prob": (0, 1, False), "val_every": (1, None, False),
-    "val_batches": (0, None, False), "log_every": (1, None, False), "save_every": (1, None, False),
-    "keep_last": (1, None, False), "seed": (0, None, False), "num_workers": (0, None, False),
-    "shuffle_buffer": (0, None, False),
+    "steps": int_in(1), "batch_size": int_in(1), "grad_accum": int_in(1), "lr": float_in(0, above=True),
+    "beta1": float_in(0, 1), "beta2": float_in(0, 1), "eps": float_in(0, above=True), "weight_decay": float_in(0),
+    "warmup_steps": int_in(0), "decay_every": int_in(1), "decay_gamma": float_in(0, above=True),
+    "grad_clip": float_in(0, above=True), "max_bad_steps": int_in(1), "max_len": int_in(2),
+    "concat_prob": float_in(0, 1), "val_every": int_in(1), "val_batches": int_in(0), "log_every": int_in(1),
+    "save_every": int_in(1), "keep_last": int_in(1), "seed": int_in(0), "num_workers": int_in(0),
+    "shuffle_buffer": int_in(0),
 }
-
-
-def _ranged(name: str, kind: type):
-    lowest, highest, open_low = _RANGES.get(name, (None, None, False))
-
-    def parse(text: str):
-        flag = "--" + name.replace("_", "-")
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} is {text!r}; expected {'an integer' if kind is int else 'a number'}") from None
-        if kind is float and value != value:
-            raise argparse.ArgumentTypeError(f"{flag} is NaN")
-        if lowest is not None and (value < lowest or (open_low and value == lowest)):
-            raise argparse.ArgumentTypeError(f"{flag} is {text}; expected {'>' if open_low else '>='} {lowest}"
-                                             + (f" and <= {highest}" if highest is not None else ""))
-        if highest is not None and value > highest:
-            raise argparse.ArgumentTypeError(f"{flag} is {text}; expected <= {highest}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind is str:
             parser.add_argument(name, type=str, default=None)
         else:
-            parser.add_argument(name, type=_ranged(f.name, kind), default=None)
+            parser.add_argument(name, type=_RANGES.get(f.name, int_in() if kind is int else float_in()), default=None)
 
 
 def from_args(recipe: str, args: argparse.Namespace) -> TrainConfig:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+
+from gill.arguments import float_in, int_in
 
 MAX_STEPS = 1000  # the diffusion schedulers' training timesteps: more inference steps than these are refused
 MAX_SEED = 2**32 - 1
@@ -44,41 +45,6 @@ def settings_for(gill, args: argparse.Namespace):
     scorer, for instance) > the library's defaults (CLIP ViT-L/14 as the paper, seed 42 as the original)."""
     return gill.run_settings({"steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
                               "scorer": args.scorer, "scheduler": getattr(args, "scheduler", None)})
-
-
-def int_in(low: int, high: int | None = None):
-    """An argparse ``type=`` for integers in [low, high]; argparse names the flag in its message
-    ("argument --batch-size: must be an integer >= 1, got '0'")."""
-    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return value
-
-    parse.__name__ = wanted  # what argparse calls the type in its own messages
-    return parse
-
-
-def float_in(low: float, high: float | None = None):
-    """An argparse ``type=`` for finite numbers in [low, high]."""
-    wanted = f"a number >= {low:g}" if high is None else f"a number from {low:g} to {high:g}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
-        return value
-
-    parse.__name__ = wanted
-    return parse
 
 
 def scorer_spec(text: str) -> str:

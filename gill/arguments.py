@@ -1,0 +1,45 @@
+"""Command-line argument types shared by every front end (``gill.eval``, the index and training recipes):
+a number out of range is refused when the command line is parsed, and argparse names the flag
+("argument --batch-size: must be an integer >= 1, got '0'"). Imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number_in(kind: type, low: float | None, high: float | None, above: bool):
+    noun = "an integer" if kind is int else "a number"
+    lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
+    if low is None:
+        wanted = noun if high is None else f"{noun} <= {hi}"
+    elif high is None:
+        wanted = f"{noun} {'>' if above else '>='} {lo}"
+    else:
+        wanted = f"{noun} from {lo} to {hi}" if not above else f"{noun} > {lo} and <= {hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        if low is not None and (value < low or (above and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = wanted  # what argparse calls the type in its own messages
+    return parse
+
+
+def int_in(low: int | None = None, high: int | None = None, *, above: bool = False):
+    """An argparse ``type=`` for integers in [low, high] (``above``: low itself excluded)."""
+    return _number_in(int, low, high, above)
+
+
+def float_in(low: float | None = None, high: float | None = None, *, above: bool = False):
+    """An argparse ``type=`` for finite numbers in [low, high] (``above``: low itself excluded)."""
+    return _number_in(float, low, high, above)
