@@ -27,6 +27,7 @@ inside the index directory or the build's own source folders (``FaissIndex.image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -445,9 +446,11 @@ class FaissIndex:
     def __len__(self) -> int:
         return self.manifest.count
 
-    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+    @contextlib.contextmanager
+    def _reading_metadata(self):
+        """A metadata table that breaks after opening (a disk error, a file replaced) named, as at open."""
         try:
-            return self.db.execute(sql, list(params)).fetchall()
+            yield
         except sqlite3.DatabaseError as e:
             raise IndexFormatError(self.path / self.manifest.files["metadata"], f"unreadable ({e})") from None
 
@@ -455,7 +458,9 @@ class FaissIndex:
         if not keys:
             return set()
         marks = ",".join("?" * len(keys))
-        rows = self._query(f"SELECT id FROM images WHERE sha256 IN ({marks}) OR source IN ({marks})", [*keys, *keys])
+        with self._reading_metadata():
+            rows = self.db.execute(f"SELECT id FROM images WHERE sha256 IN ({marks}) OR source IN ({marks})",
+                                   [*keys, *keys]).fetchall()
         return {r[0] for r in rows}
 
     def search(
@@ -473,10 +478,8 @@ class FaissIndex:
         if k_search == 0:
             return [[] for _ in range(len(q))]
         scores, ids = self.index.search(q, k_search)
-        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-        marks = ",".join("?" * len(wanted))
-        records = {r[0]: ImageRecord(*r) for r in self._query(
-            f"SELECT id, source, caption, sha256, width, height, license FROM images WHERE id IN ({marks})", wanted)}
+        with self._reading_metadata():
+            records = read_records(self.db, sorted({int(i) for i in ids.ravel() if i >= 0}))
         hits = []
         for row in range(len(q)):
             kept = [Hit(records[int(i)], float(s) * scale) for s, i in zip(scores[row], ids[row])
