@@ -97,7 +97,6 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
     done = work.done_uids()
     hashes = work.known_hashes()
     counts = {"embedded": 0, "duplicates": 0, "failed": 0, "skipped_done": 0}
-    exit_after = int(os.environ.get("GILL_INDEX_TEST_EXIT_AFTER_BATCHES", "0"))  # test hook: simulate a kill
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -106,7 +105,7 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
     items = iter_items(source, shard_filter=lambda s: s % world == rank, skip=done.__contains__, url_timeout=url_timeout,
                        allow_outside=allow_outside)
     start = time.perf_counter()
-    for n_batch, batch in enumerate(batched(items, batch_size), start=1):
+    for batch in batched(items, batch_size):
         rows, images, image_rows = [], [], []
         for item in batch:
             if item.uid in done:
@@ -139,8 +138,6 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
                     hashes.discard(row.sha256)
                 else:
                     row.vector = v.tobytes()
-        if exit_after and n_batch > exit_after:
-            os._exit(137)  # dies before committing this batch, like a kill
         work.commit(rows)
         for row in rows:
             counts[{"ok": "embedded", "duplicate": "duplicates", "failed": "failed"}[row.status]] += 1

@@ -91,7 +91,7 @@ def index_state(path: Path):
 
 
 @pytest.mark.slow  # end to end through subprocesses: in the slow step
-def test_folder_build_reports_bad_files_and_resumes_to_an_identical_index(tmp_path):
+def test_folder_build_reports_bad_files(tmp_path):
     make_folder(tmp_path / "imgs")
     whole = tmp_path / "whole"
     run("index.build", "--model", "tiny-random", "--source", tmp_path / "imgs", "--out", whole, "--batch-size", "3")
@@ -100,16 +100,81 @@ def test_folder_build_reports_bad_files_and_resumes_to_an_identical_index(tmp_pa
     reasons = {f["uid"]: f["reason"] for f in report["failures"]}
     assert set(reasons) == {"11_corrupt.jpg", "12_truncated.png"} and all(r.startswith("bad image:") for r in reasons.values())
 
-    killed = tmp_path / "killed"
-    dead = run("index.build", "--model", "tiny-random", "--source", tmp_path / "imgs", "--out", killed, "--batch-size", "3",
-               env={"GILL_INDEX_TEST_EXIT_AFTER_BATCHES": "2"}, check=False)
-    assert dead.returncode == 137 and not (killed / "manifest.json").exists()
-    first = WorkDB(killed / "work" / "rank-00000.sqlite").done_uids()
-    assert len(first) == 6  # two committed batches of 3; the third died uncommitted
-    resumed = run("index.build", "--model", "tiny-random", "--source", tmp_path / "imgs", "--out", killed, "--batch-size", "3")
-    # only the 7 items not committed were read: 4 images, the duplicate and the 2 broken files
-    assert "rank 0: {'embedded': 4, 'duplicates': 1, 'failed': 2, 'skipped_done': 6}" in resumed.stderr
+
+
+class HangingImageServer:
+    """A local HTTP server whose one image hangs until released: a build stalls on it at a known point."""
+
+    def __init__(self, image: bytes):
+        import http.server
+        import threading
+
+        self.release, self.asked = threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.asked.set()
+                outer.release.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/slow.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+
+
+@pytest.mark.slow  # end to end through subprocesses: in the slow step
+def test_a_build_killed_by_sigkill_mid_batch_resumes_to_an_identical_index(tmp_path):
+    """kill -9 while a batch waits on a slow URL: the two committed batches are kept, the rerun reads only
+    what was not committed, and the index equals one built without the kill."""
+    import signal
+    import time
+
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "navy"]
+    for i, colour in enumerate(colours):
+        (tmp_path / f"{i:02d}.png").write_bytes(png_bytes(colour, (30 + i, 32)))
+    server = HangingImageServer(png_bytes("teal"))
+    try:
+        lines = [f"{i:02d}.png\ta {c} square" for i, c in enumerate(colours[:6])]
+        lines += [f"{server.url}\ta slow teal square"]
+        lines += [f"{i + 6:02d}.png\ta {c} square" for i, c in enumerate(colours[6:])]
+        table = tmp_path / "list.tsv"
+        table.write_text("url\tcaption\n" + "\n".join(lines) + "\n")
+        build = [sys.executable, "-m", "index.build", "--model", "tiny-random", "--source", str(table),
+                 "--batch-size", "3", "--url-timeout", "120", "--no-progress", "--out"]
+        killed = tmp_path / "killed"
+        proc = subprocess.Popen([*build, str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            work = killed / "work" / "rank-00000.sqlite"
+            while not (server.asked.is_set() and work.exists() and len(WorkDB(work).done_uids()) == 6):
+                assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it stalled"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL and not (killed / "manifest.json").exists()
+        server.release.set()
+        resumed = run("index.build", "--model", "tiny-random", "--source", table, "--out", killed,
+                      "--batch-size", "3", "--url-timeout", "120")
+        # the six committed rows were not read again; the stalled batch and the rest were
+        assert "rank 0: {'embedded': 5, 'duplicates': 0, 'failed': 0, 'skipped_done': 6}" in resumed.stderr
+        whole = tmp_path / "whole"
+        run("index.build", "--model", "tiny-random", "--source", table, "--out", whole, "--batch-size", "3")
+    finally:
+        server.close()
     assert index_state(killed) == index_state(whole)
+    assert len(FaissIndex(whole)) == 11
 
 
 def test_shards_and_tables_with_broken_parts(tmp_path):
