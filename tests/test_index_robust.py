@@ -27,6 +27,8 @@ from gill.images import ImageError
 from gill.retrieval import FaissIndex, ImageRecord, IndexFormatError, SourceOutsideError, open_index
 from index.store import Row, WorkDB, finalize
 
+from memory import peak_growth
+
 
 @pytest.fixture(autouse=True)
 def _own_index_key(tmp_path, monkeypatch):
@@ -141,26 +143,6 @@ def test_a_build_over_bad_files_keeps_exactly_the_good_images(tmp_path, build):
     np.testing.assert_allclose(vectors_of(tmp_path / "mixed-index"), vectors_of(tmp_path / "good-index"), atol=1e-6)
 
 
-def _peak_growth(fn):
-    """(bytes the resident set peaked above its size before ``fn``, what it returned or raised)."""
-    def status(field):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(field)
-
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = status("VmRSS")
-    except (OSError, KeyError):
-        pytest.skip("needs Linux's /proc/self/clear_refs to measure peak memory")
-    try:
-        result = fn()
-    except Exception as e:
-        result = e
-    return status("VmHWM") - before, result
-
-
 def test_a_60000x1_png_costs_no_memory_through_the_build_path(tmp_path, build, embedder):
     # a processor resizing to 64 px like CLIP's 224 would: unchecked, the 60000x1 image costs 2.3 GB here
     big = copy.copy(embedder)
@@ -168,13 +150,13 @@ def test_a_60000x1_png_costs_no_memory_through_the_build_path(tmp_path, build, e
     big.image_processor.size, big.image_processor.crop_size = {"shortest_edge": 64}, {"height": 64, "width": 64}
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "wide.png").write_bytes(wide_png())
-    growth, rc = _peak_growth(lambda: build(tmp_path / "imgs", tmp_path / "out", model_embedder=big))
+    growth, rc = peak_growth(lambda: build(tmp_path / "imgs", tmp_path / "out", model_embedder=big))
     assert rc == 0 and growth < 2**30, growth / 2**30
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["count"] == 0 and "60000x1" in report["failures"][0]["reason"]
 
     # and an in-memory image handed to the embedder directly is checked before the processor resizes it
-    growth, err = _peak_growth(lambda: big.embed([Image.new("RGB", (60000, 1))]))
+    growth, err = peak_growth(lambda: big.embed([Image.new("RGB", (60000, 1))]))
     assert isinstance(err, ImageError) and "image 0" in str(err) and "aspect ratio" in str(err)
     assert growth < 2**30, growth / 2**30
 

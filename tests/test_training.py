@@ -316,3 +316,30 @@ def test_training_flags_are_range_checked_when_parsed(capsys):
         with pytest.raises(SystemExit):
             parse(["--model", "m", "--data", "d", "--sd-embeddings", "s", "--out", "o", flag, value])
         assert message in capsys.readouterr().err
+
+
+def test_a_60000x1_image_in_a_shard_is_counted_and_costs_no_memory(tmp_path):
+    """The training reader bounds the image before CLIP's shortest-edge resize (unchecked, a 256-byte
+    60000x1 PNG becomes 13 M pixels wide at 224 px): the sample is skipped with its reason, the rest kept."""
+    import io
+    from collections import Counter
+
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from memory import peak_growth
+    from training.data import ShardStream, global_batches
+
+    buf = io.BytesIO()
+    Image.new("RGB", (60000, 1), "red").save(buf, format="PNG")
+    write_shard(tmp_path / "s-0.tar", [("a", draw("red", "square"), "a red square"), ("wide", buf.getvalue(), "a red line"),
+                                       ("b", draw("blue", "circle"), "a blue circle")])
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    stream = ShardStream([str(tmp_path / "s-0.tar")], processor, None, shuffle_buffer=0, need_sd=False)
+    counts: Counter = Counter()
+    grown, batches = peak_growth(lambda: list(global_batches(iter(stream), 1, counts)))
+    assert grown < 2**30, f"peak memory grew by {grown / 2**30:.2f} GB"
+    assert [b[0][0].key for b in batches] == ["s-0/a", "s-0/b"]
+    assert counts == Counter({"corrupt image": 1})
+    why = next(s for s in stream if s.key == "s-0/wide").error
+    assert why.startswith("corrupt image: ") and "60000x1" in why and "aspect ratio" in why, why
