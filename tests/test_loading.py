@@ -417,3 +417,20 @@ def test_no_import_cycle_and_no_import_up_the_layers():
         if m not in state:
             visit(m, [])
     assert "gill.pipeline" not in graph["gill.loading"] and "gill.presets" in graph["gill.loading"]
+
+
+@pytest.mark.parametrize("field", ["lm", "diffusion"])
+def test_a_backbone_path_that_does_not_exist_is_named_with_its_field(tmp_path, field):
+    """Not the Hub client's "Repo id must be in the form ..." for what is plainly a local path."""
+    from gill.loading import ModelNotFoundError, load
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_dir(), model)
+    config = json.loads((model / "config.json").read_text())
+    config[field] = str(tmp_path / "gone" / "backbone")
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotFoundError) as e:
+        load(model, load_index=False)
+    message = str(e.value)
+    assert str(model / "config.json") in message and f"field {field} is" in message and "does not exist" in message
+    assert "Repo id" not in message
