@@ -77,24 +77,31 @@ class DiffusionGenerator:
         options: DiffusionOptions | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         seeds: list[int] | None = None,
+        latents: torch.Tensor | None = None,
     ) -> list[Any]:
         """(G, L, D) conditioning -> G PIL images. Image i is seeded with ``seeds[i]`` if given, else with
-        ``options.seed + i``. Without negative embeddings the pipeline encodes the empty prompt, as the
-        original did."""
+        ``options.seed + i``; or starts from ``latents[i]`` (the initial noise itself, (G, C, h, w), as a
+        seed stream shared across calls gives it). Without negative embeddings the pipeline encodes the
+        empty prompt, as the original did."""
         # unset steps/guidance: the library's defaults; an unset seed stays unseeded here
         seed = (options or DiffusionOptions()).seed
         options = replace((options or DiffusionOptions()).with_settings(RunSettings()), seed=seed)
         with self._lock:
-            return self._generate(prompt_embeds, options, negative_prompt_embeds, seeds)
+            return self._generate(prompt_embeds, options, negative_prompt_embeds, seeds, latents)
 
     def _generate(self, prompt_embeds: torch.Tensor, options: DiffusionOptions,
-                  negative_prompt_embeds: torch.Tensor | None, seeds: list[int] | None) -> list[Any]:
+                  negative_prompt_embeds: torch.Tensor | None, seeds: list[int] | None,
+                  latents: torch.Tensor | None = None) -> list[Any]:
         if negative_prompt_embeds is None:
             negative_prompt_embeds = options.negative_prompt_embeds
         if options.scheduler is not None:
             self.set_scheduler(options.scheduler)
         device = getattr(self.pipe, "device", torch.device("cpu"))
-        if seeds is None and options.seed is not None:
+        if latents is not None and seeds is not None:
+            raise ValueError("give seeds or latents, not both")
+        if latents is not None and len(latents) != len(prompt_embeds):
+            raise ValueError(f"{len(latents)} latents for {len(prompt_embeds)} images")
+        if seeds is None and latents is None and options.seed is not None:
             seeds = [options.seed + i for i in range(len(prompt_embeds))]
         generator = None
         if seeds is not None:
@@ -110,6 +117,8 @@ class DiffusionGenerator:
             generator=generator,
             output_type="pil",
         )
+        if latents is not None:
+            kwargs["latents"] = latents.to(device)
         if negative_prompt_embeds is not None:
             kwargs["negative_prompt_embeds"] = negative_prompt_embeds.to(device)
         if options.height is not None:

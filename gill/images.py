@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -59,12 +60,13 @@ def _name(source: Any, name: str | None) -> str:
 
 
 def open_image(source: str | os.PathLike | bytes | IO[bytes], *, name: str | None = None,
-               limits: ImageLimits = DEFAULT_LIMITS) -> Any:
+               limits: ImageLimits = DEFAULT_LIMITS, prepare: Callable[[Any], Any] | None = None) -> Any:
     """Decode ``source`` (a path, the file's bytes or a binary file object) into a loaded RGB PIL image.
 
     The header's size is checked before any pixel is decoded; truncated, unidentifiable and oversized
     files raise ``ImageError`` naming ``name`` (default: the path). A missing file raises
-    ``FileNotFoundError``, as opening any file does.
+    ``FileNotFoundError``, as opening any file does. ``prepare`` is applied to the decoded image in its
+    own mode, before the conversion to RGB (an evaluation protocol that resizes as another code did).
     """
     from PIL import Image
 
@@ -84,7 +86,8 @@ def open_image(source: str | os.PathLike | bytes | IO[bytes], *, name: str | Non
             with Image.open(fp) as im:
                 limits.check_size(im.width, im.height, where)
                 im.load()
-                rgb = _to_rgb(im)
+                prepared = prepare(im) if prepare is not None else im
+                rgb = _to_rgb(prepared)
                 return rgb if rgb is not im else im.copy()  # the copy outlives the closed file
     except ImageError:
         raise

@@ -227,9 +227,11 @@ class GILL:
             return check_image(item, name=where)
         return open_image(item, name=f"{where} ({item})")
 
-    def build_prompts(self, conversations: Sequence[Sequence[InputItem]]) -> list[_Prompt]:
+    def build_prompts(self, conversations: Sequence[Sequence[InputItem]], *,
+                      bos_every_text: bool = False) -> list[_Prompt]:
         """Embed each conversation: images -> k soft tokens each (one vision pass for all images of the
-        batch), text -> token embeddings, BOS only before the first text segment (as the original)."""
+        batch), text -> token embeddings, BOS only before the first text segment (as the original), or
+        before every one with ``bos_every_text`` (as FROMAGe's retrieval evaluation)."""
         from PIL import Image
 
         images, where = [], []
@@ -260,7 +262,7 @@ class GILL:
                     parts.append(prefixes[(c, i)].to(embed_dtype))
                     exclude |= image_keys(item)
                     continue
-                ids = self.tokenizer(item, add_special_tokens=not seen_text)["input_ids"]
+                ids = self.tokenizer(item, add_special_tokens=bos_every_text or not seen_text)["input_ids"]
                 seen_text = True
                 if ids:
                     ids_t = torch.tensor([ids], device=self.device)
@@ -274,7 +276,7 @@ class GILL:
         """How many positions the LM reads (prompt and answer together), or None if it does not say."""
         return getattr(self.model.lm.config, "max_position_embeddings", None)
 
-    def prompt_length(self, conversation: Sequence[InputItem]) -> int:
+    def prompt_length(self, conversation: Sequence[InputItem], *, bos_every_text: bool = False) -> int:
         """Positions a conversation takes in the prompt (text tokens, BOS included, and k per image),
         counted without running the vision encoder."""
         from PIL import Image
@@ -284,9 +286,18 @@ class GILL:
             if isinstance(item, (Path, Image.Image)):
                 length += self.model.config.n_visual_tokens
             else:
-                length += len(self.tokenizer(item, add_special_tokens=not seen_text)["input_ids"])
+                length += len(self.tokenizer(item, add_special_tokens=bos_every_text or not seen_text)["input_ids"])
                 seen_text = True
         return length
+
+    def slot_overflow(self, conversation: Sequence[InputItem], *, bos_every_text: bool = False) -> int:
+        """Positions by which a conversation followed by the [IMG] tokens exceeds the LM's (0: it fits):
+        what ``image_slot_embeddings(..., truncate=True)`` drops from its start."""
+        limit = self.max_positions
+        if limit is None:
+            return 0
+        length = self.prompt_length(conversation, bos_every_text=bos_every_text)
+        return max(0, length + len(self.img_tokens.ids) - limit)
 
     def answer_room(self, max_new_tokens: int) -> int:
         """Positions an answer of ``max_new_tokens`` may take: an [IMG] group can start at the last token."""
@@ -432,16 +443,25 @@ class GILL:
     # ---- forced image slots (evaluation) ---------------------------------------------------------
 
     @torch.no_grad()
-    def image_slot_embeddings(self, conversations: Sequence[Sequence[InputItem]]) -> SlotEmbeddings:
+    def image_slot_embeddings(self, conversations: Sequence[Sequence[InputItem]], *,
+                              truncate: bool = False, bos_every_text: bool = False) -> SlotEmbeddings:
         """Append [IMG0..n-1] to each conversation and read the image slot in one forward: what the
         original's evaluations got from ``num_words=2, gen_scale_factor=1e5`` (an image forced at once),
-        without decoding. Returns the diffusion conditioning and the text-side retrieval embedding."""
-        prompts = self.build_prompts(conversations)
+        without decoding. Returns the diffusion conditioning and the text-side retrieval embedding.
+
+        A conversation longer than the LM's positions (less the [IMG] tokens) raises
+        ``PromptTooLongError``, or with ``truncate`` loses its oldest positions (see ``slot_overflow``).
+        ``bos_every_text``: see ``build_prompts``."""
+        prompts = self.build_prompts(conversations, bos_every_text=bos_every_text)
         limit, n = self.max_positions, len(self.img_tokens.ids)
         for c, p in enumerate(prompts):
-            if limit is not None and p.embeds.shape[0] + n > limit:
-                raise PromptTooLongError(f"conversation {c} takes {p.embeds.shape[0]} positions and its [IMG] "
-                                         f"tokens {n} more, but this LM reads {limit} positions")
+            if limit is None or p.embeds.shape[0] + n <= limit:
+                continue
+            if truncate and limit > n:
+                p.embeds = p.embeds[p.embeds.shape[0] + n - limit:]
+                continue
+            raise PromptTooLongError(f"conversation {c} takes {p.embeds.shape[0]} positions and its [IMG] "
+                                     f"tokens {n} more, but this LM reads {limit} positions")
         ids = self.model.img_token_ids[None]
         img = self.model.embed_tokens(ids)[0]
         for p in prompts:

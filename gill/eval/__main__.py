@@ -16,22 +16,32 @@ import sys
 from pathlib import Path
 
 from gill.arguments import float_in, int_in
+from gill.eval.protocol import PROTOCOLS
 
 MAX_STEPS = 1000  # the diffusion schedulers' training timesteps: more inference steps than these are refused
 MAX_SEED = 2**32 - 1
 MAX_ROUNDS = 10  # a VisDial dialog has 10 rounds
 
-VIST_SETTINGS = {
-    "gill/1-caption": ("gill", lambda e: [e.captions[-1]]),
-    "gill/5-captions": ("gill", lambda e: [" ".join(e.captions)]),
-    "gill/5-captions-4-images": ("gill", lambda e: [x for c, i in zip(e.captions, e.context_images + [None])
-                                                    for x in (c, i) if x is not None]),
-    "sd/1-caption": ("sd", lambda e: e.captions[-1]),
-    "sd/5-captions": ("sd", lambda e: " ".join(e.captions)),
-}
+def vist_settings(protocol) -> dict:
+    """Setting name -> (mode, the example's input). The 5-captions settings differ by protocol: each caption
+    tokenised on its own (``segments``, as the original's 5 captions + 4 images prompt) or one string."""
+    if protocol.five_captions == "segments":
+        five = ("gill", lambda e: list(e.captions))
+    else:
+        five = ("gill", lambda e: [" ".join(e.captions)])
+    return {
+        "gill/1-caption": ("gill", lambda e: [e.captions[-1]]),
+        "gill/5-captions": five,
+        "gill/5-captions-4-images": ("gill", lambda e: [x for c, i in zip(e.captions, e.context_images + [None])
+                                                        for x in (c, i) if x is not None]),
+        "sd/1-caption": ("sd", lambda e: e.captions[-1]),
+        "sd/5-captions": ("sd", lambda e: " ".join(e.captions)),
+    }
 
 
 def visdial_settings(rounds: list[int]) -> dict:
+    """The first N rounds as one text (``Q: ...?`` / ``A: ...`` lines joined by newlines), for GILL and plain
+    SD. The original scripted all 10 rounds only; 1 and 5 follow it with fewer rounds."""
     out = {}
     for r in rounds:
         label = f"{r}-round" + ("s" if r > 1 else "")
@@ -74,8 +84,16 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", type=scorer_spec, default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: the "
                    "model's run settings, e.g. the toy world's own metric model; else CLIP ViT-L/14 as the paper)")
     p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="e.g. cuda; under torchrun each process takes cuda:LOCAL_RANK")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="original",
+                   help="original (default): the released scripts' way, quirks included, to compare with the paper; "
+                        "clean: per-example seeds, no squashing, one output per example (gill/eval/README.md)")
+    p.add_argument("--truncate", action="store_true",
+                   help="a prompt longer than the LM's positions keeps its end (recorded) instead of being skipped")
+    p.add_argument("--compare-with", choices=["auto", "paper", "chance"], default="auto",
+                   help="what the report sets beside the scores: the paper's numbers (real datasets) or chance and "
+                        "the baselines (the toy world, random models); auto: chance for the presets toy and tiny-random")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     vist = sub.add_parser("vist", help="VIST contextual generation and retrieval")
     vist.add_argument("--annotations", required=True, help="SIS annotations, e.g. sis/val.story-in-sequence.json")
-    vist.add_argument("--caption-field", default="original_text")
+    vist.add_argument("--caption-field", default=None,
+                      help="annotation field read for captions (default: the protocol's: original 'text', clean 'original_text')")
     vist.add_argument("--allow-outside-root", action="store_true",
                       help="read image ids that point outside --images ('../x', '/abs/path', symlinks out); "
                            "by default such stories are skipped and counted")
@@ -116,36 +135,68 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def compare_with(args: argparse.Namespace) -> str:
+    """``paper`` for a real model (a directory or Hub id, the release), ``chance`` for the toy world and
+    random models, whose numbers say nothing next to the paper's."""
+    from gill.presets import find_preset
+
+    if args.compare_with != "auto":
+        return args.compare_with
+    preset = find_preset(args.model)
+    return "chance" if preset is not None and preset.kind in ("package", "random") else "paper"
+
+
 def run(args: argparse.Namespace) -> int:
+    from gill.eval.shard import finish, from_env, init
+
+    shard = from_env()
+    init(shard, args.device if args.command != "score" else None)
+    try:
+        return _run(args, shard)
+    finally:
+        finish(shard)
+
+
+def _run(args: argparse.Namespace, shard) -> int:
     import torch
 
     from gill._io import atomic_write_text
     from gill.eval.data import skip_counts
     from gill.eval.report import write_report
-    from gill.eval.runner import Setting, run_setting, score
+    from gill.eval.runner import Setting, merge_setting, run_setting, score
     from gill.eval.scorer import ClipScorer, LpipsScorer
+    from gill.eval.shard import barrier
 
     out = Path(args.out)
     if args.command == "score":
         state = json.loads((out / "run.json").read_text())
+        protocol = PROTOCOLS[state.get("protocol", {}).get("name", "clean")]
         scorer = ClipScorer(args.scorer or state["scorer"], args.device)
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
         score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=summary.get("retrieval"),
-              extra={k: state[k] for k in ("model", "skipped", "context_dir") if k in state})
+              prepare_target=protocol.prepare_vist_image() if args.task == "vist" else None, protocol=protocol,
+              extra={k: state[k] for k in ("model", "skipped", "context_dir", "protocol", "run", "compare_with")
+                     if k in state})
         print(write_report(out, args.task))
         return 0
 
     from gill.diffusion import DiffusionOptions
-    from gill.eval.data import load_vist, load_visdial
+    from gill.eval.data import load_visdial, load_vist
+    from gill.eval.seeds import PerExampleSeeds, SeedStream, pipeline_latent_shape
     from gill.pipeline import GILL
 
+    protocol = PROTOCOLS[args.protocol]
     args.task = args.command
+    prepare = None
     if args.task == "vist":
+        args.caption_field = args.caption_field or protocol.caption_field
         dataset = load_vist(args.annotations, args.images, args.caption_field,
-                            allow_outside_root=args.allow_outside_root)
-        table = VIST_SETTINGS
+                            allow_outside_root=args.allow_outside_root, story_order=protocol.story_order,
+                            whole_gallery=protocol.retrieval == "fromage")
+        table = vist_settings(protocol)
+        prepare = protocol.prepare_vist_image()
     else:
-        dataset = load_visdial(args.dialogs, args.images)
+        dataset = load_visdial(args.dialogs, args.images, lines=protocol.visdial_lines)
         table = visdial_settings(args.rounds)
     if args.limit is not None:
         dataset.examples = dataset.examples[: args.limit]
@@ -154,33 +205,62 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; choose from {list(table)}")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device)
+    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=shard.device(args.device))
     if gill.diffusion is None:
         raise ValueError(f"model {args.model} has no diffusion pipeline: evaluation generates images")
     settings = settings_for(gill, args)
     args.steps, args.guidance, args.seed, args.scorer = settings.steps, settings.guidance_scale, settings.seed, settings.scorer
     out.mkdir(parents=True, exist_ok=True)
+    pipe = gill.diffusion.pipe
+    run_info = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "scheduler": settings.scheduler,
+                "scorer": args.scorer, "batch_size": args.batch_size, "truncate": args.truncate,
+                "caption_field": getattr(args, "caption_field", None), "limit": args.limit, "processes": shard.world,
+                "dtype": args.dtype, "rounds": getattr(args, "rounds", None)}
     state = {"task": args.task, "model": str(args.model), "scorer": args.scorer, "seed": args.seed, "steps": args.steps,
-             "guidance": args.guidance, "scheduler": settings.scheduler, "settings": names, "skipped": dataset.skipped, "context_dir": str(Path(args.images).resolve())}
-    atomic_write_text(out / "run.json", json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+             "guidance": args.guidance, "scheduler": settings.scheduler, "settings": names, "skipped": dataset.skipped,
+             "context_dir": str(Path(args.images).resolve()), "protocol": protocol.as_dict(), "run": run_info,
+             "compare_with": compare_with(args)}
+    if shard.is_main:
+        atomic_write_text(out / "run.json", json.dumps(state, indent=2, ensure_ascii=False) + "\n")
     options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=settings.scheduler)
+    per_target = protocol.outputs == "per-target" and args.task == "vist"
     counts = {}
     for name in names:
         mode, build = table[name]
-        counts[name] = run_setting(gill, dataset, Setting(name, mode, build), out, diffusion=options,
-                                   batch_size=args.batch_size, seed=args.seed)
+        if protocol.seeds == "stream":  # a fresh stream per setting: the original ran one script per setting
+            param = next(pipe.unet.parameters())
+            noise = SeedStream(args.seed, pipeline_latent_shape(pipe), device=param.device, dtype=param.dtype)
+        else:
+            noise = PerExampleSeeds(args.seed)
+        setting = Setting(name, mode, build)
+        counts[name] = run_setting(gill, dataset, setting, out, diffusion=options, batch_size=args.batch_size,
+                                   seed=args.seed, noise=noise, truncate=args.truncate, shard=shard,
+                                   one_output_per_target=per_target, prepare=prepare)
+        barrier(shard)
+        if shard.is_main:
+            merged = merge_setting(dataset, setting, out, one_output_per_target=per_target)
+            counts[name]["skipped"] = merged["skipped"]
         c = counts[name]
-        print(f"{name}: {c['computed']} generated, {c['reused']} already done"
-              + (f", {len(c['skipped'])} skipped (unreadable input images)" if c["skipped"] else ""))
+        if shard.is_main:
+            print(f"{name}: {c['computed']} generated" + (f" here ({shard.world} processes)" if shard.world > 1 else "")
+                  + f", {c['reused']} already done"
+                  + (f", {len(c['skipped'])} skipped ({', '.join(f'{n} {k}' for k, n in skip_counts(c['skipped']).items())})"
+                     if c["skipped"] else ""))
+    if not shard.is_main:
+        return 0
     retrieval = None
     if args.task == "vist":
         from gill.eval.runner import vist_retrieval
 
-        retrieval = vist_retrieval(gill, dataset, out, [n for n in names if n.startswith("gill/")])
+        retrieval = vist_retrieval(gill, dataset, out, [n for n in names if n.startswith("gill/")],
+                                   protocol=protocol, builds={n: table[n][1] for n in names}, prepare=prepare,
+                                   truncate=args.truncate)
     scorer = ClipScorer(args.scorer, args.device)
     summary = score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=retrieval,
+                    prepare_target=prepare, protocol=protocol,
                     extra={"model": str(args.model), "skipped": dataset.skipped, "runs": counts,
-                           "context_dir": state["context_dir"]})
+                           "context_dir": state["context_dir"], "protocol": protocol.as_dict(), "run": run_info,
+                           "compare_with": state["compare_with"]})
     for name, s in summary["settings"].items():
         print(f"{name:28s} n={s['n']:5d}  CLIP similarity {s['clip_similarity']:.4f} +- {s['clip_similarity_ci95']:.4f}"
               + (f"  ({len(s['skipped'])} not scored)" if s.get("skipped") else ""))

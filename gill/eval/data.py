@@ -31,8 +31,9 @@ MISSING = "missing image"
 UNREADABLE = "unreadable image"
 OUTSIDE = "outside root"
 BAD_ENTRY = "bad entry"
+TOO_LONG = "too long"  # the runner: a prompt longer than the LM's positions (without --truncate)
 UNREADABLE_OUTPUT = "unreadable output"  # the scorer: a generated image that cannot be read back
-SKIP_KINDS = (DUPLICATE, TOO_SHORT, MISSING, UNREADABLE, OUTSIDE, BAD_ENTRY, UNREADABLE_OUTPUT)
+SKIP_KINDS = (DUPLICATE, TOO_SHORT, MISSING, UNREADABLE, OUTSIDE, BAD_ENTRY, TOO_LONG, UNREADABLE_OUTPUT)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Example:
     target: Path  # the ground-truth image the output is compared with
     target_id: str = ""
     context_ids: list[str] = field(default_factory=list)  # VIST: the context images' photo ids
+    position: int = -1  # its place in the original's loop over the dataset (its seed-stream draw); -1: its index
 
 
 @dataclass
@@ -131,16 +133,45 @@ def verify_images(dataset: Dataset, images_of, workers: int | None = None) -> No
     dataset.examples = kept
 
 
+def image_folder(annotations: Path, images: Path) -> Path:
+    """The folder holding a split's images: ``images`` itself (GILL's ``sis/val_images/<id>.png``), or its
+    subfolder named after the split (VIST's official ``images/val/<id>.jpg``, for ``val.story-in-sequence.json``)."""
+    split = annotations.name.split(".")[0]
+    sub = images / split
+    if split and sub.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in _first(images.iterdir(), 64)):
+        return sub
+    return images
+
+
+def _first(items, n: int) -> list:
+    out = []
+    for item in items:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
 def load_vist(annotations: str | Path, images: str | Path, caption_field: str = "original_text",
-              story_length: int = 5, *, allow_outside_root: bool = False, verify: bool = True) -> Dataset:
+              story_length: int = 5, *, allow_outside_root: bool = False, verify: bool = True,
+              story_order: str = "annotated", whole_gallery: bool = False) -> Dataset:
     """SIS JSON (``{"annotations": [[{story_id, photo_flickr_id, worker_arranged_photo_order, original_text,
-    text}], ...]}``) -> stories of ``story_length`` (caption, image) steps in annotated order.
+    text}], ...]}``) -> stories of ``story_length`` (caption, image) steps.
+
+    ``story_order``: ``"annotated"`` sorts a story's steps by ``worker_arranged_photo_order``; ``"file"``
+    keeps the file's order, as the original did (its last step is the target). Each kept story's
+    ``position`` is its place in the original's generation loop: the stories, in file order, whose context
+    images exist. ``whole_gallery``: the retrieval gallery is every readable image the file names (FROMAGe's),
+    not only the kept stories' images.
 
     A story is skipped when it has fewer steps or any of its image files is missing (as the original), when
     one of its images cannot be read (``verify``), when an image id points outside ``images`` (unless
     ``allow_outside_root``), when an entry is malformed, and when two stories share its id (a step order
     that occurs twice: both copies are skipped, since their steps cannot be told apart)."""
-    annotations, images = Path(annotations), Path(images)
+    if story_order not in ("annotated", "file"):
+        raise ValueError(f"story_order is {story_order!r}; expected 'annotated' or 'file'")
+    annotations = Path(annotations)
+    images = image_folder(annotations, Path(images))
     data = _read_json(annotations, "VIST annotations")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{annotations}: not a VIST SIS file (no 'annotations' list)")
@@ -164,6 +195,7 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
         except (TypeError, ValueError):
             broken.setdefault(story_id, f"annotation {n} in {annotations} has worker_arranged_photo_order {order!r}")
             item["_order"] = 0
+    position = 0
     for story_id, items in stories.items():
         if story_id in broken:
             out.skip(story_id, BAD_ENTRY, broken[story_id])
@@ -175,12 +207,9 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
             out.skip(story_id, DUPLICATE, f"duplicate story id {story_id!r} in {annotations}: step order "
                      f"{repeated[0]} occurs {copies} times ({len(items)} steps); all copies skipped")
             continue
-        items.sort(key=lambda a: a["_order"])
-        if len(items) < story_length:
-            out.skip(story_id, TOO_SHORT, f"story has {len(items)} steps, needs {story_length}")
-            continue
-        items = items[:story_length]
-        ids = [str(a["photo_flickr_id"]) for a in items]
+        if story_order == "annotated":
+            items.sort(key=lambda a: a["_order"])
+        ids = [str(a["photo_flickr_id"]) for a in items[:story_length]]
         try:
             paths = [find_image(images, i, allow_outside_root) for i in ids]
         except OutsideRootError as e:
@@ -189,12 +218,18 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
         except OSError as e:
             out.skip(story_id, BAD_ENTRY, f"cannot look up its images in {images} ({e})")
             continue
+        drew = all(p is not None for p in paths[:-1])  # the original generated for it (a draw of its seed stream)
+        position += drew
+        if len(items) < story_length:
+            out.skip(story_id, TOO_SHORT, f"story has {len(items)} steps, needs {story_length}")
+            continue
+        items = items[:story_length]
         missing = [i for i, p in zip(ids, paths) if p is None]
         if missing:
             out.skip(story_id, MISSING, f"missing image file(s) {missing} in {images}")
             continue
-        captions = [str(a.get(caption_field) or a.get("text") or "").strip() for a in items]
-        out.examples.append(Example(story_id, captions, paths[:-1], paths[-1], ids[-1], ids[:-1]))
+        captions = [_caption(a, caption_field) for a in items]
+        out.examples.append(Example(story_id, captions, paths[:-1], paths[-1], ids[-1], ids[:-1], position - 1))
 
     def images_of(e: Example) -> list[tuple[str, Path]]:
         return list(zip(e.context_ids + [e.target_id], e.context_images + [e.target]))
@@ -204,11 +239,45 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
     for e in out.examples:
         for image_id, path in images_of(e):
             out.gallery.setdefault(image_id, path)  # duplicate image ids share one gallery entry
+    if whole_gallery:
+        _add_whole_gallery(out, stories, images, allow_outside_root, verify)
     return out
 
 
+def _caption(step: dict, field_name: str) -> str:
+    """A step's caption from ``field_name`` as stored (the original read ``text`` untouched); the clean
+    protocol's ``original_text`` is stripped, and falls back to ``text`` where it is empty."""
+    if field_name == "text":
+        value = step.get("text")
+        return value if isinstance(value, str) else ""
+    return str(step.get(field_name) or step.get("text") or "").strip()
+
+
+def _add_whole_gallery(out: Dataset, stories: dict[str, list[dict]], images: Path, allow_outside_root: bool,
+                       verify: bool) -> None:
+    """Every other image the annotations name, where its file is there and readable (FROMAGe's gallery:
+    all VIST val images it could download)."""
+    extra: dict[str, Path] = {}
+    for items in stories.values():
+        for a in items:
+            pid = a.get("photo_flickr_id")
+            if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) in out.gallery or str(pid) in extra:
+                continue
+            try:
+                path = find_image(images, str(pid), allow_outside_root)
+            except (OutsideRootError, OSError, ValueError):
+                continue
+            if path is not None:
+                extra[str(pid)] = path
+    if verify and extra:
+        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            problems = dict(zip(extra, pool.map(_image_problem, extra.values())))
+        extra = {i: p for i, p in extra.items() if problems[i] is None}
+    out.gallery.update(extra)
+
+
 def load_visdial(dialogs: str | Path, images: str | Path, image_name: str = "VisualDialog_val2018_{:012d}.jpg",
-                 *, verify: bool = True) -> Dataset:
+                 *, verify: bool = True, lines: str = "tidy") -> Dataset:
     """visdial_1.0_val.json -> one example per dialog: 10 rounds of ``Q: question?`` / ``A: answer``
     lines (the caption is not used, as in the paper) and the dialog's image as the target.
 
@@ -231,16 +300,19 @@ def load_visdial(dialogs: str | Path, images: str | Path, image_name: str = "Vis
             if isinstance(image_id, (bool, float)):
                 raise ValueError(f"image_id {image_id!r} is not an integer")
             image_id = int(image_id)
-            lines = []
+            text = []
             for turn in d["dialog"]:
-                q = questions[turn["question"]].strip().rstrip("?")
-                a = answers[turn["answer"]].strip() if "answer" in turn else ""
-                lines += [f"Q: {q}?", f"A: {a}"]
+                q, a = questions[turn["question"]], answers[turn["answer"]] if "answer" in turn else ""
+                if not isinstance(q, str) or not isinstance(a, str):
+                    raise TypeError("a question or answer is not a string")
+                if lines != "raw":
+                    q, a = q.strip().rstrip("?"), a.strip()
+                text += [f"Q: {q}?", f"A: {a}"]
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             what = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no {e}"
             out.skip(f"dialogs[{n}]", BAD_ENTRY, f"dialog {n} in {dialogs} is malformed ({what})")
             continue
-        ex = Example(str(image_id), lines, [], images / image_name.format(image_id), str(image_id))
+        ex = Example(str(image_id), text, [], images / image_name.format(image_id), str(image_id), position=n)
         parsed.setdefault(ex.id, []).append(ex)
     for image_id, copies in parsed.items():
         if len(copies) > 1:

@@ -39,28 +39,54 @@ def _fmt(v) -> str:
     return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
+def _protocol_line(summary: dict) -> str:
+    protocol = summary.get("protocol") or {}
+    run = summary.get("run") or {}
+    if not protocol:
+        return ""
+    fields = ", ".join(f"{k}: {v}" for k, v in protocol.items() if k != "name")
+    settings = ", ".join(f"{k}: {v}" for k, v in run.items() if v is not None)
+    return (f"<p>protocol: <b>{html.escape(str(protocol.get('name')))}</b> ({html.escape(fields)})</p>"
+            f"<p>run: {html.escape(settings)}</p>")
+
+
 def write_report(out: Path, task: str, grid: int = 12) -> Path:
+    """``report.html``: each setting's scores beside what they compare with. A real model's run (summary
+    ``compare_with == "paper"``) stands beside the paper's numbers; the toy world's and random models' runs
+    beside chance (each output against another example's target) and the plain Stable Diffusion
+    baselines of the same run, never beside the paper's, which were measured on real VIST and VisDial."""
     summary = json.loads((out / "summary.json").read_text())
-    paper = PAPER.get(task, {})
+    versus_paper = summary.get("compare_with", "paper") == "paper"
+    paper = PAPER.get(task, {}) if versus_paper else {}
     rows = []
     for name, s in summary["settings"].items():
         p = paper.get(name, {})
+        lp = "" if s.get("lpips") is None else f"{_fmt(s.get('lpips'))} &plusmn; {_fmt(s.get('lpips_ci95'))}"
+        beside = (f"<td>{_fmt(p.get('clip_similarity'))}</td><td>{lp}</td><td>{_fmt(p.get('lpips'))}</td>" if versus_paper
+                  else f"<td>{_fmt(s.get('chance'))}</td><td>{lp}</td>")
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{s['n']}</td><td>{_fmt(s['clip_similarity'])} "
-            f"&plusmn; {_fmt(s['clip_similarity_ci95'])}</td><td>{_fmt(p.get('clip_similarity'))}</td>"
-            f"<td>{_fmt(s.get('lpips'))}</td><td>{_fmt(p.get('lpips'))}</td><td>{len(s.get('skipped', []))}</td></tr>"
+            f"&plusmn; {_fmt(s['clip_similarity_ci95'])}</td>{beside}<td>{len(s.get('skipped', []))}</td></tr>"
         )
+    head = ("<th>paper</th><th>LPIPS (ours)</th><th>paper</th>" if versus_paper
+            else "<th>chance (another example's target)</th><th>LPIPS (ours)</th>")
+    note = ("<p>Beside the paper's numbers (arXiv 2305.17216, real VIST / VisDial); they compare only under the "
+            "original protocol.</p>" if versus_paper else
+            "<p>This model is not the paper's (the toy world or a random model): its scores stand beside chance "
+            "and the plain Stable Diffusion rows (sd/...) of this run, not beside the paper's numbers.</p>")
     skipped = summary.get("skipped", [])
     parts = [
         f"<html><head><meta charset='utf-8'><title>GILL evaluation: {task}</title><style>"
         "body{font-family:sans-serif;margin:2em} td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
-        " img{width:112px;height:112px;object-fit:cover;margin:2px} .row{display:flex;align-items:center;gap:8px;margin:8px 0}"
+        " img{width:160px;height:160px;object-fit:cover;margin:2px;image-rendering:pixelated}"
+        " .row{display:flex;align-items:center;gap:8px;margin:8px 0}"
         " .cap{font-size:11px;max-width:420px} .arrow{font-size:24px;color:#888}</style></head><body>",
         f"<h1>GILL evaluation: {task}</h1><p>scorer: {html.escape(summary.get('scorer', ''))}; "
         f"model: {html.escape(str(summary.get('model', '')))}; skipped examples: {len(skipped)}"
         + "".join(f"; {html.escape(kind)}: {n}" for kind, n in skip_counts(skipped).items()) + "</p>",
-        "<table><tr><th>setting</th><th>n</th><th>CLIP similarity (ours, 95% CI)</th><th>paper</th><th>LPIPS (ours)</th>"
-        "<th>paper</th><th>not scored</th></tr>", *rows, "</table>",
+        _protocol_line(summary), note,
+        "<table><tr><th>setting</th><th>n</th><th>CLIP similarity (ours, 95% CI)</th>" + head +
+        "<th>not scored</th></tr>", *rows, "</table>",
     ]
     unscored = [(name, x) for name, s in summary["settings"].items() for x in s.get("skipped", [])]
     if skipped or unscored:
@@ -71,17 +97,20 @@ def write_report(out: Path, task: str, grid: int = 12) -> Path:
         parts.append("</table>")
     if "retrieval" in summary:
         r = summary["retrieval"]
-        parts.append(f"<h2>Retrieval of the last image (gallery of {r.get('gallery_size')} images)</h2><table>"
-                     "<tr><th>setting / protocol</th><th>R@1</th><th>R@5</th><th>R@10</th></tr>")
+        parts.append(f"<h2>Retrieval of the last image (gallery of {r.get('gallery_size')} images; "
+                     f"{html.escape(str(r.get('protocol', 'both-galleries')))})</h2><table>"
+                     "<tr><th>setting / gallery</th><th>R@1</th><th>R@5</th><th>R@10</th></tr>")
         for name, v in r.items():
-            if not isinstance(v, dict):
+            if not isinstance(v, dict) or "context_masked" not in v:
                 continue
-            for protocol in ("context_masked", "full_gallery"):
-                x = v[protocol]
-                parts.append(f"<tr><td>{html.escape(name)} / {protocol}</td>" + "".join(
-                    f"<td>{100 * x[f'R@{k}']:.1f}</td>" for k in (1, 5, 10)) + "</tr>")
-        for name, vals in PAPER_RETRIEVAL.items():
-            parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
+            for gallery in ("context_masked", "full_gallery", "chance"):
+                if gallery in v and (versus_paper is False or gallery != "chance"):
+                    x = v[gallery]
+                    parts.append(f"<tr><td>{html.escape(name)} / {gallery}</td>" + "".join(
+                        f"<td>{100 * x[f'R@{k}']:.1f}</td>" for k in (1, 5, 10)) + "</tr>")
+        if versus_paper:
+            for name, vals in PAPER_RETRIEVAL.items():
+                parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
         parts.append("</table>")
     for name in summary["settings"]:
         records = list(read_records(out / name / "records.jsonl").values())[:grid]

@@ -17,11 +17,10 @@ recomputed. Images are written under unique temporary names and renamed into pla
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,9 @@ from typing import Any
 import torch
 
 from gill._io import atomic_path, atomic_write_text, inside
-from gill.eval.data import UNREADABLE, UNREADABLE_OUTPUT, Dataset, Example, skip_counts
+from gill.eval.data import TOO_LONG, UNREADABLE, UNREADABLE_OUTPUT, Dataset, Example, skip_counts
+from gill.eval.seeds import PerExampleSeeds, stable_seed  # noqa: F401  (stable_seed: re-exported)
+from gill.eval.shard import Shard
 
 LOG = logging.getLogger("gill.eval")
 
@@ -39,11 +40,6 @@ class Setting:
     name: str  # folder name, e.g. "gill/5-captions-4-images" or "sd/1-caption"
     mode: str  # "gill" or "sd"
     build: Callable[[Example], Any]  # GILL: a list of inputs; SD: a prompt string
-
-
-def stable_seed(base: int, example_id: str) -> int:
-    """A per-example seed that does not depend on batching or order."""
-    return base + int(hashlib.sha256(example_id.encode()).hexdigest()[:8], 16) % 1_000_000
 
 
 def _scan_records(path: Path) -> tuple[dict[str, dict], list[str], bool]:
@@ -79,79 +75,158 @@ def read_records(path: Path) -> dict[str, dict]:
     return records
 
 
-def _repair_records(path: Path, records: dict[str, dict]) -> None:
-    """Rewrite ``records.jsonl`` with its readable records only, so that appending starts on a fresh line."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
+def _write_records(path: Path, records: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def _load_inputs(inputs: Any) -> Any:
-    """A GILL conversation with its image files opened (bounded, RGB); ``ImageError`` or
-    ``FileNotFoundError`` for one that cannot be read."""
+def _rank_files(folder: Path, what: str) -> list[Path]:
+    """The per-process files of a sharded run (``records.rank-00001.jsonl``), merged by rank 0 at the end."""
+    return sorted(folder.glob(f"{what}.rank-*.json*"))
+
+
+def _load_inputs(inputs: Any, prepare: Callable[[Any], Any] | None = None) -> Any:
+    """A GILL conversation with its image files opened (bounded, RGB, then ``prepare``d); ``ImageError``
+    or ``FileNotFoundError`` for one that cannot be read."""
     from gill.images import check_image, open_image
 
     if isinstance(inputs, str):
         return inputs
-    return [x if isinstance(x, str) else open_image(x, name=str(x)) if isinstance(x, os.PathLike)
-            else check_image(x) for x in inputs]
+    prepare = prepare or (lambda im: im)
+    return [x if isinstance(x, str) else prepare(open_image(x, name=str(x)) if isinstance(x, os.PathLike)
+                                                  else check_image(x)) for x in inputs]
+
+
+def output_owners(examples: Sequence[Example]) -> dict[str, Example]:
+    """Example id -> the example whose output it is scored with when outputs are kept per ground-truth
+    image (the original protocol): the last example in order with the same target."""
+    last = {e.target_id or str(e.target): e for e in examples}
+    return {e.id: last[e.target_id or str(e.target)] for e in examples}
 
 
 def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusion, batch_size: int = 8,
-                seed: int = 42, truncate_left: bool = True) -> dict[str, Any]:
-    """Generate the missing outputs of one setting. Returns counts: computed, reused, and ``skipped``: the
-    examples whose input images could not be read now (``{"id", "kind", "reason"}``; they are not written
-    and a rerun tries them again)."""
+                seed: int = 42, truncate_left: bool = True, noise=None, truncate: bool = False,
+                shard: Shard = Shard(), one_output_per_target: bool = False,
+                prepare: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Generate the missing outputs of one setting; this process's share of them under torchrun.
+
+    ``noise``: ``gill.eval.seeds.PerExampleSeeds(seed)`` (the default) or a ``SeedStream``. ``truncate``: a
+    GILL prompt longer than the LM's positions loses its oldest positions (recorded as ``truncated``)
+    instead of being skipped. ``one_output_per_target``: examples sharing a ground-truth image share the
+    output of the last of them (the original keyed its files by that image). ``prepare``: applied to each
+    opened input image (the original protocol squashes them to 224x224).
+
+    Batches are cut from the whole dataset, then dealt out to the processes (``shard``), so an example's
+    output does not depend on the number of processes. Returns counts: computed, reused, and ``skipped``:
+    the examples this process could not run (``{"id", "kind", "reason"}``: an input image that cannot be
+    read now, a prompt too long); they are not written and a rerun tries them again. Rank 0 merges every
+    process's records into ``records.jsonl`` (``merge_setting``) once all are done."""
     from gill.images import ImageError
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    noise = noise or PerExampleSeeds(seed)
     folder = out / setting.name
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    records_path = folder / "records.jsonl"
-    records, dropped, rewrite = _scan_records(records_path)
+    own = folder / ("records.jsonl" if shard.world == 1 else f"records.rank-{shard.rank:05d}.jsonl")
+    records, dropped, rewrite = _scan_records(own)
     for d in dropped:
-        LOG.warning("%s: %s; dropped (its example will be recomputed)", records_path, d)
+        LOG.warning("%s: %s; dropped (its example will be recomputed)", own, d)
     if rewrite:
-        _repair_records(records_path, records)
-    done = {i for i, r in records.items() if _output_path(folder, r["image"]) is not None}
-    todo = [e for e in dataset.examples if e.id not in done]
+        _write_records(own, records.values())
+    finished = dict(records)
+    for other in [folder / "records.jsonl", *_rank_files(folder, "records")]:
+        if other != own:
+            finished.update(_scan_records(other)[0])
+    done = {i for i, r in finished.items() if _output_path(folder, r["image"]) is not None}
+    owners = output_owners(dataset.examples) if one_output_per_target else {}
+    computed_here = [e for e in dataset.examples if owners.get(e.id, e) is e]
+    position = {e.id: e.position if e.position >= 0 else n for n, e in enumerate(dataset.examples)}
     skipped: list[dict[str, str]] = []
-
-    def ready():  # (example, its inputs as described, its inputs as given to the model), unreadable ones skipped
-        for e in todo:
+    computed = reused = 0
+    batches = [computed_here[i:i + batch_size] for i in range(0, len(computed_here), batch_size)]
+    for number, batch in enumerate(batches):
+        if not shard.takes(number):
+            continue
+        reused += sum(e.id in done for e in batch)
+        ready = []  # (example, its inputs as described, its inputs as given to the model, extra record fields)
+        for e in (e for e in batch if e.id not in done):
             inputs = setting.build(e)
             if setting.mode != "gill":
-                yield e, inputs, inputs
+                ready.append((e, inputs, inputs, {}))
                 continue
             try:
-                yield e, inputs, _load_inputs(inputs)
+                loaded = _load_inputs(inputs, prepare)
             except (ImageError, OSError) as err:  # broken or gone since the dataset was read
                 skipped.append({"id": e.id, "kind": UNREADABLE, "reason": f"an input image cannot be read: {err}"})
-
-    computed = 0
-    stream = ready()
-    while batch := list(itertools.islice(stream, batch_size)):
-        examples = [e for e, _, _ in batch]
-        described = [describe(d) for _, d, _ in batch]
-        inputs = [x for _, _, x in batch]
-        seeds = [stable_seed(seed, e.id) for e in examples]
-        extra: list[dict] = [{} for _ in batch]
+                continue
+            over = gill.slot_overflow(loaded)
+            if over and not truncate:
+                skipped.append({"id": e.id, "kind": TOO_LONG, "reason": (
+                    f"its prompt and the {len(gill.img_tokens.ids)} [IMG] tokens take {over} positions more than "
+                    f"the LM's {gill.max_positions}; --truncate keeps its last {gill.max_positions} positions")})
+                continue
+            ready.append((e, inputs, loaded, {"truncated": over} if over else {}))
+        if not ready:
+            continue
+        examples = [e for e, _, _, _ in ready]
+        inputs = [x for _, _, x, _ in ready]
+        plan = noise.noise([e.id for e in examples], [position[e.id] for e in examples])
+        extra = [dict(x) for _, _, _, x in ready]
         if setting.mode == "gill":
-            slots = gill.image_slot_embeddings(inputs)
-            images = gill.diffusion.generate(slots.generation, diffusion, seeds=seeds)
+            slots = gill.image_slot_embeddings(inputs, truncate=truncate)
+            images = gill.diffusion.generate(slots.generation, diffusion, seeds=plan.seeds, latents=plan.latents)
             for x, r in zip(extra, slots.retrieval.float().cpu()):
                 x["retrieval_embedding"] = [round(v, 6) for v in r.tolist()]
         else:
-            images = generate_from_text(gill.diffusion.pipe, inputs, diffusion, seeds, truncate_left)
-        with open(records_path, "a", encoding="utf-8") as f:
-            for e, s, prompt, image, x in zip(examples, seeds, described, images, extra):
+            images = generate_from_text(gill.diffusion.pipe, inputs, diffusion, plan.seeds, truncate_left,
+                                        latents=plan.latents)
+        with open(own, "a", encoding="utf-8") as f:
+            for (e, described, _, _), label, image, x in zip(ready, plan.labels, images, extra):
                 rel = f"images/{output_name(e.id)}.png"
                 with atomic_path(folder / rel) as tmp:
                     image.save(tmp, format="PNG")
-                f.write(json.dumps({"id": e.id, "image": rel, "seed": s, "target": str(e.target),
-                                    "target_id": e.target_id, "prompt": prompt, **x}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"id": e.id, "image": rel, **label, "target": str(e.target),
+                                    "target_id": e.target_id, "prompt": describe(described), **x},
+                                   ensure_ascii=False) + "\n")
                 f.flush()
                 computed += 1
-    return {"computed": computed, "reused": len(done), "skipped": skipped}
+    skip_file = folder / ("skipped.json" if shard.world == 1 else f"skipped.rank-{shard.rank:05d}.json")
+    atomic_write_text(skip_file, json.dumps(skipped, indent=1, ensure_ascii=False) + "\n")
+    return {"computed": computed, "reused": reused, "skipped": skipped}
+
+
+def merge_setting(dataset: Dataset, setting: Setting, out: Path, *, one_output_per_target: bool = False) -> dict:
+    """Rank 0, once every process has finished ``run_setting``: every process's records (and those of
+    earlier runs) into one ``records.jsonl`` in dataset order, examples that share another's output
+    (``one_output_per_target``) recorded with it, and the skipped examples into ``skipped.json``. The
+    per-process files are then removed. Returns ``{"records": n, "skipped": [...]}``."""
+    folder = out / setting.name
+    merged: dict[str, dict] = {}
+    rank_records = _rank_files(folder, "records")
+    for path in [folder / "records.jsonl", *rank_records]:
+        merged.update(read_records(path))
+    owners = output_owners(dataset.examples) if one_output_per_target else {}
+    for e in dataset.examples:
+        owner = owners.get(e.id, e)
+        if owner is not e and owner.id in merged:
+            shared = {k: v for k, v in merged[owner.id].items() if k not in ("id", "prompt", "truncated")}
+            merged[e.id] = {"id": e.id, **shared, "prompt": describe(setting.build(e)), "output_of": owner.id}
+    order = {e.id: n for n, e in enumerate(dataset.examples)}
+    ranked = sorted(merged.values(), key=lambda r: (order.get(r["id"], len(order)), r["id"]))
+    _write_records(folder / "records.jsonl", ranked)
+    skipped: list[dict] = []
+    rank_skips = _rank_files(folder, "skipped")
+    for path in rank_skips or [folder / "skipped.json"]:
+        if path.is_file():
+            skipped += json.loads(path.read_text(encoding="utf-8"))
+    skipped += [{"id": e.id, "kind": s["kind"], "reason": f"shares the output of {owners[e.id].id}, which was "
+                 f"skipped: {s['reason']}"} for e in dataset.examples for s in skipped
+                if owners.get(e.id, e) is not e and s["id"] == owners[e.id].id]
+    skipped.sort(key=lambda s: (order.get(s["id"], len(order)), s["id"]))
+    atomic_write_text(folder / "skipped.json", json.dumps(skipped, indent=1, ensure_ascii=False) + "\n")
+    for path in rank_records + rank_skips:
+        path.unlink()
+    return {"records": len(ranked), "skipped": skipped}
 
 
 def _output_path(folder: Path, rel: str) -> Path | None:
@@ -183,7 +258,8 @@ def describe(prompt: Any) -> Any:
 
 
 @torch.no_grad()
-def generate_from_text(pipe, prompts: Sequence[str], options, seeds: Sequence[int], truncate_left: bool) -> list[Any]:
+def generate_from_text(pipe, prompts: Sequence[str], options, seeds: Sequence[int] | None, truncate_left: bool,
+                       latents: torch.Tensor | None = None) -> list[Any]:
     """Plain Stable Diffusion on text prompts (the baseline). Long prompts keep their end
     (left truncation), where the story's last caption is."""
     tokenizer = pipe.tokenizer
@@ -191,9 +267,12 @@ def generate_from_text(pipe, prompts: Sequence[str], options, seeds: Sequence[in
     tokenizer.truncation_side = "left" if truncate_left else side
     try:
         device = getattr(pipe, "device", torch.device("cpu"))
-        generator = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         kwargs = dict(prompt=list(prompts), num_inference_steps=options.steps, guidance_scale=options.guidance_scale,
-                      generator=generator, output_type="pil")
+                      output_type="pil")
+        if latents is not None:
+            kwargs["latents"] = latents.to(device)
+        else:
+            kwargs["generator"] = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         return list(pipe(**kwargs).images)
     finally:
         tokenizer.truncation_side = side
@@ -203,24 +282,31 @@ def generate_from_text(pipe, prompts: Sequence[str], options, seeds: Sequence[in
 
 
 def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra: dict | None = None,
-          batch_size: int = 32) -> dict:
+          batch_size: int = 32, prepare_target: Callable[[Any], Any] | None = None, protocol=None) -> dict:
     """CLIP similarity (and LPIPS) of every setting's outputs with their targets -> summary.json.
 
-    Each image is opened with ``gill.images.open_image``; a record whose output or target cannot be read is
-    not scored but listed in its setting's ``skipped`` (``{"id", "kind", "reason"}``), and ``n`` counts
-    the scored ones. The dataset's own skipped examples (``extra["skipped"]``) are counted by kind in
+    Each image is opened with ``gill.images.open_image`` (targets through ``prepare_target``: the original
+    protocol's 224x224 squash of VIST images); a record whose output or target cannot be read is not scored
+    but listed in its setting's ``skipped`` (``{"id", "kind", "reason"}``), and ``n`` counts the scored
+    ones. CLIP similarity is averaged over examples (records: under the original protocol examples that
+    share an output are each scored with it); LPIPS over examples, or once per distinct output file where
+    ``protocol.lpips == "per-file"`` (the original's ``lpips_2dirs.py``). ``chance``: the mean similarity
+    of each output with the next scored example's target (another image of the same dataset), the level
+    an output unrelated to its prompt reaches. The runner's skipped examples (``skipped.json``) are listed
+    with the scorer's. The dataset's own skipped examples (``extra["skipped"]``) are counted by kind in
     ``skipped_counts``."""
     from gill.eval.metrics import mean_and_ci, paired_cosine
     from gill.images import ImageError, open_image
 
-    def load(path: Path | None, what: str) -> tuple[Any, str | None]:  # (image, None) or (None, why not)
+    def load(path: Path | None, what: str, prepare=None) -> tuple[Any, str | None]:  # (image, None) or (None, why)
         try:
             if path is None:
                 raise FileNotFoundError("no such file in the setting's folder")
-            return open_image(path, name=str(path)), None
+            return open_image(path, name=str(path), prepare=prepare), None
         except (ImageError, OSError) as e:
             return None, f"{what} cannot be read: {e}"
 
+    per_file = protocol is not None and protocol.lpips == "per-file"
     summary: dict[str, Any] = {"scorer": getattr(scorer, "spec", type(scorer).__name__), "settings": {}}
     target_cache: dict[str, torch.Tensor | str] = {}  # target path -> its features, or why it cannot be read
     for records_path in sorted(out.glob("*/*/records.jsonl")):
@@ -230,43 +316,62 @@ def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra
         if not records:
             continue
         sims: list[float] = []
-        distances: list[float] = []
+        distances: dict[str, float] = {}  # per example id, or per output file
         skipped: list[dict[str, str]] = []
+        skip_file = folder / "skipped.json"
+        if skip_file.is_file():
+            skipped += json.loads(skip_file.read_text(encoding="utf-8"))
+        scored_outputs: list[torch.Tensor] = []
+        scored_targets: list[str] = []
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             new_targets = list(dict.fromkeys(r["target"] for r in chunk if r["target"] not in target_cache))
             opened = []
             for t in new_targets:
-                im, why = load(Path(t), "the ground-truth image")
+                im, why = load(Path(t), "the ground-truth image", prepare_target)
                 if im is None:
                     target_cache[t] = why
                 else:
                     opened.append((t, im))
             if opened:
                 target_cache.update(zip([t for t, _ in opened], scorer.embed([im for _, im in opened])))
-            pairs = []
+            pairs, outputs = [], {}
             for r in chunk:
                 if isinstance(target_cache[r["target"]], str):
                     skipped.append({"id": r["id"], "kind": UNREADABLE, "reason": target_cache[r["target"]]})
                     continue
-                output, why = load(_output_path(folder, r["image"]), f"the output image {r['image']}")
+                if r["image"] not in outputs:
+                    outputs[r["image"]] = load(_output_path(folder, r["image"]), f"the output image {r['image']}")
+                output, why = outputs[r["image"]]
                 if output is None:
                     skipped.append({"id": r["id"], "kind": UNREADABLE_OUTPUT, "reason": why})
                 else:
                     pairs.append((r, output))
             if not pairs:
                 continue
-            feats = scorer.embed([o for _, o in pairs])
-            sims += paired_cosine(feats, torch.stack([target_cache[r["target"]] for r, _ in pairs])).tolist()
+            images = list(dict.fromkeys(r["image"] for r, _ in pairs))
+            feats = dict(zip(images, scorer.embed([outputs[i][0] for i in images])))
+            out_feats = torch.stack([feats[r["image"]] for r, _ in pairs])
+            sims += paired_cosine(out_feats, torch.stack([target_cache[r["target"]] for r, _ in pairs])).tolist()
+            scored_outputs += list(out_feats)
+            scored_targets += [r["target"] for r, _ in pairs]
             if lpips is not None:
                 for r, o in pairs:
-                    target, _ = load(Path(r["target"]), "the ground-truth image")
+                    key = r["image"] if per_file else r["id"]
+                    if key in distances:
+                        continue
+                    target, _ = load(Path(r["target"]), "the ground-truth image", prepare_target)
                     if target is not None:
-                        distances.append(lpips.distance(o, target))
+                        distances[key] = lpips.distance(o, target)
         mean, ci = mean_and_ci(sims)
         entry = {"n": len(sims), "clip_similarity": mean, "clip_similarity_ci95": ci, "skipped": skipped}
+        if len(scored_outputs) > 1:
+            shifted = [target_cache[t] for t in scored_targets[1:] + scored_targets[:1]]
+            entry["chance"] = float(paired_cosine(torch.stack(scored_outputs), torch.stack(shifted)).mean())
         if lpips is not None:
-            entry["lpips"], entry["lpips_ci95"] = mean_and_ci(distances)
+            entry["lpips"], entry["lpips_ci95"] = mean_and_ci(list(distances.values()))
+            entry["lpips_n"] = len(distances)
+            entry["lpips_per"] = "output file" if per_file else "example"
         summary["settings"][name] = entry
     if retrieval:
         summary["retrieval"] = retrieval
@@ -277,15 +382,9 @@ def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra
     return summary
 
 
-@torch.no_grad()
-def vist_retrieval(gill, dataset: Dataset, out: Path, settings: Sequence[str], batch_size: int = 32) -> dict:
-    """Recall@1/5/10 of each story's last image among all stories' images, from the text-side embedding
-    saved for each GILL setting, under both gallery protocols.
-
-    Gallery images are opened with ``gill.images.open_image``; one that cannot be read is left out of the
-    gallery and listed in ``gallery_skipped``, and a query whose target is not in the gallery is not scored
-    (listed in its setting's ``skipped``)."""
-    from gill.eval.metrics import recall_at_k
+def _gallery_features(gill, dataset: Dataset, prepare, batch_size: int) -> tuple[list[str], torch.Tensor | None, list[dict]]:
+    """(image ids, their L2-normalised image-side retrieval embeddings, the gallery images that could not
+    be read). Each image is opened with ``gill.images.open_image`` (and ``prepare``)."""
     from gill.images import ImageError, open_image
 
     ids, feats, gallery_skipped = [], [], []
@@ -295,41 +394,108 @@ def vist_retrieval(gill, dataset: Dataset, out: Path, settings: Sequence[str], b
         images = []
         for i in candidates[start:start + batch_size]:
             try:
-                images.append(open_image(dataset.gallery[i], name=str(dataset.gallery[i])))
+                images.append(open_image(dataset.gallery[i], name=str(dataset.gallery[i]), prepare=prepare))
                 ids.append(i)
             except (ImageError, OSError) as e:
                 gallery_skipped.append({"id": i, "kind": UNREADABLE, "reason": f"a gallery image cannot be read: {e}"})
         if images:
             pixels = gill.image_processor(images=images, return_tensors="pt")["pixel_values"]
             feats.append(gill.model.encode_images(pixels.to(param.device, param.dtype)).retrieval.float().cpu())
-    results: dict[str, Any] = {"gallery_size": len(ids)}
+    gallery = torch.nn.functional.normalize(torch.cat(feats), dim=-1) if feats else None
+    return ids, gallery, gallery_skipped
+
+
+def _context_mask(records_or_examples: list[tuple[str, str]], context: dict[str, list[str]], index: dict[str, int],
+                  shape: tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for row, (example_id, target_id) in enumerate(records_or_examples):
+        for image_id in context.get(example_id, []):
+            if image_id != target_id and image_id in index:
+                mask[row, index[image_id]] = True
+    return mask
+
+
+@torch.no_grad()
+def _fromage_queries(gill, examples: list[Example], build, prepare, batch_size: int, truncate: bool
+                     ) -> tuple[list[Example], torch.Tensor | None, list[dict]]:
+    """FROMAGe's retrieval query: the setting's input with BOS before every caption, then the [IMG] tokens,
+    in one forward; the text-side retrieval embedding, L2-normalised."""
+    from gill.images import ImageError
+
+    kept, feats, skipped = [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch, inputs = [], []
+        for e in examples[start:start + batch_size]:
+            try:
+                loaded = _load_inputs(build(e), prepare)
+            except (ImageError, OSError) as err:
+                skipped.append({"id": e.id, "kind": UNREADABLE, "reason": f"an input image cannot be read: {err}"})
+                continue
+            if gill.slot_overflow(loaded, bos_every_text=True) and not truncate:
+                skipped.append({"id": e.id, "kind": TOO_LONG, "reason": "its prompt is longer than the LM's positions"})
+                continue
+            batch.append(e)
+            inputs.append(loaded)
+        if inputs:
+            slots = gill.image_slot_embeddings(inputs, truncate=truncate, bos_every_text=True)
+            feats.append(torch.nn.functional.normalize(slots.retrieval.float().cpu(), dim=-1))
+            kept += batch
+    return kept, (torch.cat(feats) if feats else None), skipped
+
+
+@torch.no_grad()
+def vist_retrieval(gill, dataset: Dataset, out: Path, settings: Sequence[str], batch_size: int = 32, *,
+                   protocol=None, builds: dict[str, Callable] | None = None, prepare=None,
+                   truncate: bool = False) -> dict:
+    """Recall@1/5/10 of each story's last image among the gallery's images, for each GILL setting.
+
+    ``protocol.retrieval == "fromage"`` (the original protocol; FROMAGe's ``evals/eval_vist_retrieval.py``,
+    which GILL's table follows): the gallery is every readable image the annotations name, the query is
+    the setting's input with BOS before every caption followed by the [IMG] tokens, and the story's
+    context images are masked (``context_masked`` only). Otherwise the text-side embedding saved with each
+    record is the query, the gallery is the evaluated stories' images, and both gallery protocols are
+    reported: ``context_masked`` and ``full_gallery``.
+
+    A gallery image that cannot be read is left out and listed in ``gallery_skipped``; a query whose
+    target is not in the gallery is not scored (listed in its setting's ``skipped``)."""
+    from gill.eval.metrics import recall_at_k
+
+    fromage = protocol is not None and protocol.retrieval == "fromage"
+    ids, gallery, gallery_skipped = _gallery_features(gill, dataset, prepare, batch_size)
+    results: dict[str, Any] = {"gallery_size": len(ids), "protocol": "fromage" if fromage else "both-galleries"}
     if gallery_skipped:
         results["gallery_skipped"] = gallery_skipped
-    if not ids:
+    if gallery is None:
         return results
     index = {i: n for n, i in enumerate(ids)}
-    gallery = torch.nn.functional.normalize(torch.cat(feats), dim=-1)
     context = {e.id: e.context_ids or [Path(p).stem for p in e.context_images] for e in dataset.examples}
     for name in settings:
-        records = [r for r in read_records(out / name / "records.jsonl").values() if "retrieval_embedding" in r]
-        skipped = [{"id": r["id"], "kind": UNREADABLE, "reason": f"its target {r['target_id']} is not in the gallery"}
-                   for r in records if r["target_id"] not in index]
-        records = [r for r in records if r["target_id"] in index]
-        if not records:
+        if fromage:
+            if builds is None or name not in builds:
+                continue
+            examples = [e for e in dataset.examples if e.target_id in index]
+            skipped = [{"id": e.id, "kind": UNREADABLE, "reason": f"its target {e.target_id} is not in the gallery"}
+                       for e in dataset.examples if e.target_id not in index]
+            examples, q, more = _fromage_queries(gill, examples, builds[name], prepare, batch_size, truncate)
+            skipped += more
+            pairs = [(e.id, e.target_id) for e in examples]
+        else:
+            records = [r for r in read_records(out / name / "records.jsonl").values() if "retrieval_embedding" in r]
+            skipped = [{"id": r["id"], "kind": UNREADABLE, "reason": f"its target {r['target_id']} is not in the gallery"}
+                       for r in records if r["target_id"] not in index]
+            records = [r for r in records if r["target_id"] in index]
+            pairs = [(r["id"], r["target_id"]) for r in records]
+            q = torch.nn.functional.normalize(torch.tensor([r["retrieval_embedding"] for r in records]), dim=-1) if records else None
+        if q is None or not pairs:
             continue
-        q = torch.nn.functional.normalize(torch.tensor([r["retrieval_embedding"] for r in records]), dim=-1)
         scores = q @ gallery.T
-        targets = torch.tensor([index[r["target_id"]] for r in records])
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-        for row, r in enumerate(records):
-            for image_id in context.get(r["id"], []):
-                if image_id != r["target_id"] and image_id in index:
-                    mask[row, index[image_id]] = True
-        results[name] = {
-            "context_masked": {f"R@{k}": v for k, v in recall_at_k(scores, targets, exclude=mask).items()},
-            "full_gallery": {f"R@{k}": v for k, v in recall_at_k(scores, targets).items()},
-            "n": len(records),
-        }
+        targets = torch.tensor([index[t] for _, t in pairs])
+        mask = _context_mask(pairs, context, index, tuple(scores.shape))
+        results[name] = {"context_masked": {f"R@{k}": v for k, v in recall_at_k(scores, targets, exclude=mask).items()},
+                         "n": len(pairs)}
+        if not fromage:
+            results[name]["full_gallery"] = {f"R@{k}": v for k, v in recall_at_k(scores, targets).items()}
+        results[name]["chance"] = {f"R@{k}": min(1.0, k / max(1, len(ids) - 4)) for k in (1, 5, 10)}
         if skipped:
             results[name]["skipped"] = skipped
     return results

@@ -58,23 +58,35 @@ class ClipScorer:
         return torch.cat(feats) if feats else torch.zeros(0)
 
 
+LPIPS_SIZE = 256
+
+
+def lpips_tensor(image: Any) -> torch.Tensor:
+    """(1, 3, 256, 256) in [-1, 1], as the original's ``evals/lpips_2dirs.py``: the RGB image as
+    ``uint8 / 127.5 - 1`` (``lpips.im2tensor``), then squashed to 256x256 by antialiased bilinear
+    interpolation (``torchvision.transforms.functional.resize(..., antialias=True)`` on the tensor)."""
+    import numpy as np
+
+    from gill.images import check_image
+
+    arr = np.asarray(check_image(image), dtype=np.float32) / 127.5 - 1.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return torch.nn.functional.interpolate(x, size=(LPIPS_SIZE, LPIPS_SIZE), mode="bilinear", align_corners=False,
+                                           antialias=True)
+
+
 class LpipsScorer:
-    """LPIPS (AlexNet, v0.1) on images resized to 256x256, as the original's script; needs ``lpips``."""
+    """LPIPS (AlexNet, v0.1) on images squashed to 256x256 as the original's script (``lpips_tensor``);
+    needs ``pip install lpips`` (which fetches torchvision's AlexNet weights on first use)."""
 
-    def __init__(self, device: str | None = None):
-        import lpips
-
+    def __init__(self, device: str | None = None, model: Any = None):
         self.device = device or "cpu"
-        self.model = lpips.LPIPS(net="alex", version="0.1").eval().to(self.device)
+        if model is None:
+            import lpips
+
+            model = lpips.LPIPS(net="alex", version="0.1")
+        self.model = model.eval().to(self.device)
 
     @torch.no_grad()
     def distance(self, a: Any, b: Any) -> float:
-        import numpy as np
-
-        from gill.images import check_image
-
-        def tensor(im):
-            arr = np.asarray(check_image(im).resize((256, 256)), dtype=np.float32) / 127.5 - 1.0
-            return torch.from_numpy(arr).permute(2, 0, 1)[None].to(self.device)
-
-        return self.model(tensor(a), tensor(b)).item()
+        return float(self.model(lpips_tensor(a).to(self.device), lpips_tensor(b).to(self.device)).item())
