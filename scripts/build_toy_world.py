@@ -403,7 +403,8 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
 def stage_eval(out: Path, plan: Plan, seed: int) -> None:
     data = out / "data"
     run("-m", "gill.eval", "vist", "--model", str(out / "model"), "--annotations", str(data / "test-sis.json"),
-        "--images", str(data / "test-images"), "--out", str(out / "eval"), "--seed", str(seed))  # the model's run settings
+        "--images", str(data / "test-images"), "--out", str(out / "eval"), "--seed", str(seed),
+        "--protocol", "clean")  # the model's run settings; the toy's own protocol (its pictures are not VIST's)
 
 
 # ---- 7. the report ------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", type=scorer_spec, default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: the "
                    "model's run settings, e.g. the toy world's own metric model; else CLIP ViT-L/14 as the paper)")
     p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package)")
+    p.add_argument("--no-score", action="store_true",
+                   help="generate only; score later with 'python -m gill.eval score OUT --task TASK'")
     p.add_argument("--device", default=None, help="e.g. cuda; under torchrun each process takes cuda:LOCAL_RANK")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="original",
@@ -173,6 +175,8 @@ def _run(args: argparse.Namespace, shard) -> int:
         protocol = PROTOCOLS[state.get("protocol", {}).get("name", "clean")]
         scorer = ClipScorer(args.scorer or state["scorer"], args.device)
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+        if "retrieval" not in summary and (out / "retrieval.json").is_file():
+            summary["retrieval"] = json.loads((out / "retrieval.json").read_text())
         score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=summary.get("retrieval"),
               prepare_target=protocol.prepare_vist_image() if args.task == "vist" else None, protocol=protocol,
               extra={k: state[k] for k in ("model", "skipped", "context_dir", "protocol", "run", "compare_with")
@@ -222,8 +226,19 @@ def _run(args: argparse.Namespace, shard) -> int:
              "compare_with": compare_with(args)}
     if shard.is_main:
         atomic_write_text(out / "run.json", json.dumps(state, indent=2, ensure_ascii=False) + "\n")
-    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=settings.scheduler)
     per_target = protocol.outputs == "per-target" and args.task == "vist"
+    if shard.is_main:
+        from gill.eval.runner import output_owners
+
+        outputs = len({o.id for o in output_owners(dataset.examples).values()}) if per_target else len(dataset.examples)
+        print(f"{len(dataset.examples)} examples ({len(dataset.skipped)} skipped), {outputs} outputs per setting"
+              + (" (one per ground-truth image: the original protocol)" if per_target else "")
+              + f", protocol {protocol.name}, {shard.world} process(es)")
+    scorer = lpips = None
+    if shard.is_main and not args.no_score:  # a scorer that cannot be loaded fails now, not after generating
+        scorer = ClipScorer(args.scorer, args.device)
+        lpips = LpipsScorer(args.device) if args.lpips else None
+    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=settings.scheduler)
     counts = {}
     for name in names:
         mode, build = table[name]
@@ -255,14 +270,18 @@ def _run(args: argparse.Namespace, shard) -> int:
         retrieval = vist_retrieval(gill, dataset, out, [n for n in names if n.startswith("gill/")],
                                    protocol=protocol, builds={n: table[n][1] for n in names}, prepare=prepare,
                                    truncate=args.truncate)
-    scorer = ClipScorer(args.scorer, args.device)
-    summary = score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=retrieval,
-                    prepare_target=prepare, protocol=protocol,
+        atomic_write_text(out / "retrieval.json", json.dumps(retrieval, indent=1, ensure_ascii=False) + "\n")
+    if args.no_score:
+        print(f"generated; score with: python -m gill.eval score {out} --task {args.task}")
+        return 0
+    summary = score(out, scorer, lpips=lpips, retrieval=retrieval, prepare_target=prepare, protocol=protocol,
                     extra={"model": str(args.model), "skipped": dataset.skipped, "runs": counts,
                            "context_dir": state["context_dir"], "protocol": protocol.as_dict(), "run": run_info,
                            "compare_with": state["compare_with"]})
     for name, s in summary["settings"].items():
-        print(f"{name:28s} n={s['n']:5d}  CLIP similarity {s['clip_similarity']:.4f} +- {s['clip_similarity_ci95']:.4f}"
+        ci = "" if s["clip_similarity_ci95"] is None else f" +- {s['clip_similarity_ci95']:.4f}"
+        sim = "-" if s["clip_similarity"] is None else f"{s['clip_similarity']:.4f}"
+        print(f"{name:28s} n={s['n']:5d}  CLIP similarity {sim}{ci}"
               + (f"  ({len(s['skipped'])} not scored)" if s.get("skipped") else ""))
     if dataset.skipped:
         by_kind = ", ".join(f"{n} {kind}" for kind, n in skip_counts(dataset.skipped).items())

@@ -163,7 +163,8 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
             if over and not truncate:
                 skipped.append({"id": e.id, "kind": TOO_LONG, "reason": (
                     f"its prompt and the {len(gill.img_tokens.ids)} [IMG] tokens take {over} positions more than "
-                    f"the LM's {gill.max_positions}; --truncate keeps its last {gill.max_positions} positions")})
+                    f"the LM's {gill.max_positions}; --truncate keeps its last "
+                    f"{gill.max_positions - len(gill.img_tokens.ids)}")})
                 continue
             ready.append((e, inputs, loaded, {"truncated": over} if over else {}))
         if not ready:
@@ -281,6 +282,11 @@ def generate_from_text(pipe, prompts: Sequence[str], options, seeds: Sequence[in
 # ---- scoring -------------------------------------------------------------------------------------------
 
 
+def _number(x: float) -> float | None:
+    """A summary's number, or None (JSON null) where there is none (the CI of one example)."""
+    return None if x != x else x
+
+
 def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra: dict | None = None,
           batch_size: int = 32, prepare_target: Callable[[Any], Any] | None = None, protocol=None) -> dict:
     """CLIP similarity (and LPIPS) of every setting's outputs with their targets -> summary.json.
@@ -363,13 +369,13 @@ def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra
                     target, _ = load(Path(r["target"]), "the ground-truth image", prepare_target)
                     if target is not None:
                         distances[key] = lpips.distance(o, target)
-        mean, ci = mean_and_ci(sims)
+        mean, ci = (_number(x) for x in mean_and_ci(sims))
         entry = {"n": len(sims), "clip_similarity": mean, "clip_similarity_ci95": ci, "skipped": skipped}
         if len(scored_outputs) > 1:
             shifted = [target_cache[t] for t in scored_targets[1:] + scored_targets[:1]]
             entry["chance"] = float(paired_cosine(torch.stack(scored_outputs), torch.stack(shifted)).mean())
         if lpips is not None:
-            entry["lpips"], entry["lpips_ci95"] = mean_and_ci(list(distances.values()))
+            entry["lpips"], entry["lpips_ci95"] = (_number(x) for x in mean_and_ci(list(distances.values())))
             entry["lpips_n"] = len(distances)
             entry["lpips_per"] = "output file" if per_file else "example"
         summary["settings"][name] = entry

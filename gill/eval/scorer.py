@@ -23,21 +23,27 @@ class ClipScorer:
     def __init__(self, spec: str = DEFAULT_SCORER, device: str | None = None):
         self.spec, self.device = spec, device or "cpu"
         kind, _, name = spec.partition(":")
-        if kind == "hf":
-            from transformers import CLIPImageProcessor, CLIPModel
-
-            self.model = CLIPModel.from_pretrained(name).eval().to(self.device)
-            self.processor = CLIPImageProcessor.from_pretrained(name)
-            self._embed = self._hf
-        elif kind == "open_clip":
-            import open_clip
-
-            model_name, _, pretrained = name.partition("/")
-            self.model, _, self.processor = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
-            self.model = self.model.eval().to(self.device)
-            self._embed = self._open_clip
-        else:
+        if kind not in ("hf", "open_clip"):
             raise ValueError(f"scorer {spec!r}: expected 'hf:NAME_OR_PATH' or 'open_clip:MODEL/PRETRAINED'")
+        try:
+            if kind == "hf":
+                from transformers import CLIPImageProcessor, CLIPModel
+
+                self.model = CLIPModel.from_pretrained(name).eval().to(self.device)
+                self.processor = CLIPImageProcessor.from_pretrained(name)
+                self._embed = self._hf
+            else:
+                import open_clip
+
+                model_name, _, pretrained = name.partition("/")
+                self.model, _, self.processor = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+                self.model = self.model.eval().to(self.device)
+                self._embed = self._open_clip
+        except OSError as e:  # not on disk and the Hub out of reach, or a broken download
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"scorer {spec!r} cannot be loaded ({first}); give a local copy "
+                             "(--scorer hf:/path/to/clip-vit-large-patch14) or score later with "
+                             "'python -m gill.eval score OUT --scorer ...'") from None
 
     def _hf(self, images: list[Any]) -> torch.Tensor:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
