@@ -91,9 +91,13 @@ def _load_inputs(inputs: Any, prepare: Callable[[Any], Any] | None = None) -> An
 
     if isinstance(inputs, str):
         return inputs
-    prepare = prepare or (lambda im: im)
-    return [x if isinstance(x, str) else prepare(open_image(x, name=str(x)) if isinstance(x, os.PathLike)
-                                                  else check_image(x)) for x in inputs]
+    def load(x: Any) -> Any:
+        if isinstance(x, os.PathLike):
+            return open_image(x, name=str(x), prepare=prepare)
+        image = check_image(x)
+        return prepare(image) if prepare is not None else image
+
+    return [x if isinstance(x, str) else load(x) for x in inputs]
 
 
 def output_owners(examples: Sequence[Example]) -> dict[str, Example]:
