@@ -112,6 +112,20 @@ def test_the_original_squash_ignores_the_aspect_ratio_and_resizes_palettes_by_ne
     assert np.asarray(squash_like_original(grey)).tolist() == np.full((224, 224, 3), 77).tolist()
 
 
+
+def test_the_runner_gives_gill_the_squashed_context_images_under_the_original_protocol(tmp_path):
+    from gill.eval.__main__ import vist_settings
+    from gill.eval.runner import _load_inputs
+
+    sis, images = two_stories(tmp_path)
+    a = load_vist(sis, images, "text", story_order="file").examples[0]
+    prompt = vist_settings(ORIGINAL)["gill/5-captions-4-images"][1](a)
+    squashed = [x for x in _load_inputs(prompt, ORIGINAL.prepare_vist_image()) if not isinstance(x, str)]
+    assert [im.size for im in squashed] == [(224, 224)] * 4
+    assert tuple(np.asarray(squashed[0])[100, 100]) == (80, 100, 120)  # photo "4": (20*4, 100, 200-20*4)
+    kept = [x for x in _load_inputs(prompt, CLEAN.prepare_vist_image()) if not isinstance(x, str)]
+    assert [im.size for im in kept] == [(60, 40)] * 4
+
 def test_lpips_input_is_minus_one_to_one_squashed_to_256():
     from gill.eval.scorer import lpips_tensor
 
