@@ -59,17 +59,19 @@ def write_report(out: Path, task: str, grid: int = 12) -> Path:
     versus_paper = summary.get("compare_with", "paper") == "paper"
     paper = PAPER.get(task, {}) if versus_paper else {}
     rows = []
+    with_lpips = any("lpips" in s for s in summary["settings"].values())
     for name, s in summary["settings"].items():
         p = paper.get(name, {})
         lp = "" if s.get("lpips") is None else f"{_fmt(s.get('lpips'))} &plusmn; {_fmt(s.get('lpips_ci95'))}"
-        beside = (f"<td>{_fmt(p.get('clip_similarity'))}</td><td>{lp}</td><td>{_fmt(p.get('lpips'))}</td>" if versus_paper
-                  else f"<td>{_fmt(s.get('chance'))}</td><td>{lp}</td>")
+        lp_cells = (f"<td>{lp}</td>" + (f"<td>{_fmt(p.get('lpips'))}</td>" if versus_paper else "")) if with_lpips else ""
+        beside = (f"<td>{_fmt(p.get('clip_similarity'))}</td>{lp_cells}" if versus_paper
+                  else f"<td>{_fmt(s.get('chance'))}</td>{lp_cells}")
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{s['n']}</td><td>{_fmt(s['clip_similarity'])} "
             f"&plusmn; {_fmt(s['clip_similarity_ci95'])}</td>{beside}<td>{len(s.get('skipped', []))}</td></tr>"
         )
-    head = ("<th>paper</th><th>LPIPS (ours)</th><th>paper</th>" if versus_paper
-            else "<th>chance (another example's target)</th><th>LPIPS (ours)</th>")
+    lpips_head = ("<th>LPIPS (ours, 95% CI)</th>" + ("<th>paper</th>" if versus_paper else "")) if with_lpips else ""
+    head = ("<th>paper</th>" if versus_paper else "<th>chance (another example's target)</th>") + lpips_head
     note = ("<p>Beside the paper's numbers (arXiv 2305.17216, real VIST / VisDial); they compare only under the "
             "original protocol.</p>" if versus_paper else
             "<p>This model is not the paper's (the toy world or a random model): its scores stand beside chance "
