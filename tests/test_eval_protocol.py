@@ -364,3 +364,20 @@ def test_a_two_process_torchrun_eval_equals_the_one_process_run(tmp_path, scorer
     assert b["run"]["processes"] == 2
     for key in ("settings", "retrieval", "skipped", "protocol"):
         assert a[key] == b[key], key
+
+
+def test_an_output_folder_is_resumed_only_with_the_settings_it_was_made_with(tmp_path, scorer, capsys):
+    from gill.eval.__main__ import main
+    from test_eval import write_vist
+
+    sis, images = write_vist(tmp_path)
+    args = ["vist", "--model", "tiny-random", "--annotations", str(sis), "--images", str(images), "--out",
+            str(tmp_path / "out"), "--steps", "1", "--scorer", scorer, "--settings", "sd/1-caption"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--protocol", "clean"]) == 1
+    assert "protocol: 'original' -> 'clean'" in capsys.readouterr().err
+    assert main([*args[:-4], "--steps", "2", "--scorer", scorer, "--settings", "sd/1-caption"]) == 1
+    assert "steps: 1 -> 2" in capsys.readouterr().err
+    assert main(args + ["--batch-size", "3"]) == 0  # how it is batched does not change the outputs
+    assert "0 generated, 3 already done" in capsys.readouterr().out

@@ -137,6 +137,34 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# what makes an earlier run's outputs in OUT reusable: the same model, protocol and generation settings
+RESUME_KEYS = ("task", "model", "seed", "steps", "guidance", "scheduler")
+RESUME_RUN_KEYS = ("truncate", "caption_field", "dtype")
+
+
+def check_resumable(path: Path, state: dict) -> None:
+    """Refuse to resume into an output folder made with other settings (its finished examples would be
+    mixed with new ones), naming what differs; the scorer, batch size, limit and process count may change."""
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # an unreadable run.json is rewritten
+    if not isinstance(before, dict):
+        return
+    changed = [f"{k}: {before.get(k)!r} -> {state[k]!r}" for k in RESUME_KEYS if k in before and before[k] != state[k]]
+    was, now = before.get("protocol", {}), state["protocol"]
+    if isinstance(was, dict) and was and was != now:
+        changed.append(f"protocol: {was.get('name')!r} -> {now['name']!r}")
+    was_run = before.get("run", {}) if isinstance(before.get("run"), dict) else {}
+    changed += [f"{k}: {was_run[k]!r} -> {state['run'][k]!r}" for k in RESUME_RUN_KEYS
+                if k in was_run and was_run[k] != state["run"][k]]
+    if changed:
+        raise ValueError(f"{path.parent} holds a run made with other settings ({'; '.join(changed)}); its outputs "
+                         "cannot be resumed with these: give another --out, or the same settings")
+
+
 def compare_with(args: argparse.Namespace) -> str:
     """``paper`` for a real model (a directory or Hub id, the release), ``chance`` for the toy world and
     random models, whose numbers say nothing next to the paper's."""
@@ -224,6 +252,7 @@ def _run(args: argparse.Namespace, shard) -> int:
              "guidance": args.guidance, "scheduler": settings.scheduler, "settings": names, "skipped": dataset.skipped,
              "context_dir": str(Path(args.images).resolve()), "protocol": protocol.as_dict(), "run": run_info,
              "compare_with": compare_with(args)}
+    check_resumable(out / "run.json", state)
     if shard.is_main:
         atomic_write_text(out / "run.json", json.dumps(state, indent=2, ensure_ascii=False) + "\n")
     per_target = protocol.outputs == "per-target" and args.task == "vist"
