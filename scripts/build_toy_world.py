@@ -62,7 +62,7 @@ class Plan:
     decision_stories: int = 300
 
 
-SMALL = Plan(lm_steps=4000, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=500, train_images_per_scene=2,
+SMALL = Plan(lm_steps=4000, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=1000, train_images_per_scene=2,
              train_stories=300, test_stories=24, val_stories=12)
 
 
