@@ -58,7 +58,7 @@ def test_the_original_reads_text_in_file_order_and_numbers_the_stories_its_loop_
 
 
 def test_the_original_prompts_are_its_segments_and_fromage_puts_bos_before_every_caption(tmp_path):
-    from gill.eval.__main__ import visdial_settings, vist_settings
+    from gill.eval.__main__ import vist_settings
     from gill.pipeline import GILL
 
     sis, images = two_stories(tmp_path)
