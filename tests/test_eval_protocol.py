@@ -273,9 +273,13 @@ def test_a_real_format_vist_fixture_runs_to_a_summary_with_its_skips(tmp_path, s
     page = (out / "report.html").read_text()
     assert "too long" in page and "unreadable image" in page
 
-    # --truncate keeps the long story's end, and says how much it dropped
-    assert main(args + ["--truncate", "--settings", "gill/5-captions-4-images"]) == 0
-    records = {json.loads(line)["id"]: json.loads(line) for line in (out / "gill/5-captions-4-images" / "records.jsonl").read_text().splitlines()}
+    # --truncate keeps the long story's end, and says how much it dropped (another folder: the first run's
+    # outputs are not resumed with other settings)
+    truncated = tmp_path / "truncated"
+    assert main([*args[:args.index("--out") + 1], str(truncated), *args[args.index("--out") + 2:], "--truncate",
+                 "--settings", "gill/5-captions-4-images"]) == 0
+    records = {json.loads(line)["id"]: json.loads(line)
+               for line in (truncated / "gill/5-captions-4-images" / "records.jsonl").read_text().splitlines()}
     assert records["long"]["truncated"] > 0 and "plain" in records
 
 
