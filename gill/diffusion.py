@@ -126,3 +126,22 @@ class DiffusionGenerator:
         if options.width is not None:
             kwargs["width"] = options.width
         return list(self.pipe(**kwargs).images)
+
+
+def speed_up_pipeline(pipe: Any, *, channels_last: bool = True, compile: bool = False,
+                      compile_mode: str | None = "max-autotune") -> Any:
+    """Opt-in speed-ups of a stock diffusers pipeline, in place, without forking it; returns the pipeline.
+
+    ``channels_last``: the UNet and the VAE in the channels-last memory format (faster convolutions on
+    GPUs). ``compile``: ``torch.compile`` of the UNet and of the VAE decoder (``fullgraph``); the first call
+    at a given image size compiles (minutes at SD v1.5 size), later calls at that size reuse it. Attention
+    is diffusers' default scaled-dot-product kernel already. Precision is the caller's (``torch_dtype``).
+    Off by default: on CPU compiling costs more than it saves for a few images.
+    """
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
+    return pipe
