@@ -100,6 +100,25 @@ def _load_inputs(inputs: Any, prepare: Callable[[Any], Any] | None = None) -> An
     return [x if isinstance(x, str) else load(x) for x in inputs]
 
 
+def _gill_input(gill, example_id: str, inputs: Any, prepare: Callable[[Any], Any] | None, truncate: bool, *,
+                bos_every_text: bool = False) -> tuple[Any, int, dict[str, str] | None]:
+    """(the conversation with its images opened, the positions it exceeds the LM's by, None), or
+    (None, 0, a skip record) when an image cannot be read now or the prompt is too long without ``truncate``."""
+    from gill.images import ImageError
+
+    try:
+        loaded = _load_inputs(inputs, prepare)
+    except (ImageError, OSError) as err:  # broken or gone since the dataset was read
+        return None, 0, {"id": example_id, "kind": UNREADABLE, "reason": f"an input image cannot be read: {err}"}
+    over = gill.slot_overflow(loaded, bos_every_text=bos_every_text)
+    if over and not truncate:
+        n = len(gill.img_tokens.ids)
+        return None, 0, {"id": example_id, "kind": TOO_LONG, "reason": (
+            f"its prompt and the {n} [IMG] tokens take {over} positions more than the LM's {gill.max_positions}; "
+            f"--truncate keeps its last {gill.max_positions - n}")}
+    return loaded, over, None
+
+
 def output_owners(examples: Sequence[Example]) -> dict[str, Example]:
     """Example id -> the example whose output it is scored with when outputs are kept per ground-truth
     image (the original protocol): the last example in order with the same target."""
@@ -124,8 +143,6 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
     the examples this process could not run (``{"id", "kind", "reason"}``: an input image that cannot be
     read now, a prompt too long); they are not written and a rerun tries them again. Rank 0 merges every
     process's records into ``records.jsonl`` (``merge_setting``) once all are done."""
-    from gill.images import ImageError
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     noise = noise or PerExampleSeeds(seed)
@@ -158,17 +175,9 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
             if setting.mode != "gill":
                 ready.append((e, inputs, inputs, {}))
                 continue
-            try:
-                loaded = _load_inputs(inputs, prepare)
-            except (ImageError, OSError) as err:  # broken or gone since the dataset was read
-                skipped.append({"id": e.id, "kind": UNREADABLE, "reason": f"an input image cannot be read: {err}"})
-                continue
-            over = gill.slot_overflow(loaded)
-            if over and not truncate:
-                skipped.append({"id": e.id, "kind": TOO_LONG, "reason": (
-                    f"its prompt and the {len(gill.img_tokens.ids)} [IMG] tokens take {over} positions more than "
-                    f"the LM's {gill.max_positions}; --truncate keeps its last "
-                    f"{gill.max_positions - len(gill.img_tokens.ids)}")})
+            loaded, over, skip = _gill_input(gill, e.id, inputs, prepare, truncate)
+            if skip is not None:
+                skipped.append(skip)
                 continue
             ready.append((e, inputs, loaded, {"truncated": over} if over else {}))
         if not ready:
@@ -430,19 +439,13 @@ def _fromage_queries(gill, examples: list[Example], build, prepare, batch_size: 
                      ) -> tuple[list[Example], torch.Tensor | None, list[dict]]:
     """FROMAGe's retrieval query: the setting's input with BOS before every caption, then the [IMG] tokens,
     in one forward; the text-side retrieval embedding, L2-normalised."""
-    from gill.images import ImageError
-
     kept, feats, skipped = [], [], []
     for start in range(0, len(examples), batch_size):
         batch, inputs = [], []
         for e in examples[start:start + batch_size]:
-            try:
-                loaded = _load_inputs(build(e), prepare)
-            except (ImageError, OSError) as err:
-                skipped.append({"id": e.id, "kind": UNREADABLE, "reason": f"an input image cannot be read: {err}"})
-                continue
-            if gill.slot_overflow(loaded, bos_every_text=True) and not truncate:
-                skipped.append({"id": e.id, "kind": TOO_LONG, "reason": "its prompt is longer than the LM's positions"})
+            loaded, _, skip = _gill_input(gill, e.id, build(e), prepare, truncate, bos_every_text=True)
+            if skip is not None:
+                skipped.append(skip)
                 continue
             batch.append(e)
             inputs.append(loaded)
