@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,17 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
+def image_problems(paths: Iterable[Path], workers: int | None = None) -> dict[Path, str | None]:
+    """Each distinct path -> why it cannot be used as an image (None: it can), opened in a few threads."""
+    paths = list(dict.fromkeys(paths))
+    with ThreadPoolExecutor(workers or min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip(paths, pool.map(_image_problem, paths)))
+
+
 def verify_images(dataset: Dataset, images_of, workers: int | None = None) -> None:
     """Open every image of every example once (in a few threads); an example with an unreadable image is
     moved to ``skipped``. ``images_of(example)`` -> [(image id, path)]."""
-    paths = list(dict.fromkeys(p for e in dataset.examples for _, p in images_of(e)))
-    workers = workers or min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        problems = dict(zip(paths, pool.map(_image_problem, paths)))
+    problems = image_problems((p for e in dataset.examples for _, p in images_of(e)), workers)
     kept = []
     for e in dataset.examples:
         bad = [(i, p, problems[p]) for i, p in images_of(e) if problems[p] is not None]
@@ -138,18 +143,9 @@ def image_folder(annotations: Path, images: Path) -> Path:
     subfolder named after the split (VIST's official ``images/val/<id>.jpg``, for ``val.story-in-sequence.json``)."""
     split = annotations.name.split(".")[0]
     sub = images / split
-    if split and sub.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in _first(images.iterdir(), 64)):
+    if split and sub.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in islice(images.iterdir(), 64)):
         return sub
     return images
-
-
-def _first(items, n: int) -> list:
-    out = []
-    for item in items:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
 
 
 def load_vist(annotations: str | Path, images: str | Path, caption_field: str = "original_text",
@@ -270,9 +266,8 @@ def _add_whole_gallery(out: Dataset, stories: dict[str, list[dict]], images: Pat
             if path is not None:
                 extra[str(pid)] = path
     if verify and extra:
-        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-            problems = dict(zip(extra, pool.map(_image_problem, extra.values())))
-        extra = {i: p for i, p in extra.items() if problems[i] is None}
+        problems = image_problems(extra.values())
+        extra = {i: p for i, p in extra.items() if problems[p] is None}
     out.gallery.update(extra)
 
 
