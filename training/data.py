@@ -1,7 +1,14 @@
 """Training data: webdataset shards of (image, caption) with precomputed diffusion text embeddings.
 
 Shards hold ``KEY.jpg|png|webp`` and ``KEY.txt`` (img2dataset's webdataset output, or
-``training.make_shards`` from a folder or table). ``training.precompute_sd_embeddings`` writes, for
+``training.make_shards`` from a folder or table).
+
+Interleaved samples (stories, documents) add a context before the caption: ``KEY.context.json``, a JSON
+list of texts, one per context image, and the images ``KEY.context0.png``, ``KEY.context1.png``, ... (any
+of the image extensions). Text ``i`` comes before image ``i`` ("" for an image with no text before it);
+then ``KEY.txt`` and, last, ``KEY.png``, the image the [IMG] losses read. So a VIST story of five steps
+is ``context.json = [caption_1 .. caption_4]``, ``context0..3`` its first four pictures, ``txt`` its fifth
+caption and ``png`` its fifth picture; a document's earlier pairs go in its context the same way. ``training.precompute_sd_embeddings`` writes, for
 shard ``NAME.tar``, ``SD_DIR/NAME.safetensors`` mapping each sample key to its caption's (77, d) text
 encoder states.
 
@@ -17,7 +24,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,8 @@ class Sample:
     caption: str = ""
     sd_embedding: torch.Tensor | None = None  # (77, d)
     error: str | None = None
+    # interleaved samples: the (text, pixels) pairs before the caption, oldest first; text i precedes image i
+    context: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
 
 def _all(urls):
@@ -171,10 +180,38 @@ class ShardStream(torch.utils.data.IterableDataset):
             return Sample(key, error="missing diffusion embedding")
         try:
             image = open_image(raw[ext], name=key)
+            context = self._context(key, raw)
         except ImageError as e:  # bounded before the resize; the reason's first words are the counted kind
             return Sample(key, error=f"corrupt image: {e.reason}")
+        except ValueError as e:
+            return Sample(key, error=f"bad context: {e}")
         pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        return Sample(key, pixels, caption, emb)
+        return Sample(key, pixels, caption, emb, context=context)
+
+    def _context(self, key: str, raw: dict) -> list[tuple[str, torch.Tensor]]:
+        """The (text, pixels) pairs of ``KEY.context.json`` and ``KEY.context{i}.<ext>``; [] if none."""
+        import json
+
+        from gill.images import open_image
+
+        if "context.json" not in raw:
+            return []
+        try:
+            texts = json.loads(raw["context.json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"context.json is not JSON ({e})") from None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("context.json must be a list of texts, one per context image")
+        images = []
+        for i in range(len(texts)):
+            ext = next((e for e in IMAGE_EXTS if f"context{i}.{e}" in raw), None)
+            if ext is None:
+                raise ValueError(f"context.json has {len(texts)} texts but there is no context{i} image")
+            images.append(open_image(raw[f"context{i}.{ext}"], name=f"{key}.context{i}.{ext}"))
+        if not images:
+            return []
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return [(t.strip(), px) for t, px in zip(texts, pixels)]
 
 
 def global_batches(stream: Iterator[Sample], batch_size: int, counts: Counter,

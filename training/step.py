@@ -6,6 +6,15 @@ retrieval and generation share one LM forward (their inputs are identical; the o
 the [IMG]-token labels keep the second caption of a concatenated pair (the original masked it by its
 "from the first [IMG1] on" rule). With one shared forward, the concat-captions draw is made once for
 retrieval+generation instead of once each.
+
+Interleaved samples (an extension; the original trained on single pairs): a sample may carry a context of
+(text, image) pairs before its caption, a VIST story or an MMC4/OBELICS-style document. Its retrieval and
+generation sequence is then ``text_1 [image_1] ... text_m [image_m] caption [IMG0..n-1]``, laid out as
+``GILL.build_prompts`` lays out a conversation at inference (BOS only before the first text; each image
+as its visual prefix), and the [IMG] losses read the last image. The text after a context image is a
+target too, so the visual prefix learns to carry meaning in the middle of text, not only before a
+caption. Interleaved sequences are never concatenated in pairs; the captioning task reads the last
+(image, caption) pair alone.
 """
 
 from __future__ import annotations
@@ -24,13 +33,37 @@ from gill.model import GILLModel
 @dataclass
 class TextBatch:
     captions: list[list[int]]  # BOS + caption ids, truncated to leave room for the [IMG] tokens
+    # per sample, the token ids (no BOS) of each context text, each followed by one context image; [] for
+    # a plain (image, caption) sample. None: no sample of the batch has a context.
+    context: list[list[list[int]]] | None = None
+    bos: int | None = None  # the BOS id that starts an interleaved sequence
+
+    @property
+    def interleaved(self) -> bool:
+        return self.context is not None and any(self.context)
 
 
-def tokenize(tokenizer, captions: list[str], max_len: int, n_img: int) -> TextBatch:
+def tokenize(tokenizer, captions: list[str], max_len: int, n_img: int,
+             contexts: list[list[str]] | None = None, n_visual: int = 0) -> TextBatch:
     """BOS + caption, truncated so that caption + [IMG0..n-1] fit in max_len (as the original, which
-    overwrote the last n ids of a truncated caption with the [IMG] ids)."""
+    overwrote the last n ids of a truncated caption with the [IMG] ids).
+
+    ``contexts``: per sample, the texts of its context pairs (one per context image, in order). The
+    oldest pairs are dropped until context (``n_visual`` positions per image) + caption + [IMG] fit in
+    max_len; ``kept_context`` tells how many each sample kept, as the trailing pairs."""
     ids = tokenizer(captions, add_special_tokens=True)["input_ids"]
-    return TextBatch([row[: max_len - n_img] for row in ids])
+    captions_ids = [row[: max_len - n_img] for row in ids]
+    if contexts is None or not any(contexts):
+        return TextBatch(captions_ids)
+    bos = tokenizer.bos_token_id
+    context = []
+    for row, texts in zip(captions_ids, contexts):
+        parts = [tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in texts]
+        budget = max_len - n_img - (len(row) - 1)  # the caption loses its BOS when a text comes before it
+        while parts and sum(len(p) + n_visual for p in parts) + (bos is not None) > budget:
+            parts = parts[1:]
+        context.append(parts)
+    return TextBatch(captions_ids, context, bos)
 
 
 def _pad(rows: list[torch.Tensor], value: float) -> torch.Tensor:
@@ -77,6 +110,60 @@ def img_token_inputs(model: GILLModel, text: TextBatch, concat: bool, device):
     return ids, mask, losses.img_token_labels(ids, mask, model.img_token_ids)
 
 
+def interleaved_inputs(model: GILLModel, text: TextBatch, context_prefix: torch.Tensor | None, device):
+    """The retrieval and generation sequences of a batch with contexts, right-padded: embeds (N, T, d),
+    mask, labels (text after each image, the caption and [IMG0] are targets; visual positions and
+    [IMG1..n-1] are not), and the rows and columns (N, n) of each sample's [IMG0..n-1].
+
+    ``context_prefix``: the visual prefixes (M, k, d) of all context images of the batch in sample order,
+    the trailing ``len(text.context[i])`` images of each sample's context (``tokenize`` keeps the newest
+    pairs)."""
+    img = model.config.tokens.img_token_ids
+    n = len(img)
+    k = model.config.n_visual_tokens
+    embeds, labels, starts = [], [], []
+    taken = 0
+    for i, caption in enumerate(text.captions):
+        parts, lab, seen_text = [], [], False
+        context = text.context[i] if text.context is not None else []
+        for ids in context:
+            if ids:
+                row = ([text.bos] if not seen_text and text.bos is not None else []) + ids
+                seen_text = True
+                row_t = torch.tensor(row, device=device)
+                parts.append(model.embed_tokens(row_t[None])[0])
+                lab.append(row_t)
+            parts.append(context_prefix[taken].to(model.adapter.img_embeddings.dtype))
+            lab.append(torch.full((k,), IGNORE_INDEX, device=device))
+            taken += 1
+        row = (caption if not seen_text else caption[1:] if caption and caption[0] == text.bos else caption) + img
+        row_t = torch.tensor(row, device=device)
+        e = model.embed_tokens(row_t[None])[0]
+        parts.append(e)
+        lab.append(row_t.masked_fill(torch.isin(row_t, model.img_token_ids[1:]), IGNORE_INDEX))
+        starts.append(sum(len(p) for p in parts) - n)
+        dtype = e.dtype
+        embeds.append(torch.cat([p.to(dtype) for p in parts]))
+        labels.append(torch.cat(lab))
+    mask = _pad([torch.ones(len(x), dtype=torch.long, device=device) for x in labels], 0)
+    cols = torch.tensor(starts, device=device)[:, None] + torch.arange(n, device=device)
+    rows = torch.arange(len(starts), device=device)[:, None].expand(-1, n)
+    return _pad(embeds, 0.0), mask, _pad(labels, IGNORE_INDEX), (rows, cols)
+
+
+def img_token_forward(model: GILLModel, text: TextBatch, concat: bool, device,
+                      context_prefix: torch.Tensor | None = None):
+    """The shared retrieval + generation forward: (LM output, labels, [IMG] hidden states (B, n, d))."""
+    if text.interleaved:
+        embeds, mask, labels, (rows, cols) = interleaved_inputs(model, text, context_prefix, device)
+    else:
+        ids, mask, labels = img_token_inputs(model, text, concat, device)
+        embeds = model.embed_tokens(ids)
+        rows, cols = model.img_token_positions(ids)
+    out = model.lm_forward(embeds, mask)
+    return out, labels, out.hidden[rows, cols]
+
+
 @dataclass
 class StepLosses:
     total: torch.Tensor  # what is backpropagated (already scaled for data parallelism)
@@ -97,22 +184,23 @@ class TrainStep(nn.Module):
         self.weights = weights or LossWeights()
 
     def forward(self, pixels: torch.Tensor, text: TextBatch, sd_target: torch.Tensor, concat_caption: bool,
-                concat_img: bool) -> StepLosses:
+                concat_img: bool, context_pixels: torch.Tensor | None = None) -> StepLosses:
         from training import distributed as D
 
         model = self.model
         world = D.world_size()
-        image = model.encode_images(pixels)  # one vision pass for all three tasks
+        b = len(pixels)
+        both = pixels if context_pixels is None or not len(context_pixels) else torch.cat([pixels, context_pixels])
+        encoded = model.encode_images(both)  # one vision pass for all three tasks and every context image
+        image = type(encoded)(encoded.pooled[:b], encoded.prefix[:b], encoded.retrieval[:b])
 
-        embeds, mask, labels = caption_inputs(model, image.prefix, text, concat_caption)
+        embeds, mask, labels = caption_inputs(model, image.prefix, text, concat_caption and not text.interleaved)
         cap_logits = model.lm_forward(embeds, mask).logits
         caption = losses.caption_loss(cap_logits, labels, D.global_count(losses.num_targets(labels)) / world)
 
-        ids, mask, labels = img_token_inputs(model, text, concat_img, pixels.device)
-        out = model.lm_forward(model.embed_tokens(ids), mask)
+        # (B, n, d): groups in image order, also when concatenated
+        out, labels, img_hidden = img_token_forward(model, text, concat_img, pixels.device, encoded.prefix[b:])
         img_ce = losses.caption_loss(out.logits, labels, D.global_count(losses.num_targets(labels)) / world)
-        rows, cols = model.img_token_positions(ids)
-        img_hidden = out.hidden[rows, cols]  # (B, n, d): groups in image order, also when concatenated
 
         text_emb = model.text_retrieval_embeddings(img_hidden)
         contrastive = losses.contrastive_loss(D.gather_keep_local(text_emb), D.gather_keep_local(image.retrieval),

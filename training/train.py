@@ -94,20 +94,34 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep_la
 # ---- validation --------------------------------------------------------------------------------------
 
 
+def batch_text(tokenizer, samples: list, cfg, model_config):
+    """The batch's text (with the contexts of interleaved samples) and the pixels of the context images
+    it keeps (M, 3, H, W), or None when no sample has a context."""
+    from training.step import tokenize
+
+    contexts = [[t for t, _ in s.context] for s in samples]
+    text = tokenize(tokenizer, [s.caption for s in samples], cfg.max_len, model_config.tokens.num_img_tokens,
+                    contexts=contexts if any(contexts) else None, n_visual=model_config.n_visual_tokens)
+    if not text.interleaved:
+        return text, None
+    kept = [px for s, ids in zip(samples, text.context) for _, px in s.context[len(s.context) - len(ids):]]
+    return text, torch.stack(kept) if kept else None
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, batches, cfg, device) -> dict[str, float]:
     """Caption loss and text<->image recall@1/5/10 over a held-out set (full similarity matrix)."""
     from gill import losses
-    from training.step import caption_inputs, img_token_inputs, tokenize
+    from training.step import caption_inputs, img_token_forward
 
     model.eval()
     texts, images, loss_sum, n_tok = [], [], 0.0, 0.0
-    n = model.config.tokens.num_img_tokens
     for i, samples in enumerate(batches):
         if cfg.val_batches and i >= cfg.val_batches:
             break
-        pixels = torch.stack([s.pixel_values for s in samples]).to(device, next(model.vision.parameters()).dtype)
-        text = tokenize(tokenizer, [s.caption for s in samples], cfg.max_len, n)
+        dtype = next(model.vision.parameters()).dtype
+        pixels = torch.stack([s.pixel_values for s in samples]).to(device, dtype)
+        text, context = batch_text(tokenizer, samples, cfg, model.config)
         with autocast(cfg, device):
             image = model.encode_images(pixels)
             embeds, mask, labels = caption_inputs(model, image.prefix, text, concat=False)
@@ -115,9 +129,9 @@ def evaluate(model, tokenizer, batches, cfg, device) -> dict[str, float]:
             count = losses.num_targets(labels)
             loss_sum += losses.caption_loss(logits, labels, 1.0).item()
             n_tok += count.item()
-            ids, mask, _ = img_token_inputs(model, text, False, device)
-            out = model.img_token_forward(ids, mask)
-            texts.append(model.text_retrieval_embeddings(out.img_hidden).float())
+            prefix = model.encode_images(context.to(device, dtype)).prefix if context is not None else None
+            _, _, img_hidden = img_token_forward(model, text, False, device, prefix)
+            texts.append(model.text_retrieval_embeddings(img_hidden).float())
             images.append(image.retrieval.float())
     model.train()
     if not texts:
@@ -315,7 +329,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     the loss or the gradient is not finite: then nothing is updated, the step is counted in
     ``state["bad_steps"]``, and after ``cfg.max_bad_steps`` such steps in a row the run stops."""
     from training import distributed as D
-    from training.step import renorm_img_embeddings, tokenize
+    from training.step import renorm_img_embeddings
 
     cfg, model = run.cfg, run.model
     vision_dtype = next(model.vision.parameters()).dtype
@@ -328,11 +342,12 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
         part = mine[micro * run.per_rank:(micro + 1) * run.per_rank]
         pixels = torch.stack([s.pixel_values for s in part]).to(run.device, vision_dtype)
         target = torch.stack([s.sd_embedding for s in part]).to(run.device, torch.float32)
-        text = tokenize(run.tokenizer, [s.caption for s in part], cfg.max_len, model.config.tokens.num_img_tokens)
+        text, context = batch_text(run.tokenizer, part, cfg, model.config)
         sync = micro == cfg.grad_accum - 1 or run.world == 1
         ctx = run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext()
         with ctx, autocast(cfg, run.device):
-            result = run.ddp(pixels, text, target, concat_cap, concat_img)
+            result = run.ddp(pixels, text, target, concat_cap, concat_img,
+                             context.to(run.device, vision_dtype) if context is not None else None)
         (result.total / cfg.grad_accum).backward()
         for name in ("caption", "img_token_ce", "contrastive", "mapper"):
             logged[name] += getattr(result, name).item() / cfg.grad_accum
