@@ -6,11 +6,26 @@
 Both paths (and, for reference, transformers' own ``generate()`` on the bare LM) decode the same prompt greedily (text only, [IMG] tokens disabled so both emit the same number
 of tokens) and must produce the same tokens; the script prints tokens/s of each (median of --repeats)
 and their ratio. Weights are random: timings do not depend on their values.
+
+Opt-in variants of the static OPT decoder, timed in the same run after those baselines (each flag alone,
+and all the given flags together; their tokens are compared with the cached path's):
+
+    --fused               q/k/v projections as one matmul (an extra copy of the q/k/v weights)
+    --compile             torch.compile of the one-token step (--compile-mode); the first call, which
+                          compiles, is reported apart
+    --int8                int8 weight-only LM through torchao (pip install torchao); quantizes in place,
+                          so it runs last; not with --fused
+    --check-fp32-tokens   the fast path (--fused/--compile as given) and the eager transformers forward
+                          decode the same greedy tokens in float32 (an fp32 copy of the model is built when
+                          --dtype is not float32); prints pass/FAIL, exits 1 on FAIL
+
+    python scripts/bench_decode.py --size opt-6.7b --device cuda --dtype bfloat16 --fused --compile --check-fp32-tokens
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -20,6 +35,7 @@ from gill.backbones import tiny_clip_vision
 from gill.config import GILLConfig, MapperConfig, TokenConfig
 from gill.generate import DecodeOptions, decode, decode_uncached
 from gill.model import GILLModel
+from gill.opt_static import DecoderOptions, quantize_lm_int8, set_decoder_options
 
 SIZES = {
     # name: (hidden, layers, heads, ffn, vocab)
@@ -65,7 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", choices=["auto", "static", "hf"], default="auto", help="cached path (auto: static on GPU)")
+    p.add_argument("--fused", action="store_true", help="also time the static decoder with fused q/k/v projections")
+    p.add_argument("--compile", action="store_true", help="also time it with torch.compile of the one-token step")
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode for --compile ('default', 'reduce-overhead', ...)")
+    p.add_argument("--int8", action="store_true", help="also time it with int8 weight-only LM weights (torchao)")
+    p.add_argument("--check-fp32-tokens", action="store_true",
+                   help="check that the fast path decodes the eager path's greedy tokens in float32")
     args = p.parse_args(argv)
+    if args.int8 and args.fused:
+        p.error("--int8 and --fused cannot be combined: fused q/k/v needs unquantized weights")
+    if args.int8:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            p.error("--int8 needs torchao, which is not installed: pip install torchao")
+    compile_mode = None if args.compile_mode == "default" else args.compile_mode
     dtype = getattr(torch, args.dtype)
     model = build(args.size, args.device, dtype)
     g = torch.Generator().manual_seed(1)
@@ -108,9 +139,79 @@ def main(argv: list[str] | None = None) -> int:
     print(f"transformers generate()      : {results['hf_generate']:8.1f} tokens/s (text only, dynamic cache)")
     print(f"ratio cached/uncached        : {results['cached'] / results['uncached']:8.2f}x   same tokens: {same} (first {agree} agree)")
     print(f"ratio cached/generate()      : {results['cached'] / results['hf_generate']:8.2f}x")
+
+    # ---- opt-in variants of the static decoder, after the baselines (int8 last: it quantizes in place)
+    flags = [f for f in ("fused", "compile", "int8") if getattr(args, f)]
+    variants = [[f] for f in flags] + ([flags] if len(flags) > 1 else [])
+    static_opts = dataclasses.replace(opts, backend="static")
+
+    def options(names: list[str]) -> DecoderOptions:
+        return DecoderOptions(fused_qkv="fused" in names, compile="compile" in names, compile_mode=compile_mode)
+
+    def label(names: list[str]) -> str:
+        words = {"fused": "fused qkv", "compile": f"compiled ({args.compile_mode})", "int8": "int8"}
+        return "static, " + " + ".join(words[n] for n in names) if names else "static"
+
+    def time_variant(names: list[str]) -> None:
+        set_decoder_options(model, options(names))
+
+        def fn() -> list[int]:
+            return decode(model, embeds, mask, static_opts)[0].token_ids
+
+        sync(args.device)
+        t = time.perf_counter()
+        got = fn()  # the first call compiles and captures
+        sync(args.device)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(args.repeats):
+            sync(args.device)
+            t = time.perf_counter()
+            fn()
+            sync(args.device)
+            times.append(time.perf_counter() - t)
+        rate = args.new_tokens / statistics.median(times)
+        n_same = next((i for i, (a, b) in enumerate(zip(got, tokens["cached"])) if a != b), args.new_tokens)
+        print(f"{label(names):<29}: {rate:8.1f} tokens/s   {rate / results['cached']:5.2f}x cached   "
+              f"same tokens as cached: {n_same == args.new_tokens} (first {n_same} agree)")
+        if "compile" in names:
+            print(f"{'':<29}  first call {first:.1f} s (compiles; a decode takes {statistics.median(times):.3f} s)")
+
+    for names in [v for v in variants if "int8" not in v]:
+        time_variant(names)
+
+    check_failed = False
+    if args.check_fp32_tokens:
+        fast = [f for f in flags if f != "int8"]
+        check_model = model if dtype == torch.float32 else build(args.size, args.device, torch.float32)
+        with torch.no_grad():
+            check_embeds = check_model.embed_tokens(ids)
+        eager = decode(check_model, check_embeds, mask, dataclasses.replace(opts, backend="hf"))[0].token_ids
+        set_decoder_options(check_model, options(fast))
+        got = decode(check_model, check_embeds, mask, static_opts)[0].token_ids
+        set_decoder_options(check_model, None)
+        n_same = next((i for i, (a, b) in enumerate(zip(got, eager)) if a != b), args.new_tokens)
+        check_failed = n_same != args.new_tokens
+        note = " (int8 left out: quantized weights change the logits)" if args.int8 else ""
+        print(f"fp32 tokens, {label(fast)} vs eager transformers: {'FAIL' if check_failed else 'pass'} "
+              f"(first {n_same} of {args.new_tokens} agree){note}")
+        if check_model is not model:
+            del check_model, check_embeds
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    int8_variants = [v for v in variants if "int8" in v]
+    if int8_variants:
+        quantize_lm_int8(model.lm)
+        for names in int8_variants:
+            time_variant(names)
+    set_decoder_options(model, None)
+
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     # In fp32 the two paths must agree; in bf16 random weights make near-ties that rounding can flip.
+    if check_failed:
+        return 1
     return 0 if same or args.dtype != "float32" else 1
 
 
