@@ -338,7 +338,9 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
             yield messages, state, READY()
             return
         text_answer = "".join(a for a in answer if isinstance(a, str)).split("\nQ:")[0]
-        turn += [text_answer.strip() + "\n"] + [a for a in answer if not isinstance(a, str)]
+        # the answer goes back as it was decoded (its leading space too: "A:" + " a red circle."), so the
+        # next turn's prompt holds the very tokens the model produced
+        turn += [text_answer.rstrip() + "\n"] + [a for a in answer if not isinstance(a, str)]
         if not answer:
             messages.append({"role": "assistant", "content": "(no answer)"})
         state = {**state, "turns": turns + [turn]}

@@ -112,7 +112,7 @@ def resolve_model_dir(name_or_dir: str | os.PathLike, hub: HubOptions | None = N
     if preset is not None and preset.kind == "package":
         if not (preset.path / "config.json").is_file():
             raise ModelNotFoundError(f"the {preset.name} model is missing from {preset.path}; rebuild it with "
-                                     "python scripts/build_toy_world.py --out toy-build --install")
+                                     "python -m training.toy --out toy-build --install")
         return preset.path
     if preset is not None and preset.kind == "random":
         return None

@@ -2,7 +2,7 @@
 
 - ``toy``: the toy world (``gill/toy``): every backbone trained from scratch on synthetic captioned shapes, GILL
   trained on top with the project's own recipes, with its retrieval corpus and decision head; shipped with the
-  package (``gill/assets/toy``, a few MB), offline and CPU-fast. Rebuilt by ``scripts/build_toy_world.py``.
+  package (``gill/assets/toy``, a few MB), offline and CPU-fast. Rebuilt by ``python -m training.toy``.
 - ``tiny-random``: tiny random backbones, a tiny random Stable Diffusion and a small corpus of solid-colour
   images, built offline in seconds (for tests and smoke runs; its outputs mean nothing).
 - ``gill-opt-6.7b``: the original GILL (OPT-6.7B, CLIP ViT-L/14, SD v1.5): the release's three files from the

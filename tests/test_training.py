@@ -195,6 +195,34 @@ def test_decision_head_learns_a_separable_rule(tmp_path):
     assert (tmp_path / "m" / "decision.safetensors").is_file()
 
 
+def test_a_standardized_decision_head_is_folded_into_the_same_linear_head():
+    """Trained on standardized features, the saved head reads raw features and gives the logits of a head
+    trained on the standardized ones; and a weak signal beside a large shared offset (a small LM's state
+    beside a retrieval score) is learnt that way, where raw features leave it near chance."""
+    from gill.decision import DecisionHead
+    from training.train_decision import balanced_accuracy, train_head
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = 50.0 + torch.randn(200, 16, generator=g)  # a large shared offset, noise
+    x[:, 0] = 50.0 + 0.01 * (y * 2 - 1) + 0.002 * torch.randn(200, generator=g)  # the signal, on a tiny scale
+    def head():
+        torch.manual_seed(7)  # the same initial weights for every head
+        return DecisionHead(16)
+
+    # folding is exact up to rounding: on features of moderate offset the logits agree to 1e-5
+    z = 3.0 + torch.randn(200, 16, generator=g)
+    folded = train_head(head(), z[:150], y[:150], steps=300, lr=1e-2, seed=1, standardize=True)
+    mean, std = z[:150].mean(0), z[:150].std(0)
+    plain = train_head(head(), (z[:150] - mean) / std, y[:150], steps=300, lr=1e-2, seed=1)
+    learnt = train_head(head(), x[:150], y[:150], steps=300, lr=1e-2, seed=1, standardize=True)
+    raw = train_head(head(), x[:150], y[:150], steps=300, lr=1e-2, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(z), plain((z - mean) / std), rtol=1e-5, atol=1e-5)
+        assert balanced_accuracy(learnt(x[150:]).argmax(-1), y[150:]) >= 0.95
+        assert balanced_accuracy(raw(x[150:]).argmax(-1), y[150:]) <= 0.75
+
+
 # ---- bad targets, bad steps, bad checkpoints ---------------------------------------------------------
 
 

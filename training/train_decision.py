@@ -75,15 +75,36 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> 
     return sum(scores) / num_classes
 
 
-def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: float = 1e-3, seed: int = 0):
+def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int = 2) -> float:
+    """Mean per-class recall (chance 1 / num_classes whatever the class balance)."""
+    recalls = [((pred == c) & (target == c)).sum().item() / (target == c).sum().item()
+               for c in range(num_classes) if (target == c).any()]
+    return sum(recalls) / max(len(recalls), 1)
+
+
+def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: float = 1e-3, seed: int = 0,
+               standardize: bool = False):
+    """Full-batch AdamW with cross-entropy. ``standardize``: train on features scaled to zero mean and unit
+    variance (per feature, over ``x``), then fold the scaling into the linear layer, so the saved head
+    reads raw features as before (same file format). Features of very different scales (a small LM's
+    states beside a retrieval score) otherwise leave the weak ones unlearnt, and dropout on a large
+    shared offset drowns the signal."""
     torch.manual_seed(seed)
+    mean = x.mean(0) if standardize else torch.zeros(x.shape[1])
+    std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
+    z = (x - mean) / std
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     head.train()
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(head(x), y)
+        loss = torch.nn.functional.cross_entropy(head(z), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if standardize:
+        with torch.no_grad():
+            w = head.linear.weight / std.to(head.linear.weight)
+            head.linear.bias -= w @ mean.to(w)
+            head.linear.weight.copy_(w)
     return head.eval()
 
 
@@ -97,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the model directory here instead of into --model")
+    p.add_argument("--standardize", action="store_true",
+                   help="train on standardized features (folded into the saved head: same format)")
     p.add_argument("--index", default=None,
                    help="retrieval index: the head also reads the best retrieval score (``use_ret_score``)")
     args = p.parse_args(argv)
@@ -119,15 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     x = features(model, gill.tokenizer, gill.img_tokens, data.prompts, retriever=retriever)
     y = torch.tensor(data.labels)
     n = args.train_size
-    head = train_head(DecisionHead.from_config(model.config), x[:n], y[:n], args.steps, args.lr, args.seed)
+    head = train_head(DecisionHead.from_config(model.config), x[:n], y[:n], args.steps, args.lr, args.seed,
+                      standardize=args.standardize)
     with torch.no_grad():
         train_f1 = macro_f1(head(x[:n]).argmax(-1), y[:n])
         test_f1 = macro_f1(head(x[n:]).argmax(-1), y[n:])
+        test_balanced = balanced_accuracy(head(x[n:]).argmax(-1), y[n:])
     out = Path(args.out) if args.out else Path(args.model)
     if args.out and Path(args.model).is_dir() and out != Path(args.model):
         shutil.copytree(args.model, out, dirs_exist_ok=True)
     save_model(out, model, head)
     result = {"train_examples": n, "test_examples": len(y) - n, "train_macro_f1": train_f1, "test_macro_f1": test_f1,
+              "test_balanced_accuracy": test_balanced,
               "test_majority_macro_f1": macro_f1(torch.full_like(y[n:], int(y[:n].bincount().argmax())), y[n:])}
     (out / "decision_metrics.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

@@ -1,2 +1,2 @@
 """The offline toy world: a synthetic world of captioned shapes, its tiny backbones and the GILL trained on
-them (built by ``scripts/build_toy_world.py``)."""
+them (built by ``python -m training.toy``)."""

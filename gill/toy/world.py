@@ -143,6 +143,27 @@ def story(rng: random.Random, compositions: set[tuple[str, str]]) -> list[tuple[
             return steps
 
 
+def distinct_stories(rng: random.Random, compositions: set[tuple[str, str]], n: int,
+                     tries: int = 100_000) -> list[list[tuple[Scene, str]]]:
+    """``n`` stories whose last scenes are each shown by no other picture of the set (no other story's
+    step, no earlier step of its own), so retrieving a story's last picture among all of the set's
+    pictures has one right answer: identical renderings would otherwise tie with it."""
+    stories: list[list[tuple[Scene, str]]] = []
+    finals: set[Scene] = set()
+    shown: set[Scene] = set()
+    for _ in range(tries):
+        if len(stories) == n:
+            return stories
+        steps = story(rng, compositions)
+        last, context = steps[-1][0], {s for s, _ in steps[:-1]}
+        if last in shown or last in context or context & finals:
+            continue
+        stories.append(steps)
+        finals.add(last)
+        shown |= context | {last}
+    raise ValueError(f"could not draw {n} stories with distinct last scenes from {len(compositions)} compositions")
+
+
 def vist_annotations(stories: list[list[tuple[Scene, str]]], first_story_id: int = 0) -> tuple[dict, dict[str, Scene]]:
     """VIST SIS-format annotations of ``stories`` and the scene of each photo id (one image per step).
     Each caption ends with a full stop, as VIST's do, so joined captions read as the story text."""
@@ -157,20 +178,102 @@ def vist_annotations(stories: list[list[tuple[Scene, str]]], first_story_id: int
     return {"annotations": annotations}, photos
 
 
-def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 2400) -> list[str]:
-    """Text for the toy LM: every caption of the allowed compositions followed by what it implies, and
-    stories followed by where they end ("... now it is a large red circle on the right on white.").
+@dataclass(frozen=True)
+class Turn:
+    """One chat turn: the user's question (after an attached picture of ``attached``, if any), the answer,
+    and the scene the answer shows with [IMG] after it (None for a text-only answer)."""
+
+    question: str
+    answer: str
+    scene: Scene | None = None
+    attached: Scene | None = None
+
+
+def _describe(scene: Scene, rng: random.Random) -> str:
+    return rng.choice(["{}.", "show me {}.", "draw {}.", "i want to see {}."]).format(scene.caption())
+
+
+def conversation(rng: random.Random, compositions: set[tuple[str, str]], turns: int = 5) -> list[Turn]:
+    """A chat of ``turns`` turns in the app's format about one object at a time: the user describes a scene
+    or changes the current one ("it turns blue."), asks about its colour or shape, or attaches a picture and
+    asks what it is; the answer says what is shown (the whole caption) and shows it."""
+    out: list[Turn] = []
+    current: Scene | None = None
+    for _ in range(turns):
+        kind = rng.choice(["describe", "change", "change", "ask", "attach"]) if current is not None else \
+            rng.choice(["describe", "describe", "attach"])
+        if kind in ("describe", "attach"):
+            current = story(rng, compositions)[0][0]
+            if kind == "describe":
+                out.append(Turn(_describe(current, rng), f"{current.caption()}.", current))
+            else:
+                out.append(Turn(rng.choice(["what is this?", "describe this picture.", "what do you see?"]),
+                                f"it is {current.caption()}.", None, attached=current))
+        elif kind == "change":
+            for _attempt in range(10):
+                nxt, said = _step(current, rng)
+                if nxt.composition in compositions:
+                    break
+            else:
+                continue
+            current = nxt
+            out.append(Turn(f"{said}.", f"now it is {current.caption()}.", current))
+        else:
+            if rng.random() < 0.5:
+                out.append(Turn("what colour is it?", f"it is {current.color}."))
+            else:
+                out.append(Turn("what shape is it?", f"it is a {current.shape}."))
+    return out
+
+
+def chat_text(turns: list[Turn]) -> str:
+    """A conversation as text, as the app frames it: "Q: ...\nA: ...\n" per turn."""
+    return "".join(f"Q: {t.question}\nA: {t.answer}\n" for t in turns)
+
+
+def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]:
+    """The last turn of a chat (whose answer shows a scene) as an interleaved training sample, laid out as
+    the app lays out a conversation: (context (text, scene) pairs, the text before [IMG], the scene shown).
+    An attached picture comes before its question; a shown picture after its answer."""
+    *before, last = turns
+    assert last.scene is not None, "the last turn must show a scene"
+    pairs, text = [], ""
+    for t in before + [last]:
+        if t.attached is not None:
+            pairs.append((text, t.attached))
+            text = ""
+        text += f"Q: {t.question}\nA: {t.answer}"
+        if t is last:
+            break
+        text += "\n"
+        if t.scene is not None:
+            pairs.append((text, t.scene))
+            text = ""
+    return pairs, text, last.scene
+
+
+def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 2400,
+               n_chats: int = 2400, common: set[tuple[str, str]] | None = None) -> list[str]:
+    """Text for the toy LM: every caption of the allowed compositions followed by what it implies,
+    stories followed by where they end ("... now it is a large red circle on the right on white."), and
+    chats in the app's format ("Q: ...\nA: ...").
 
     The follow-ups are what make the LM copy attributes forward: an LM trained on captions alone keeps
     almost nothing of the colour in its later states, and GILL's [IMG] tokens, which read those states
-    through the frozen LM, then cannot see it either."""
+    through the frozen LM, then cannot see it either. ``common``: the compositions the LM knows photos of
+    (the retrieval corpus's); its text says of every scene whether there are photos of it, as a real LM
+    knows which things are ordinary and which are made up, which the decision head then reads."""
     lines = []
     for s in all_scenes():
         if s.composition in compositions:
             lines.append(s.caption())
-            lines += [f"{s.caption()}. it is {s.color}. it is a {s.shape}. it is {s.size}. "
+            known = "" if common is None else (" there are photos of it." if s.composition in common
+                                               else " there is no photo of it.")
+            lines += [f"{s.caption()}.{known} it is {s.color}. it is a {s.shape}. it is {s.size}. "
                       f"it is on the {s.position}. the background is {s.background}."] * 2  # weighted up
     for _ in range(n_stories):
         steps = story(rng, compositions)
         lines.append(". ".join(c for _, c in steps) + f". now it is {steps[-1][0].caption()}.")
+    for _ in range(n_chats):
+        lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5))))
     return lines

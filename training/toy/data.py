@@ -1,0 +1,115 @@
+"""Stage 1, the world's data: the retrieval corpus, GILL's training shards (single captions, chats in the
+app's format, stories as text and as interleaved samples), VIST-format val/test stories, the LM's text and
+the decision annotations. Everything is drawn from ``gill.toy.world`` with one seed."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+from gill.toy import world
+from training.toy.plan import Plan, log
+
+
+def _png(scene: world.Scene, jitter: tuple[int, int] = (0, 0)) -> bytes:
+    buf = io.BytesIO()
+    world.render(scene, jitter=jitter).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def interleaved(key: str, pairs: list[tuple[str, world.Scene]], text: str, target: world.Scene) -> dict:
+    """A webdataset sample with a context (training.data's interleaved layout)."""
+    sample = {"__key__": key, "png": _png(target), "txt": text, "sd.txt": target.caption(),
+              "context.json": json.dumps([t for t, _ in pairs])}
+    for i, (_, scene) in enumerate(pairs):
+        sample[f"context{i}.png"] = _png(scene)
+    return sample
+
+
+def training_samples(plan: Plan, rng: random.Random, train_comp: set) -> list[dict]:
+    """GILL's training samples: what the [IMG] tokens follow (``txt``), the picture (``png``), the picture's
+    own caption as the diffusion target (``sd.txt``) and, for stories and chats, the context."""
+    samples = []
+    for s in (s for s in world.all_scenes() if s.composition in train_comp):
+        for k in range(plan.train_images_per_scene):
+            jitter = (rng.randint(-1, 1), rng.randint(-1, 1)) if k else (0, 0)
+            text = s.caption() if k % 2 == 0 else f"Q: {world._describe(s, rng)}\nA: {s.caption()}."
+            samples.append({"__key__": f"{s.key}-{k}", "png": _png(s, jitter), "txt": text, "sd.txt": s.caption()})
+    for n in range(plan.train_stories):
+        steps = world.story(rng, train_comp)
+        captions = [f"{c}." for _, c in steps]
+        last = steps[-1][0]
+        # the story as one text (the "5 captions" setting), and interleaved with its pictures (5 + 4)
+        samples.append({"__key__": f"story-{n:05d}", "png": _png(last), "txt": " ".join(captions), "sd.txt": last.caption()})
+        samples.append(interleaved(f"istory-{n:05d}", [(c, s) for c, (s, _) in zip(captions[:-1], steps[:-1])],
+                                   captions[-1], last))
+    for n in range(plan.train_chats):
+        turns = world.conversation(rng, train_comp, rng.randint(1, 5))
+        while turns and turns[-1].scene is None:
+            turns.pop()
+        if turns:
+            samples.append(interleaved(f"chat-{n:05d}", *world.chat_sample(turns)))
+    rng.shuffle(samples)
+    return samples
+
+
+def write_shards(folder: Path, samples: list[dict], n_shards: int = 4) -> str:
+    """The samples in ``n_shards`` webdataset shards; returns their brace pattern."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(samples) // n_shards)
+    with wds.ShardWriter(str(folder / "train-%d.tar"), maxcount=per, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(folder / f"train-{{0..{n_shards - 1}}}.tar")
+
+
+def stage_data(out: Path, plan: Plan, seed: int) -> None:
+    data = out / "data"
+    if (data / "done").exists():
+        return
+    train_comp, test_comp = world.split_compositions(seed)
+    rng = random.Random(seed)
+    corpus = data / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    scenes = [s for s in world.all_scenes() if s.composition in train_comp]
+    for s in scenes:  # the retrieval corpus: one clean picture per scene of the training compositions
+        world.render(s).save(corpus / f"{s.key}-0.png")
+        (corpus / f"{s.key}-0.txt").write_text(s.caption())
+    samples = training_samples(plan, rng, train_comp)
+    write_shards(data / "shards", samples)
+    for split, n, comps in (("val", plan.val_stories, train_comp), ("test", plan.test_stories, train_comp | test_comp)):
+        stories = world.distinct_stories(rng, comps, n)
+        ann, photos = world.vist_annotations(stories)
+        folder = data / f"{split}-images"
+        folder.mkdir(exist_ok=True)
+        for photo, scene in photos.items():
+            world.render(scene).save(folder / f"{photo}.png")
+        (data / f"{split}-sis.json").write_text(json.dumps(ann))
+        (data / f"{split}-scenes.json").write_text(json.dumps({p: s.__dict__ for p, s in photos.items()}))
+    # the LM's text has its own seed, so the reduced build's LM reads the same kind of text as the full one's
+    text = world.world_text(random.Random(seed + 1), train_comp | test_comp, common=train_comp)
+    (data / "text.json").write_text(json.dumps(text))
+    (data / "decisions.tsv").write_text(decision_annotations(plan, rng, train_comp, test_comp))
+    (data / "split.json").write_text(json.dumps({"train": sorted(train_comp), "test": sorted(test_comp)}))
+    (data / "done").write_text("ok")
+    log(f"data: {len(samples)} training samples, corpus of {len(scenes)}, test compositions {sorted(test_comp)}")
+
+
+def decision_annotations(plan: Plan, rng: random.Random, train_comp: set, test_comp: set) -> str:
+    """PartiPrompts-format decisions: retrieve what the corpus holds, generate unseen compositions; as
+    captions, as the app's chat turns and after whole stories. Tabs and newlines cannot occur in a TSV
+    cell, so a chat turn's newline is written as a space there (the features are read the same way)."""
+    label = {True: "ret", False: "gen"}
+    body = []
+    for s in world.all_scenes():
+        body.append(f"{s.caption()}\t{label[s.composition in train_comp]}")
+        body.append(f"Q: {world._describe(s, rng)} A: {s.caption()}.\t{label[s.composition in train_comp]}")
+    for _ in range(plan.decision_stories):  # the decision is also taken after a whole story
+        steps = world.story(rng, train_comp | test_comp)
+        body.append(f"{' '.join(c + '.' for _, c in steps)}\t{label[steps[-1][0].composition in train_comp]}")
+    rng.shuffle(body)
+    return "\n".join(["Prompt\tDecision", *body]) + "\n"

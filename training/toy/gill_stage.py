@@ -1,0 +1,63 @@
+"""Stage 5, GILL on the toy backbones, through the project's own recipes: the diffusion targets
+(training.precompute_sd_embeddings), GILL (training.train, on single captions, chats and interleaved
+stories), the retrieval index (index.build) and the decision head (training.train_decision)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from gill.toy import world
+from training.toy.plan import TEXT_LEN, TOY_RUN, Plan, run
+
+
+def gill_config(out: Path) -> Path:
+    from gill.config import GILLConfig, MapperConfig, PreprocessConfig
+
+    cfg = GILLConfig(
+        lm="lm", vision="vision", diffusion="sd", lm_hidden_size=96, vision_hidden_size=64, n_visual_tokens=2,
+        ret_emb_dim=64, gen_seq_len=TEXT_LEN, gen_emb_dim=64,
+        mapper=MapperConfig(hidden_dim=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=256),
+        preprocess=PreprocessConfig(image_size=world.IMAGE_SIZE),
+    )
+    path = out / "model" / "gill-config.json"
+    cfg.to_json(path)
+    return path
+
+
+def stage_gill(out: Path, plan: Plan, seed: int) -> None:
+    model, data = out / "model", out / "data"
+    if (model / "decision.safetensors").exists():
+        return
+    shards = str(data / "shards" / "train-{0..3}.tar")
+    if not (out / "sd-emb" / "train-3.safetensors").exists():
+        run("-m", "training.precompute_sd_embeddings", "--sd", str(model / "sd"), "--data", shards, "--out", str(out / "sd-emb"),
+            "--text-key", "sd.txt")
+    config = gill_config(out)
+    if not (out / "gill-run" / "final" / "gill.safetensors").exists():
+        run("-m", "training.train", "--model", str(config), "--recipe", "tiny", "--data", shards,
+            "--sd-embeddings", str(out / "sd-emb"), "--out", str(out / "gill-run"), "--steps", str(plan.gill_steps),
+            "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
+            "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
+            "--shuffle-buffer", "256", "--max-len", "128", "--run-settings", json.dumps(TOY_RUN),
+            "--training-data", "the toy world (gill/toy/world.py): synthetic captioned shapes, chats and 5-step "
+            "stories (interleaved with their pictures), built by python -m training.toy")
+    # the model directory: trained weights beside the backbones it names by relative path
+    for name in ("config.json", "gill.safetensors"):
+        (model / name).write_bytes((out / "gill-run" / "final" / name).read_bytes())
+    if not (model / "index" / "manifest.json").exists():  # the corpus travels inside the index directory
+        shutil.copytree(data / "corpus", model / "index" / "images", dirs_exist_ok=True)
+        run("-m", "index.build", "--model", str(model), "--source", str(model / "index" / "images"),
+            "--out", str(model / "index"), "--no-progress")
+    n = sum(1 for _ in open(data / "decisions.tsv")) - 1
+    run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
+        "--train-size", str(int(n * 0.7)), "--steps", "2000", "--lr", "1e-2", "--index", str(model / "index"),
+        "--standardize", "--seed", str(seed))
+
+
+def stage_eval(out: Path, plan: Plan, seed: int) -> None:
+    data = out / "data"
+    run("-m", "gill.eval", "vist", "--model", str(out / "model"), "--annotations", str(data / "test-sis.json"),
+        "--images", str(data / "test-images"), "--out", str(out / "eval"), "--seed", str(seed),
+        "--protocol", "clean")  # the model's run settings; the toy's own protocol (its pictures are not VIST's)

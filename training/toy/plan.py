@@ -1,0 +1,56 @@
+"""How big the toy build is, and the shared helpers of its stages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# How the toy model is best run, saved in its config.json (run settings): its tiny diffusion model draws
+# colours right at low guidance (colour 0.90 at 2.0 vs 0.51 at SD's usual 7.5, measured on 72 captions),
+# its [IMG0] logit, bounded by the original's [IMG]-row renormalisation, needs the original demo's
+# image-frequency factor raised, and it is scored by the world's own metric model (beside the model).
+TOY_RUN = {"steps": 25, "guidance_scale": 2.0, "img_scale_factor": 4.0, "scorer": "hf:../metric-clip"}
+INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
+TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
+LM_LEN = 160  # the toy LM's positions in training (a chat of up to 5 turns)
+
+
+@dataclass
+class Plan:
+    lm_steps: int = 3000
+    clip_steps: int = 1200
+    vae_steps: int = 1000
+    unet_steps: int = 3500
+    gill_steps: int = 2000
+    train_images_per_scene: int = 4
+    train_stories: int = 800
+    train_chats: int = 800
+    test_stories: int = 60
+    val_stories: int = 30
+    decision_stories: int = 300
+
+
+SMALL = Plan(lm_steps=1500, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=600, train_images_per_scene=2,
+             train_stories=300, train_chats=300, test_stories=24, val_stories=12, decision_stories=200)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(*cmd: str) -> None:
+    """A recipe as its own process (``python -m ...``), from the checkout's root."""
+    log(" ".join(cmd))
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+
+
+def schedule(optimizer, warmup: int, steps: int, floor: float = 0.05):
+    """Linear warmup, then cosine decay to ``floor`` of the peak (transformers' schedule)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, steps, min_lr_rate=floor)

@@ -1,0 +1,299 @@
+"""Stage 7, the report: each of GILL's claims as a row beside its baseline and chance, the generation and
+retrieval tables of the VIST-format eval, single captions, a scripted chat, and the picture grid.
+OUT/report: report.json, report.md and grid.png."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gill.toy import world
+from training.toy.backbones import image_processor, pixels, text_inputs
+from training.toy.plan import log
+
+# a scripted 5-turn chat (turns as a person types them) and the colour each asked picture must have
+CHAT_SCRIPT = [("a large red circle on the left on white.", "red"), ("it turns blue.", "blue"),
+               ("what shape is it?", None), ("a small green square on the right on gray.", "green"),
+               ("it moves to the middle.", "green")]
+
+
+class AttributeJudge:
+    """What a picture shows, read two ways: the nearest clean rendering of any scene (pixel distance: the
+    world's own ground truth; colour from the foreground's pixels) and the metric CLIP's best caption."""
+
+    def __init__(self, out: Path):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.scenes = world.all_scenes()
+        self.clip = CLIPModel.from_pretrained(out / "metric-clip").eval()
+        self.processor = image_processor()
+        tok = text_inputs(AutoTokenizer.from_pretrained(out / "model" / "lm"), [s.caption() for s in self.scenes])
+        with torch.no_grad():
+            feats = self.clip.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
+        self.text = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, images) -> dict[str, list[world.Scene]]:
+        images = [im.convert("RGB").resize((world.IMAGE_SIZE,) * 2) for im in images]
+        feats = self.clip.get_image_features(pixel_values=pixels(self.processor, images))
+        zero_shot = (F.normalize(getattr(feats, "pooler_output", feats), dim=-1) @ self.text.T).argmax(-1)
+        render = [replace(s, color=world.dominant_colour(im)) for s, im in zip(world.nearest_scenes(images, self.scenes), images)]
+        return {"render": render, "metric_clip": [self.scenes[i] for i in zero_shot]}
+
+
+def attribute_accuracy(judged: list[world.Scene], targets: list[world.Scene]) -> dict[str, float]:
+    n = max(len(targets), 1)
+    return {"colour": sum(j.color == t.color for j, t in zip(judged, targets)) / n,
+            "shape": sum(j.shape == t.shape for j, t in zip(judged, targets)) / n,
+            "colour_and_shape": sum(j.composition == t.composition for j, t in zip(judged, targets)) / n,
+            "position": sum(j.position == t.position for j, t in zip(judged, targets)) / n, "n": len(targets)}
+
+
+def decisions(gill, prompts: list[str], labels: list[str]) -> dict[str, float]:
+    """The decision head as the library runs it (features of ``prompt + [IMG]``, best retrieval score,
+    ``gill.decision.decide`` with policy auto) against 'ret' where the corpus holds the scene."""
+    from gill.decision import decide, decision_probs
+    from training.train_decision import balanced_accuracy, features
+
+    retriever = gill.retriever if gill.model.config.decision.use_ret_score else None
+    x = features(gill.model, gill.tokenizer, gill.img_tokens, prompts, retriever=retriever)
+    chosen = [d.choice for d in decide("auto", decision_probs(gill.decision, x), len(prompts), True, True)]
+    y = torch.tensor([("gen", "ret").index(v) for v in labels])
+    pred = torch.tensor([("gen", "ret").index(c) for c in chosen])
+    recall = {k: ((pred == i) & (y == i)).sum().item() / max((y == i).sum().item(), 1) for i, k in enumerate(("gen", "ret"))}
+    return {"balanced_accuracy": balanced_accuracy(pred, y), "accuracy": (pred == y).float().mean().item(),
+            "majority_baseline": max(labels.count("ret"), labels.count("gen")) / len(labels),
+            "recall_ret": recall["ret"], "recall_gen": recall["gen"], "n": len(labels)}
+
+
+@torch.no_grad()
+def single_captions(gill, judge: AttributeJudge, train_comp: set) -> dict:
+    """GILL on single captions (every 3rd scene: 72, a quarter of unseen compositions): what it draws, and,
+    for corpus scenes, whether it retrieves the exact picture (R@1 among the whole corpus)."""
+    from gill.diffusion import DiffusionOptions
+
+    scenes = world.all_scenes()[::3]
+    slots = gill.image_slot_embeddings([[s.caption()] for s in scenes])
+    run = gill.run_settings()
+    images = gill.diffusion.generate(slots.generation, DiffusionOptions(steps=run.steps, guidance_scale=run.guidance_scale),
+                                     seeds=list(range(len(scenes))))
+    judged = judge(images)["render"]
+    unseen = [i for i, s in enumerate(scenes) if s.composition not in train_comp]
+    hits = gill.retriever.search(slots.retrieval, k=5)
+    corpus = [i for i, s in enumerate(scenes) if s.composition in train_comp]
+    r1 = sum(hits[i][0].record.caption == scenes[i].caption() for i in corpus) / len(corpus)
+    r5 = sum(scenes[i].caption() in [h.record.caption for h in hits[i]] for i in corpus) / len(corpus)
+    return {"n": len(scenes), "generation": attribute_accuracy(judged, scenes),
+           "generation_unseen": attribute_accuracy([judged[i] for i in unseen], [scenes[i] for i in unseen]),
+           "retrieval_exact": {"R@1": r1, "R@5": r5, "n": len(corpus), "chance_R@1": 1 / len(gill.retriever)}}
+
+
+def chat(gill) -> dict:
+    """CHAT_SCRIPT through the app's turn format ("Q: ...\\nA:", the answer's text and pictures fed back),
+    default settings: per turn, the answer, whether it names a colour or shape of the world, and the
+    colour of each picture it shows."""
+    from gill.pipeline import GeneratedImage, RetrievedImage, Text
+
+    words = set(world.COLORS) | set(world.SHAPES)
+    history: list = []
+    turns = []
+    for question, colour in CHAT_SCRIPT:
+        turn = [f"Q: {question}\nA:"]
+        answer = gill.generate_interleaved(history + turn, stop_strings=("\nQ:",), seed=0)
+        text = "".join(s.text for s in answer if isinstance(s, Text)).split("\nQ:")[0]
+        images = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
+        colours = [world.dominant_colour(im) for im in images]
+        turns.append({"question": question, "answer": text.strip(), "asked_colour": colour, "image_colours": colours,
+                      "on_topic": any(w in text.replace(".", " ").split() for w in words)})
+        history += turn + [text.rstrip() + "\n"] + images
+    return {"turns": turns, "on_topic_turns": sum(t["on_topic"] for t in turns),
+            "images_of_the_asked_colour": sum(t["asked_colour"] in t["image_colours"] for t in turns if t["asked_colour"])}
+
+
+def stage_report(out: Path, plan, seed: int) -> None:
+    from PIL import Image
+
+    from gill.pipeline import GILL
+
+    data, ev = out / "data", out / "eval"
+    summary = json.loads((ev / "summary.json").read_text())
+    scenes = {p: world.Scene(**d) for p, d in json.loads((data / "test-scenes.json").read_text()).items()}
+    train_comp = {tuple(x) for x in json.loads((data / "split.json").read_text())["train"]}
+    judge = AttributeJudge(out)
+    report: dict = {"generation": {}, "retrieval": {}, "decision": {}}
+    if (out / "lm-check.json").is_file():
+        report["lm"] = json.loads((out / "lm-check.json").read_text())
+    records = {}
+    for name, entry in summary["settings"].items():
+        recs = [json.loads(line) for line in (ev / name / "records.jsonl").read_text().splitlines() if line.strip()]
+        records[name] = recs
+        targets = [scenes[r["target_id"]] for r in recs]
+        judged = judge([Image.open(ev / name / r["image"]) for r in recs])
+        unseen = [i for i, t in enumerate(targets) if t.composition not in train_comp]
+        report["generation"][name] = {
+            "clip_similarity": entry["clip_similarity"], "clip_similarity_ci95": entry["clip_similarity_ci95"],
+            "n": entry["n"], **{f"by_{how}": attribute_accuracy(j, targets) for how, j in judged.items()},
+            "by_render_unseen_compositions": attribute_accuracy([judged["render"][i] for i in unseen], [targets[i] for i in unseen]),
+        }
+    report["generation"]["chance"] = {"colour": 1 / len(world.COLORS), "shape": 1 / len(world.SHAPES),
+                                      "colour_and_shape": 1 / (len(world.COLORS) * len(world.SHAPES)),
+                                      "position": 1 / len(world.POSITIONS)}
+    gallery = summary["retrieval"]["gallery_size"]
+    for name, entry in summary["retrieval"].items():
+        if isinstance(entry, dict):
+            report["retrieval"][name] = entry["context_masked"]
+    report["retrieval"]["chance"] = {f"R@{k}": k / gallery for k in (1, 5, 10)}
+    report["retrieval"]["gallery_size"] = gallery
+
+    gill = GILL.from_pretrained(out / "model")
+    ann = json.loads((data / "test-sis.json").read_text())["annotations"]
+    by_story: dict[str, list] = {}
+    for (a,) in ann:
+        by_story.setdefault(a["story_id"], []).append(a)
+    texts, labels = [], []
+    for steps in by_story.values():
+        steps.sort(key=lambda a: a["worker_arranged_photo_order"])
+        texts.append(" ".join(a["original_text"] for a in steps))
+        labels.append("ret" if scenes[steps[-1]["photo_flickr_id"]].composition in train_comp else "gen")
+    report["decision"]["test_stories"] = decisions(gill, texts, labels)
+    held_out = out / "model" / "decision_metrics.json"
+    if held_out.is_file():
+        report["decision"]["held_out_prompts"] = json.loads(held_out.read_text())
+    report["captions"] = single_captions(gill, judge, train_comp)
+    report["chat"] = chat(gill)
+    report["claims"] = claims(report)
+
+    folder = out / "report"
+    folder.mkdir(exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(report_markdown(report))
+    grid(gill, ev, by_story, records, folder / "grid.png")
+    log(f"report: {folder / 'report.md'}")
+    print((folder / "report.md").read_text())
+
+
+def claims(r: dict) -> list[dict]:
+    """Each claim the toy must show: what was measured, the baseline it must beat (or the bound it must
+    reach), chance, and whether it holds."""
+    g, ch = r["generation"], r["generation"]["chance"]
+    sim = {k: v["clip_similarity"] for k, v in g.items() if "clip_similarity" in v}
+    rows = []
+
+    def row(claim, value, baseline, chance, holds):
+        rows.append({"claim": claim, "measured": value, "baseline": baseline, "chance": chance, "holds": bool(holds)})
+
+    if {"gill/5-captions-4-images", "gill/5-captions", "gill/1-caption", "sd/1-caption"} <= set(sim):
+        row("generation: 5 captions + 4 images >= 5 captions (CLIP similarity)", sim["gill/5-captions-4-images"],
+            sim["gill/5-captions"], None, sim["gill/5-captions-4-images"] >= sim["gill/5-captions"])
+        row("generation: 5 captions > the last caption", sim["gill/5-captions"], sim["gill/1-caption"], None,
+            sim["gill/5-captions"] > sim["gill/1-caption"])
+        row("generation: GILL on the last caption > SD on it", sim["gill/1-caption"], sim["sd/1-caption"], None,
+            sim["gill/1-caption"] > sim["sd/1-caption"])
+    c = r["captions"]
+    both, unseen = c["generation"]["colour_and_shape"], c["generation_unseen"]["colour_and_shape"]
+    row("single captions drawn with colour and shape right >= 0.8", both, 0.8, ch["colour_and_shape"], both >= 0.8)
+    row("... of unseen compositions >= 0.8", unseen, 0.8, ch["colour_and_shape"], unseen >= 0.8)
+    ret = r["retrieval"].get("gill/5-captions-4-images") or r["retrieval"].get("gill/5-captions")
+    if ret:
+        row("contextual story retrieval R@1 >= 0.3", ret["R@1"], 0.3, r["retrieval"]["chance"]["R@1"], ret["R@1"] >= 0.3)
+    e = c["retrieval_exact"]
+    row("exact single-caption retrieval R@1 >= 0.8", e["R@1"], 0.8, e["chance_R@1"], e["R@1"] >= 0.8)
+    d = r["decision"]["test_stories"]["balanced_accuracy"]
+    row("decision on test stories, balanced accuracy >= 0.8", d, 0.8, 0.5, d >= 0.8)
+    h = r["decision"].get("held_out_prompts", {}).get("test_balanced_accuracy")
+    if h is not None:
+        row("decision on held-out prompts, balanced accuracy >= 0.8", h, 0.8, 0.5, h >= 0.8)
+    t = r["chat"]
+    row("5-turn chat: every turn on topic", t["on_topic_turns"], 5, None, t["on_topic_turns"] == 5)
+    row("5-turn chat: >= 3 pictures of the asked colour", t["images_of_the_asked_colour"], 3, None,
+        t["images_of_the_asked_colour"] >= 3)
+    return rows
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def report_markdown(r: dict) -> str:
+    g, ch = r["generation"], r["generation"]["chance"]
+    lines = ["# Toy world: GILL's claims", "", "| claim | measured | baseline or bound | chance | holds |",
+             "|---|---|---|---|---|"]
+    for c in r["claims"]:
+        lines.append(f"| {c['claim']} | {_fmt(c['measured'])} | {_fmt(c['baseline'])} | {_fmt(c['chance'])} | "
+                     f"{'yes' if c['holds'] else '**no**'} |")
+    lines += ["", "## Generation on the VIST-format test stories", "",
+              "| setting | CLIP similarity (metric model) | colour / shape / both right (rendering) | "
+              "both right (metric CLIP) | both right, unseen compositions |", "|---|---|---|---|---|"]
+    for name, e in g.items():
+        if name == "chance":
+            continue
+        a, m, u = e["by_render"], e["by_metric_clip"], e["by_render_unseen_compositions"]
+        lines.append(f"| {name} | {e['clip_similarity']:.3f} ± {e['clip_similarity_ci95']:.3f} | "
+                     f"{a['colour']:.2f} / {a['shape']:.2f} / {a['colour_and_shape']:.2f} | {m['colour_and_shape']:.2f} | "
+                     f"{u['colour_and_shape']:.2f} (n={u['n']}) |")
+    lines.append(f"| chance | | {ch['colour']:.2f} / {ch['shape']:.2f} / {ch['colour_and_shape']:.2f} | "
+                 f"{ch['colour_and_shape']:.2f} | |")
+    lines += ["", f"## Retrieval (the story's last picture among {r['retrieval']['gallery_size']}, context masked)", "",
+              "| setting | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
+    for name, e in r["retrieval"].items():
+        if isinstance(e, dict):
+            lines.append(f"| {name} | {e['R@1']:.3f} | {e['R@5']:.3f} | {e['R@10']:.3f} |")
+    d = r["decision"]["test_stories"]
+    lines += ["", "## Decision (retrieve when the corpus holds the scene, generate otherwise)", "",
+              f"- test stories: balanced accuracy {d['balanced_accuracy']:.2f} (chance 0.50; recall ret {d['recall_ret']:.2f}, "
+              f"gen {d['recall_gen']:.2f}); accuracy {d['accuracy']:.2f} (majority class {d['majority_baseline']:.2f}, n={d['n']})"]
+    if "held_out_prompts" in r["decision"]:
+        h = r["decision"]["held_out_prompts"]
+        lines.append(f"- held-out prompts (captions, chat turns, stories; n={h['test_examples']}): balanced accuracy "
+                     f"{h.get('test_balanced_accuracy', float('nan')):.2f}, macro-F1 {h['test_macro_f1']:.2f} "
+                     f"(majority class {h['test_majority_macro_f1']:.2f})")
+    c = r["captions"]
+    gen, un = c["generation"], c["generation_unseen"]
+    lines += ["", f"## Single captions ({c['n']} scenes, {un['n']} of unseen compositions)", "",
+              f"- GILL draws: colour {gen['colour']:.2f}, shape {gen['shape']:.2f}, both {gen['colour_and_shape']:.2f}, "
+              f"position {gen['position']:.2f}; unseen compositions: both {un['colour_and_shape']:.2f}"]
+    lines.append(f"- retrieved, the exact picture among {round(1 / c['retrieval_exact']['chance_R@1'])}: R@1 "
+                 f"{c['retrieval_exact']['R@1']:.2f}, R@5 {c['retrieval_exact']['R@5']:.2f} (n={c['retrieval_exact']['n']})")
+    lines += ["", "## A scripted chat (the app's turn format, default settings)", ""]
+    for t in r["chat"]["turns"]:
+        lines.append(f"- Q: {t['question']} — A: {t['answer'] or '(nothing)'} — pictures: "
+                     f"{', '.join(t['image_colours']) or 'none'}" + (f" (asked: {t['asked_colour']})" if t["asked_colour"] else ""))
+    lines += ["", "![grid](grid.png)", "",
+              "Grid: the 5 story pictures, then SD on the last caption, GILL on the last caption, on 5 captions, "
+              "on 5 captions + 4 pictures, and GILL's retrieved picture (5 captions + 4 pictures).", ""]
+    return "\n".join(lines)
+
+
+def grid(gill, ev: Path, by_story: dict, records: dict, path: Path, rows: int = 10, scale: int = 4) -> None:
+    """The first ``rows`` test stories as a picture grid, each cell upscaled ``scale`` times (nearest
+    neighbour: sharp)."""
+    from PIL import Image
+
+    order = ["sd/1-caption", "gill/1-caption", "gill/5-captions", "gill/5-captions-4-images"]
+    lookup = {name: {r["id"]: r for r in recs} for name, recs in records.items()}
+    cell = world.IMAGE_SIZE * scale
+    ids = list(by_story)[:rows]
+    canvas = Image.new("RGB", (cell * (5 + len(order) + 1) + 2 * scale * 2, cell * len(ids)), (0, 0, 0))
+    scale_ret = gill.model.adapter.logit_scale.exp().item()
+    context_dir = Path(json.loads((ev / "run.json").read_text())["context_dir"])
+    blank = Image.new("RGB", (world.IMAGE_SIZE,) * 2)
+    for row, sid in enumerate(ids):
+        images = [Image.open(context_dir / f"{a['photo_flickr_id']}.png") for a in by_story[sid]]
+        for name in order:
+            r = lookup.get(name, {}).get(sid)
+            images.append(Image.open(ev / name / r["image"]) if r else blank)
+        example = lookup.get("gill/5-captions-4-images", {}).get(sid) or lookup.get("gill/5-captions", {}).get(sid)
+        if example and gill.retriever is not None and "retrieval_embedding" in example:
+            hit = gill.retriever.search(torch.tensor([example["retrieval_embedding"]]), k=1, scale=scale_ret)[0]
+            images.append(gill.retriever.load_image(hit[0].record) if hit else blank)
+        x = 0
+        for col, im in enumerate(images):
+            if col in (5, 5 + len(order)):
+                x += 2 * scale  # a gap between the story, the generations and the retrieval
+            canvas.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (x, row * cell))
+            x += cell
+    canvas.save(path)
