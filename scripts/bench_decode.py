@@ -72,6 +72,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def median_seconds(fn, repeats: int, device: str) -> float:
+    """The median wall time of ``repeats`` calls of ``fn``, the device synchronised around each."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def agreeing_prefix(a: list[int], b: list[int], whole: int) -> int:
+    """How many leading tokens two decodes share; ``whole`` when they never differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), whole)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -122,15 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = {}
     for name, fn in (("cached", cached), ("uncached", uncached), ("hf_generate", hf_generate)):
         tokens[name] = fn()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            sync(args.device)
-            t = time.perf_counter()
-            fn()
-            sync(args.device)
-            times.append(time.perf_counter() - t)
-        results[name] = args.new_tokens / statistics.median(times)
-    agree = next((i for i, (a, b) in enumerate(zip(tokens["cached"], tokens["uncached"])) if a != b), args.new_tokens)
+        results[name] = args.new_tokens / median_seconds(fn, args.repeats, args.device)
+    agree = agreeing_prefix(tokens["cached"], tokens["uncached"], args.new_tokens)
     same = agree == args.new_tokens
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"size={args.size} dtype={args.dtype} device={device_name} prompt={args.prompt_len} new={args.new_tokens} batch=1")
@@ -163,19 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         got = fn()  # the first call compiles and captures
         sync(args.device)
         first = time.perf_counter() - t
-        times = []
-        for _ in range(args.repeats):
-            sync(args.device)
-            t = time.perf_counter()
-            fn()
-            sync(args.device)
-            times.append(time.perf_counter() - t)
-        rate = args.new_tokens / statistics.median(times)
-        n_same = next((i for i, (a, b) in enumerate(zip(got, tokens["cached"])) if a != b), args.new_tokens)
+        seconds = median_seconds(fn, args.repeats, args.device)
+        rate = args.new_tokens / seconds
+        n_same = agreeing_prefix(got, tokens["cached"], args.new_tokens)
         print(f"{label(names):<29}: {rate:8.1f} tokens/s   {rate / results['cached']:5.2f}x cached   "
               f"same tokens as cached: {n_same == args.new_tokens} (first {n_same} agree)")
         if "compile" in names:
-            print(f"{'':<29}  first call {first:.1f} s (compiles; a decode takes {statistics.median(times):.3f} s)")
+            print(f"{'':<29}  first call {first:.1f} s (compiles; a decode takes {seconds:.3f} s)")
 
     for names in [v for v in variants if "int8" not in v]:
         time_variant(names)
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         set_decoder_options(check_model, options(fast))
         got = decode(check_model, check_embeds, mask, static_opts)[0].token_ids
         set_decoder_options(check_model, None)
-        n_same = next((i for i, (a, b) in enumerate(zip(got, eager)) if a != b), args.new_tokens)
+        n_same = agreeing_prefix(got, eager, args.new_tokens)
         check_failed = n_same != args.new_tokens
         note = " (int8 left out: quantized weights change the logits)" if args.int8 else ""
         print(f"fp32 tokens, {label(fast)} vs eager transformers: {'FAIL' if check_failed else 'pass'} "

@@ -189,7 +189,8 @@ class Turn:
     attached: Scene | None = None
 
 
-def _describe(scene: Scene, rng: random.Random) -> str:
+def describe(scene: Scene, rng: random.Random) -> str:
+    """A way a person asks for ``scene`` ("show me a large red circle ..."), drawn by ``rng``."""
     return rng.choice(["{}.", "show me {}.", "draw {}.", "i want to see {}."]).format(scene.caption())
 
 
@@ -205,7 +206,7 @@ def conversation(rng: random.Random, compositions: set[tuple[str, str]], turns: 
         if kind in ("describe", "attach"):
             current = story(rng, compositions)[0][0]
             if kind == "describe":
-                out.append(Turn(_describe(current, rng), f"{current.caption()}.", current))
+                out.append(Turn(describe(current, rng), f"{current.caption()}.", current))
             else:
                 out.append(Turn(rng.choice(["what is this?", "describe this picture.", "what do you see?"]),
                                 f"it is {current.caption()}.", None, attached=current))

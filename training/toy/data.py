@@ -35,7 +35,7 @@ def training_samples(plan: Plan, rng: random.Random, train_comp: set) -> list[di
     for s in (s for s in world.all_scenes() if s.composition in train_comp):
         for k in range(plan.train_images_per_scene):
             jitter = (rng.randint(-1, 1), rng.randint(-1, 1)) if k else (0, 0)
-            text = s.caption() if k % 2 == 0 else f"Q: {world._describe(s, rng)}\nA: {s.caption()}."
+            text = s.caption() if k % 2 == 0 else f"Q: {world.describe(s, rng)}\nA: {s.caption()}."
             samples.append({"__key__": f"{s.key}-{k}", "png": _png(s, jitter), "txt": text, "sd.txt": s.caption()})
     for n in range(plan.train_stories):
         steps = world.story(rng, train_comp)
@@ -107,7 +107,7 @@ def decision_annotations(plan: Plan, rng: random.Random, train_comp: set, test_c
     body = []
     for s in world.all_scenes():
         body.append(f"{s.caption()}\t{label[s.composition in train_comp]}")
-        body.append(f"Q: {world._describe(s, rng)} A: {s.caption()}.\t{label[s.composition in train_comp]}")
+        body.append(f"Q: {world.describe(s, rng)} A: {s.caption()}.\t{label[s.composition in train_comp]}")
     for _ in range(plan.decision_stories):  # the decision is also taken after a whole story
         steps = world.story(rng, train_comp | test_comp)
         body.append(f"{' '.join(c + '.' for _, c in steps)}\t{label[steps[-1][0].composition in train_comp]}")
