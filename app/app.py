@@ -245,6 +245,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
     analytics = analytics_enabled()
     import gradio as gr
 
+    from gill import chat
     from gill.diffusion import DiffusionOptions
     from gill.pipeline import Text, TextDelta
 
@@ -286,8 +287,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                     "seed": int(seed)})
             except (TypeError, ValueError) as e:
                 raise BadInput(f"A setting is out of range: {e}.") from None
-            if text:
-                turn.append(f"Q: {text}\nA:")  # the original demo's turn format
+            turn = chat.turn_items(text, turn)  # the original demo's turn format
             turns, dropped = fit_context(pipeline, turns, turn, settings.max_new_tokens)
         except BadInput as e:
             messages += shown + [{"role": "user", "content": text or "(attachment)"},
@@ -311,7 +311,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                 [item for t in turns + [turn] for item in t], policy=policy, seed=settings.seed, deltas=True,
                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p if settings.temperature > 0 else 1.0,
-                img_scale_factor=settings.img_scale_factor, stop_strings=("\nQ:",),
+                img_scale_factor=settings.img_scale_factor, stop_strings=chat.STOP_STRINGS,
                 diffusion=DiffusionOptions(steps=settings.steps, guidance_scale=settings.guidance_scale,
                                            seed=settings.seed, scheduler=d.scheduler),
             ):
@@ -337,10 +337,9 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
             messages.append({"role": "assistant", "content": f"⚠️ The model failed: {type(e).__name__}: {e}"})
             yield messages, state, READY()
             return
-        text_answer = "".join(a for a in answer if isinstance(a, str)).split("\nQ:")[0]
-        # the answer goes back as it was decoded (its leading space too: "A:" + " a red circle."), so the
-        # next turn's prompt holds the very tokens the model produced
-        turn += [text_answer.rstrip() + "\n"] + [a for a in answer if not isinstance(a, str)]
+        # the answer goes back as it was decoded, so the next turn's prompt holds the tokens the model produced
+        turn += chat.answer_items("".join(a for a in answer if isinstance(a, str)),
+                                  [a for a in answer if not isinstance(a, str)])
         if not answer:
             messages.append({"role": "assistant", "content": "(no answer)"})
         state = {**state, "turns": turns + [turn]}

@@ -379,3 +379,18 @@ def test_gradio_analytics_are_off_unless_the_user_turns_them_on(monkeypatch, tin
     assert analytics_enabled() is True
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
     assert build_demo(tiny_gill, Defaults.from_settings(tiny_gill.run_settings())).analytics_enabled is False
+
+
+def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
+    """gill.chat is the one statement of the turn format the app and the toy build's scripted chat use:
+    the question framed as the original demo frames it, the answer cut at the next question, its leading
+    space kept and its trailing whitespace made one newline, its pictures after it."""
+    from gill import chat
+
+    assert chat.question("it turns blue.") == "Q: it turns blue.\nA:"
+    assert chat.turn_items("hi", ["<img>"]) == ["<img>", "Q: hi\nA:"]
+    assert chat.turn_items("", ["<img>"]) == ["<img>"]
+    decoded = " now it is a blue circle.  \nQ: what next?\nA: more"
+    assert chat.answer_text(decoded) == " now it is a blue circle.  "
+    assert chat.answer_items(decoded, ["<pic>"]) == [" now it is a blue circle.\n", "<pic>"]
+    assert chat.STOP_STRINGS == ("\nQ:",)

@@ -96,20 +96,22 @@ def chat(gill) -> dict:
     """CHAT_SCRIPT through the app's turn format ("Q: ...\\nA:", the answer's text and pictures fed back),
     default settings: per turn, the answer, whether it names a colour or shape of the world, and the
     colour of each picture it shows."""
+    from gill import chat as turns_format
     from gill.pipeline import GeneratedImage, RetrievedImage, Text
 
     words = set(world.COLORS) | set(world.SHAPES)
     history: list = []
     turns = []
     for question, colour in CHAT_SCRIPT:
-        turn = [f"Q: {question}\nA:"]
-        answer = gill.generate_interleaved(history + turn, stop_strings=("\nQ:",), seed=0)
-        text = "".join(s.text for s in answer if isinstance(s, Text)).split("\nQ:")[0]
+        turn = turns_format.turn_items(question)
+        answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS, seed=0)
+        decoded = "".join(s.text for s in answer if isinstance(s, Text))
+        text = turns_format.answer_text(decoded)
         images = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
         colours = [world.dominant_colour(im) for im in images]
         turns.append({"question": question, "answer": text.strip(), "asked_colour": colour, "image_colours": colours,
                       "on_topic": any(w in text.replace(".", " ").split() for w in words)})
-        history += turn + [text.rstrip() + "\n"] + images
+        history += turn + turns_format.answer_items(decoded, images)
     return {"turns": turns, "on_topic_turns": sum(t["on_topic"] for t in turns),
             "images_of_the_asked_colour": sum(t["asked_colour"] in t["image_colours"] for t in turns if t["asked_colour"])}
 

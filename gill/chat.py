@@ -1,0 +1,35 @@
+"""The chat turn format of the original GILL demo, in one place for every front end that holds a
+conversation (the app, the toy build's scripted chat): a question is "Q: <text>\\nA:", the model answers
+until it starts the next "\\nQ:", and the answer goes back into the conversation as it was decoded (its
+leading space kept, trailing whitespace replaced by one newline), followed by the pictures it showed, so
+the next turn's prompt holds the very tokens the model produced.
+
+Pure functions on strings; no model code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+STOP_STRINGS: tuple[str, ...] = ("\nQ:",)
+
+
+def question(text: str) -> str:
+    """The prompt text of one user turn."""
+    return f"Q: {text}\nA:"
+
+
+def answer_text(decoded: str) -> str:
+    """The answer's text as shown: what was decoded before the model began another question."""
+    return decoded.split(STOP_STRINGS[0])[0]
+
+
+def answer_items(decoded: str, pictures: Iterable[Any] = ()) -> list[Any]:
+    """The items an answer adds to the conversation: its text as decoded, ending in one newline, then the
+    pictures it showed (generated or retrieved)."""
+    return [answer_text(decoded).rstrip() + "\n", *pictures]
+
+
+def turn_items(text: str, attachments: Sequence[Any] = ()) -> list[Any]:
+    """The items of one user turn: the attached pictures first, then the question (if any text)."""
+    return [*attachments, *([question(text)] if text else [])]
