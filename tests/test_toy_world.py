@@ -160,3 +160,24 @@ def test_small_build_learns_to_decide_and_reads_the_context_pictures(small_build
     assert decision["test_stories"]["balanced_accuracy"] >= 0.55, decision
     held_out = decision["held_out_prompts"]
     assert held_out["test_macro_f1"] >= held_out["test_majority_macro_f1"] + 0.1, held_out
+
+
+def test_backbones_reused_from_the_shipped_model_or_a_build_make_their_stages_skip(tmp_path):
+    """--backbones copies the frozen LM, vision tower, diffusion model and metric model, so the build trains
+    only GILL on them; a folder without them is named in the error."""
+    from gill.presets import toy_dir
+    from training.toy.backbones import reuse_backbones, stage_lm
+
+    out = tmp_path / "build"
+    reuse_backbones(out, "toy")
+    for name in ("lm", "vision", "sd"):
+        assert sorted(p.name for p in (out / "model" / name).iterdir()) == sorted(p.name for p in (toy_dir() / name).iterdir())
+    assert (out / "metric-clip" / "config.json").is_file()
+    before = (out / "model" / "lm" / "model.safetensors").read_bytes()
+    stage_lm(out, None, 0)  # skips: no data folder is read, nothing is trained
+    assert (out / "model" / "lm" / "model.safetensors").read_bytes() == before
+    again = tmp_path / "again"
+    reuse_backbones(again, str(out))  # an earlier build's output folder
+    assert (again / "model" / "sd" / "model_index.json").is_file()
+    with pytest.raises(FileNotFoundError, match="no backbone at .*nowhere"):
+        reuse_backbones(tmp_path / "x", str(tmp_path / "nowhere"))

@@ -33,12 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true",
                    help="afterwards copy the model and the metric model into gill/assets (the toy preset)")
     p.add_argument("--gill-steps", type=int, default=None, help="override the plan's GILL training steps")
+    p.add_argument("--backbones", default=None, metavar="toy|BUILD",
+                   help="reuse the frozen backbones (LM, CLIP, diffusion, metric model) of the shipped toy model "
+                        "('toy') or of an earlier build's output folder, and train only GILL on them")
     args = p.parse_args(argv)
     out = Path(args.out)
     plan = dataclasses.replace(SMALL if args.small else Plan())
     if args.gill_steps is not None:
         plan.gill_steps = args.gill_steps
     start = time.time()
+    if args.backbones is not None:
+        from training.toy.backbones import reuse_backbones
+
+        try:
+            reuse_backbones(out, args.backbones)
+        except FileNotFoundError as e:
+            p.error(str(e))
     for name in args.stages:
         t = time.time()
         stage(name)(out, plan, args.seed)

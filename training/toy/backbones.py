@@ -33,6 +33,27 @@ def text_inputs(tokenizer, captions: list[str]):
     return tokenizer(captions, padding="max_length", max_length=TEXT_LEN, truncation=True, return_tensors="pt")
 
 
+def reuse_backbones(out: Path, source: str) -> None:
+    """Copy frozen backbones into ``out`` so the lm, clip and sd stages find them and skip: from the shipped
+    toy model (``source`` "toy") or an earlier build's output folder. Backbones already in ``out`` stay."""
+    import shutil
+
+    if source == "toy":
+        from gill.presets import toy_dir, toy_metric_dir
+
+        model, metric = toy_dir(), toy_metric_dir()
+    else:
+        model, metric = Path(source) / "model", Path(source) / "metric-clip"
+    wanted = {out / "model" / name: model / name for name in ("lm", "vision", "sd")}
+    wanted[out / "metric-clip"] = metric
+    for dst, src in wanted.items():
+        if not (src / "config.json").is_file() and not (src / "model_index.json").is_file():
+            raise FileNotFoundError(f"--backbones {source}: no backbone at {src} (expected a config.json or model_index.json)")
+        if not dst.exists():
+            shutil.copytree(src, dst)
+    log(f"backbones from {source}: lm, vision, sd and the metric model")
+
+
 # ---- 2. the language model ------------------------------------------------------------------------------
 
 def stage_lm(out: Path, plan: Plan, seed: int) -> None:
