@@ -1,8 +1,9 @@
 """The chat turn format of the original GILL demo, in one place for every front end that holds a
 conversation (the app, the toy build's scripted chat): a question is "Q: <text>\\nA:", the model answers
 until it starts the next "\\nQ:", and the answer goes back into the conversation as it was decoded (its
-leading space kept, trailing whitespace replaced by one newline), followed by the pictures it showed, so
-the next turn's prompt holds the very tokens the model produced.
+leading space kept, trailing whitespace dropped), then the pictures it showed, then one newline, so the
+next turn's prompt holds the very tokens the model produced and each picture sits where the model put its
+[IMG] tokens (the original demo fed back the answer's text with its "[IMG0] ... [IMG7]" and a newline).
 
 Pure functions on strings; no model code."""
 
@@ -25,9 +26,11 @@ def answer_text(decoded: str) -> str:
 
 
 def answer_items(decoded: str, pictures: Iterable[Any] = ()) -> list[Any]:
-    """The items an answer adds to the conversation: its text as decoded, ending in one newline, then the
-    pictures it showed (generated or retrieved)."""
-    return [answer_text(decoded).rstrip() + "\n", *pictures]
+    """The items an answer adds to the conversation: its text as decoded, the pictures it showed
+    (generated or retrieved) right after it, as its [IMG] tokens followed the text, then one newline."""
+    pictures = list(pictures)
+    text = answer_text(decoded).rstrip()
+    return [text, *pictures, "\n"] if pictures else [text + "\n"]
 
 
 def turn_items(text: str, attachments: Sequence[Any] = ()) -> list[Any]:

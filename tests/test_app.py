@@ -384,7 +384,7 @@ def test_gradio_analytics_are_off_unless_the_user_turns_them_on(monkeypatch, tin
 def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     """gill.chat is the one statement of the turn format the app and the toy build's scripted chat use:
     the question framed as the original demo frames it, the answer cut at the next question, its leading
-    space kept and its trailing whitespace made one newline, its pictures after it."""
+    space kept, its pictures right after its text (where its [IMG] tokens were), then one newline."""
     from gill import chat
 
     assert chat.question("it turns blue.") == "Q: it turns blue.\nA:"
@@ -392,5 +392,6 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     assert chat.turn_items("", ["<img>"]) == ["<img>"]
     decoded = " now it is a blue circle.  \nQ: what next?\nA: more"
     assert chat.answer_text(decoded) == " now it is a blue circle.  "
-    assert chat.answer_items(decoded, ["<pic>"]) == [" now it is a blue circle.\n", "<pic>"]
+    assert chat.answer_items(decoded, ["<pic>"]) == [" now it is a blue circle.", "<pic>", "\n"]
+    assert chat.answer_items(" it is red. \n") == [" it is red.\n"]
     assert chat.STOP_STRINGS == ("\nQ:",)

@@ -85,6 +85,11 @@ def test_a_chat_sample_is_laid_out_as_the_app_lays_out_a_conversation():
     assert text == (f"Q: what is this?\nA: it is {a.caption()}.\nQ: what colour is it?\nA: it is red.\n"
                     f"Q: it turns blue.\nA: now it is {b.caption()}.")
     assert target == b
+    # a picture shown in an earlier turn sits right after that answer's text, the newline after it
+    c = world.Scene("blue", "circle", "small", "left", "white")
+    pairs, text, target = world.chat_sample([turns[2], world.Turn("it shrinks.", f"now it is {c.caption()}.", c)])
+    assert pairs == [(f"Q: it turns blue.\nA: now it is {b.caption()}.", b)]
+    assert text == f"\nQ: it shrinks.\nA: now it is {c.caption()}." and target == c
 
 
 def test_story_sets_give_each_last_picture_one_right_answer():
@@ -103,6 +108,14 @@ def test_the_lms_text_holds_chats_and_what_the_corpus_holds():
     unseen = next(s for s in world.all_scenes() if s.composition in test)
     assert f"{seen.caption()}. there are photos of it." in "\n".join(text)
     assert f"{unseen.caption()}. there is no photo of it." in "\n".join(text)
+    # a story says whether its end is a thing there are photos of; a chat keeps a shown picture's place
+    stories = [t for t in text if ". now it is " in t and not t.startswith("Q: ")]
+    assert len(stories) == 10 and all(t.endswith((" there are photos of it.", " there is no photo of it.")) for t in stories)
+    assert any(world.PICTURE in t for t in text if t.startswith("Q: "))
+    a = world.Scene("red", "circle", "large", "left", "white")
+    turns = [world.Turn("what is this?", f"it is {a.caption()}.", None, attached=a), world.Turn("draw it.", f"{a.caption()}.", a)]
+    assert world.chat_text(turns, world.PICTURE) == (f"Q: what is this?\nA: it is {a.caption()}.\n"
+                                                     f"Q: draw it.\nA: {a.caption()}.{world.PICTURE}\n")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +179,7 @@ def test_backbones_reused_from_the_shipped_model_or_a_build_make_their_stages_sk
     """--backbones copies the frozen LM, vision tower, diffusion model and metric model, so the build trains
     only GILL on them; a folder without them is named in the error."""
     from gill.presets import toy_dir
-    from training.toy.backbones import reuse_backbones, stage_lm
+    from training.toy.backbones import reuse_backbones, stage_clip, stage_lm, stage_metric, stage_sd
 
     out = tmp_path / "build"
     reuse_backbones(out, "toy")
@@ -174,10 +187,23 @@ def test_backbones_reused_from_the_shipped_model_or_a_build_make_their_stages_sk
         assert sorted(p.name for p in (out / "model" / name).iterdir()) == sorted(p.name for p in (toy_dir() / name).iterdir())
     assert (out / "metric-clip" / "config.json").is_file()
     before = (out / "model" / "lm" / "model.safetensors").read_bytes()
-    stage_lm(out, None, 0)  # skips: no data folder is read, nothing is trained
+    for stage in (stage_lm, stage_clip, stage_metric, stage_sd):  # each skips: no data is read, nothing trained
+        stage(out, None, 0)
     assert (out / "model" / "lm" / "model.safetensors").read_bytes() == before
+    assert not (out / "sd-text").exists()  # GILL's diffusion targets then come from model/sd's text encoder
     again = tmp_path / "again"
     reuse_backbones(again, str(out))  # an earlier build's output folder
     assert (again / "model" / "sd" / "model_index.json").is_file()
     with pytest.raises(FileNotFoundError, match="no backbone at .*nowhere"):
         reuse_backbones(tmp_path / "x", str(tmp_path / "nowhere"))
+
+
+def test_a_failed_stage_of_a_side_by_side_build_is_named_and_stops_the_build(tmp_path):
+    """--jobs 2 runs stages as child processes; one that fails (here: no data stage has run) ends the build
+    with an error naming it, and the stages that would wait for it never start."""
+    from training.toy.__main__ import _ancestors, main
+
+    assert _ancestors("gill") == {"data", "lm", "clip"} and "sd" not in _ancestors("gill")
+    with pytest.raises(SystemExit, match="toy build's (lm|clip) stage failed.*rerun the same command"):
+        main(["--out", str(tmp_path / "b"), "--stages", "lm", "clip", "gill", "--jobs", "2"])
+    assert not (tmp_path / "b" / "model" / "gill.safetensors").exists() and not (tmp_path / "b" / "gill-run").exists()

@@ -227,15 +227,25 @@ def conversation(rng: random.Random, compositions: set[tuple[str, str]], turns: 
     return out
 
 
-def chat_text(turns: list[Turn]) -> str:
-    """A conversation as text, as the app frames it: "Q: ...\nA: ...\n" per turn."""
-    return "".join(f"Q: {t.question}\nA: {t.answer}\n" for t in turns)
+# Where the LM's text had a picture, it keeps its place with this word, as text taken from web pages keeps
+# an image's place (an alt text, "[image]", "photo:"): so the LM's state at the end of an answer that shows
+# something differs from one that does not (both would otherwise only predict "\n"), and GILL's [IMG0]
+# learns to take the word's place. GILL never sees the word: its training samples have the picture there.
+PICTURE = " (picture)"
+
+
+def chat_text(turns: list[Turn], picture: str = "") -> str:
+    """A conversation as text, as the app frames it: "Q: ...\nA: ...\n" per turn, ``picture`` after each
+    answer that shows a scene (the LM's text: ``PICTURE``)."""
+    return "".join(f"Q: {t.question}\nA: {t.answer}{picture if t.scene is not None else ''}\n" for t in turns)
 
 
 def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]:
     """The last turn of a chat (whose answer shows a scene) as an interleaved training sample, laid out as
     the app lays out a conversation: (context (text, scene) pairs, the text before [IMG], the scene shown).
-    An attached picture comes before its question; a shown picture after its answer."""
+    An attached picture comes before its question; a shown picture right after its answer's text, before
+    the newline (``gill.chat.answer_items``), so an answer that shows something is never followed by "\\n"
+    in training: that is where its [IMG] tokens go."""
     *before, last = turns
     assert last.scene is not None, "the last turn must show a scene"
     pairs, text = [], ""
@@ -246,35 +256,38 @@ def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]
         text += f"Q: {t.question}\nA: {t.answer}"
         if t is last:
             break
-        text += "\n"
         if t.scene is not None:
             pairs.append((text, t.scene))
             text = ""
+        text += "\n"
     return pairs, text, last.scene
 
 
 def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 2400,
                n_chats: int = 2400, common: set[tuple[str, str]] | None = None) -> list[str]:
     """Text for the toy LM: every caption of the allowed compositions followed by what it implies,
-    stories followed by where they end ("... now it is a large red circle on the right on white."), and
-    chats in the app's format ("Q: ...\nA: ...").
+    stories followed by where they end ("... now it is a large red circle on the right on white. there are
+    photos of it."), and chats in the app's format ("Q: ...\nA: ...", a shown picture's place kept by
+    ``PICTURE``).
 
     The follow-ups are what make the LM copy attributes forward: an LM trained on captions alone keeps
     almost nothing of the colour in its later states, and GILL's [IMG] tokens, which read those states
     through the frozen LM, then cannot see it either. ``common``: the compositions the LM knows photos of
     (the retrieval corpus's); its text says of every scene whether there are photos of it, as a real LM
     knows which things are ordinary and which are made up, which the decision head then reads."""
+
+    def known(s: Scene) -> str:
+        return "" if common is None else " there are photos of it." if s.composition in common else " there is no photo of it."
+
     lines = []
     for s in all_scenes():
         if s.composition in compositions:
             lines.append(s.caption())
-            known = "" if common is None else (" there are photos of it." if s.composition in common
-                                               else " there is no photo of it.")
-            lines += [f"{s.caption()}.{known} it is {s.color}. it is a {s.shape}. it is {s.size}. "
+            lines += [f"{s.caption()}.{known(s)} it is {s.color}. it is a {s.shape}. it is {s.size}. "
                       f"it is on the {s.position}. the background is {s.background}."] * 2  # weighted up
-    for _ in range(n_stories):
+    for _ in range(n_stories):  # where a story ends, and whether that is a thing there are photos of
         steps = story(rng, compositions)
-        lines.append(". ".join(c for _, c in steps) + f". now it is {steps[-1][0].caption()}.")
+        lines.append(". ".join(c for _, c in steps) + f". now it is {steps[-1][0].caption()}.{known(steps[-1][0])}")
     for _ in range(n_chats):
-        lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5))))
+        lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5)), picture=PICTURE))
     return lines

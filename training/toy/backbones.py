@@ -57,15 +57,13 @@ def reuse_backbones(out: Path, source: str) -> None:
 # ---- 2. the language model ------------------------------------------------------------------------------
 
 def stage_lm(out: Path, plan: Plan, seed: int) -> None:
-    from transformers import OPTConfig, OPTForCausalLM
-
-    from gill.backbones import build_tokenizer
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
     target = out / "model" / "lm"
     if (target / "config.json").exists():
         return
     docs = json.loads((out / "data" / "text.json").read_text())
-    tokenizer = build_tokenizer(448, corpus=docs)
+    tokenizer = AutoTokenizer.from_pretrained(target)  # written by the data stage, beside where the LM goes
     torch.manual_seed(seed)
     lm = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=96, word_embed_proj_dim=96, num_hidden_layers=3,
                                   num_attention_heads=4, ffn_dim=384, max_position_embeddings=256, dropout=0.0,
@@ -73,14 +71,17 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     ids = [tokenizer(doc)["input_ids"][:LM_LEN - 1] + [2] for doc in docs]
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
     sched = schedule(opt, 100, plan.lm_steps, floor=0.1)
-    rng = random.Random(seed)
     lm.train()
-    for step in range(plan.lm_steps):
-        batch = [ids[rng.randrange(len(ids))] for _ in range(32)]
+    # Batches of alike rows weigh each row's tokens as a mixed batch would: a token-mean loss would otherwise
+    # give a batch of short captions as much weight as one of long chats (and the chats too little).
+    per_batch = 32 * sum(len(i) - 1 for i in ids) / len(ids)
+    for step, rows in enumerate(length_grouped_batches([len(i) for i in ids], 32, plan.lm_steps, seed)):
+        batch = [ids[i] for i in rows]
         width = max(map(len, batch))
         x = torch.tensor([b + [1] * (width - len(b)) for b in batch])
         mask = (torch.arange(width)[None] < torch.tensor([len(b) for b in batch])[:, None]).long()
         loss = lm(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
+        loss = loss * (sum(len(b) - 1 for b in batch) / per_batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,12 +96,31 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     tokenizer.save_pretrained(target)
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` batches of row indices, each of rows of similar length (transformers' LengthGroupedSampler,
+    one pass per epoch), in shuffled order: the LM's rows run from 10 to 160 tokens, and a batch padded to
+    its longest row costs less when its rows are alike (every row still pads alone: no packing)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    rng = random.Random(seed)
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < steps:
+        order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed + epoch)))
+        chunk = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        rng.shuffle(chunk)
+        batches += chunk
+        epoch += 1
+    return batches[:steps]
+
+
 @torch.no_grad()
 def copy_accuracy(lm, tokenizer) -> float:
-    """How often the LM's top next token after 'Q: <caption>.\\nA: <caption>.\\nQ: what colour is it?\\nA: it is'
-    is the caption's colour: whether it carries attributes forward, which GILL's [IMG] tokens rely on."""
+    """How often the LM's top next token after 'Q: <caption>.\\nA: <caption>. (picture)\\nQ: what colour is
+    it?\\nA: it is' (a chat as the LM read them) is the caption's colour: whether it carries attributes
+    forward, which GILL's [IMG] tokens rely on."""
     scenes = world.all_scenes()
-    enc = tokenizer([f"Q: {s.caption()}.\nA: {s.caption()}.\nQ: what colour is it?\nA: it is" for s in scenes],
+    enc = tokenizer([f"Q: {s.caption()}.\nA: {s.caption()}.{world.PICTURE}\nQ: what colour is it?\nA: it is" for s in scenes],
                     return_tensors="pt", padding=True)
     last = enc.attention_mask.sum(1) - 1
     logits = lm(**enc).logits[torch.arange(len(scenes)), last]
@@ -152,22 +172,33 @@ def train_clip(out: Path, plan: Plan, seed: int):
 
 
 def stage_clip(out: Path, plan: Plan, seed: int) -> None:
+    """GILL's vision tower, and its text tower as the diffusion model's text encoder: saved as a diffusers
+    repository's ``text_encoder/`` and ``tokenizer/`` (``out/sd-text``), which is all GILL's diffusion
+    targets need, so GILL trains while the diffusion model does."""
     from transformers import CLIPTextModel, CLIPVisionModel
 
     model = out / "model"
-    if not (model / "vision" / "config.json").exists():
-        clip, _ = train_clip(out, plan, seed)
-        vision = CLIPVisionModel(clip.config.vision_config)
-        vision.load_state_dict(clip.vision_model.state_dict())
-        vision.save_pretrained(model / "vision")
-        text = CLIPTextModel(clip.config.text_config)
-        text.load_state_dict(clip.text_model.state_dict())
-        text.save_pretrained(out / "text_encoder")
+    if (model / "vision" / "config.json").exists():  # (reused backbones bring theirs inside model/sd)
+        return
+    clip, tokenizer = train_clip(out, plan, seed)
+    vision = CLIPVisionModel(clip.config.vision_config)
+    vision.load_state_dict(clip.vision_model.state_dict())
+    text = CLIPTextModel(clip.config.text_config)
+    text.load_state_dict(clip.text_model.state_dict())
+    tokenizer.model_max_length = TEXT_LEN
+    tokenizer.save_pretrained(out / "sd-text" / "tokenizer")
+    text.save_pretrained(out / "sd-text" / "text_encoder")
+    vision.save_pretrained(model / "vision")
+
+
+def stage_metric(out: Path, plan: Plan, seed: int) -> None:
+    """The evaluation's metric model: the same kind of CLIP, with another seed."""
     metric = out / "metric-clip"
-    if not (metric / "config.json").exists():
-        clip, _ = train_clip(out, plan, seed + 1000)
-        clip.save_pretrained(metric)
-        image_processor().save_pretrained(metric)
+    if (metric / "config.json").exists():
+        return
+    clip, _ = train_clip(out, plan, seed + 1000)
+    clip.save_pretrained(metric)
+    image_processor().save_pretrained(metric)
 
 
 # ---- 4. the diffusion model ---------------------------------------------------------------------------------
@@ -209,9 +240,8 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "model" / "lm")
-    tokenizer.model_max_length = TEXT_LEN
-    text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "sd-text" / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(out / "sd-text" / "text_encoder").eval()
     with torch.no_grad():
         unique = sorted(set(captions)) + [""]
         states = dict(zip(unique, text_encoder(input_ids=text_inputs(tokenizer, unique).input_ids).last_hidden_state))

@@ -35,7 +35,7 @@ def training_samples(plan: Plan, rng: random.Random, train_comp: set) -> list[di
     for s in (s for s in world.all_scenes() if s.composition in train_comp):
         for k in range(plan.train_images_per_scene):
             jitter = (rng.randint(-1, 1), rng.randint(-1, 1)) if k else (0, 0)
-            text = s.caption() if k % 2 == 0 else f"Q: {world.describe(s, rng)}\nA: {s.caption()}."
+            text = f"{s.caption()}." if k % 2 == 0 else f"Q: {world.describe(s, rng)}\nA: {s.caption()}."
             samples.append({"__key__": f"{s.key}-{k}", "png": _png(s, jitter), "txt": text, "sd.txt": s.caption()})
     for n in range(plan.train_stories):
         steps = world.story(rng, train_comp)
@@ -93,6 +93,10 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
     # the LM's text has its own seed, so the reduced build's LM reads the same kind of text as the full one's
     text = world.world_text(random.Random(seed + 1), train_comp | test_comp, common=train_comp)
     (data / "text.json").write_text(json.dumps(text))
+    if not (out / "model" / "lm" / "config.json").exists():  # (an LM reused by --backbones keeps its own)
+        from gill.backbones import build_tokenizer  # the world's BPE, shared by the LM and the CLIP text towers
+
+        build_tokenizer(448, corpus=text).save_pretrained(out / "model" / "lm")
     (data / "decisions.tsv").write_text(decision_annotations(plan, rng, train_comp, test_comp))
     (data / "split.json").write_text(json.dumps({"train": sorted(train_comp), "test": sorted(test_comp)}))
     (data / "done").write_text("ok")

@@ -32,15 +32,20 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
         return
     shards = str(data / "shards" / "train-{0..3}.tar")
     if not (out / "sd-emb" / "train-3.safetensors").exists():
-        run("-m", "training.precompute_sd_embeddings", "--sd", str(model / "sd"), "--data", shards, "--out", str(out / "sd-emb"),
+        # the diffusion model's text encoder: from the clip stage (the diffusion model may still be training)
+        encoder = out / "sd-text" if (out / "sd-text" / "text_encoder").is_dir() else model / "sd"
+        run("-m", "training.precompute_sd_embeddings", "--sd", str(encoder), "--data", shards, "--out", str(out / "sd-emb"),
             "--text-key", "sd.txt")
     config = gill_config(out)
     if not (out / "gill-run" / "final" / "gill.safetensors").exists():
+        # No [IMG]-row renormalisation: the toy LM is sure of its next token (the end of an answer predicts
+        # its next word at logit ~13.6 from a state of norm 12.6), which a row of the LM rows' mean norm (0.70)
+        # cannot outscore (at most ~8.8), so [IMG0] could never follow a chat answer.
         run("-m", "training.train", "--model", str(config), "--recipe", "tiny", "--data", shards,
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(out / "gill-run"), "--steps", str(plan.gill_steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
             "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
-            "--shuffle-buffer", "256", "--max-len", "128", "--run-settings", json.dumps(TOY_RUN),
+            "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "false", "--run-settings", json.dumps(TOY_RUN),
             "--training-data", "the toy world (gill/toy/world.py): synthetic captioned shapes, chats and 5-step "
             "stories (interleaved with their pictures), built by python -m training.toy")
     # the model directory: trained weights beside the backbones it names by relative path

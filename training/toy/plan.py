@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # How the toy model is best run, saved in its config.json (run settings): its tiny diffusion model draws
 # colours right at low guidance (colour 0.90 at 2.0 vs 0.51 at SD's usual 7.5, measured on 72 captions),
-# its [IMG0] logit, bounded by the original's [IMG]-row renormalisation, needs the original demo's
-# image-frequency factor raised, and it is scored by the world's own metric model (beside the model).
-TOY_RUN = {"steps": 25, "guidance_scale": 2.0, "img_scale_factor": 4.0, "scorer": "hf:../metric-clip"}
+# and it is scored by the world's own metric model (beside the model). Its [IMG0] needs no image-frequency
+# factor: GILL trains it without the [IMG]-row renormalisation (gill_stage).
+TOY_RUN = {"steps": 25, "guidance_scale": 2.0, "img_scale_factor": 1.0, "scorer": "hf:../metric-clip"}
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
 LM_LEN = 160  # the toy LM's positions in training (a chat of up to 5 turns)

@@ -77,7 +77,7 @@ def single_captions(gill, judge: AttributeJudge, train_comp: set) -> dict:
     from gill.diffusion import DiffusionOptions
 
     scenes = world.all_scenes()[::3]
-    slots = gill.image_slot_embeddings([[s.caption()] for s in scenes])
+    slots = gill.image_slot_embeddings([[f"{s.caption()}."] for s in scenes])  # as a person types one
     run = gill.run_settings()
     images = gill.diffusion.generate(slots.generation, DiffusionOptions(steps=run.steps, guidance_scale=run.guidance_scale),
                                      seeds=list(range(len(scenes))))
