@@ -71,17 +71,16 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     ids = [tokenizer(doc)["input_ids"][:LM_LEN - 1] + [2] for doc in docs]
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
     sched = schedule(opt, 100, plan.lm_steps, floor=0.1)
+    rng = random.Random(seed)
     lm.train()
-    # Batches of alike rows weigh each row's tokens as a mixed batch would: a token-mean loss would otherwise
-    # give a batch of short captions as much weight as one of long chats (and the chats too little).
-    per_batch = 32 * sum(len(i) - 1 for i in ids) / len(ids)
-    for step, rows in enumerate(length_grouped_batches([len(i) for i in ids], 32, plan.lm_steps, seed)):
-        batch = [ids[i] for i in rows]
+    for step in range(plan.lm_steps):
+        # mixed batches, each padded to its longest row: batches of alike lengths (transformers'
+        # LengthGroupedSampler) ran 2x faster but copied colours forward in only 50-83% of captions (vs 100%)
+        batch = [ids[rng.randrange(len(ids))] for _ in range(32)]
         width = max(map(len, batch))
         x = torch.tensor([b + [1] * (width - len(b)) for b in batch])
         mask = (torch.arange(width)[None] < torch.tensor([len(b) for b in batch])[:, None]).long()
         loss = lm(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
-        loss = loss * (sum(len(b) - 1 for b in batch) / per_batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -94,24 +93,6 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     (out / "lm-check.json").write_text(json.dumps({"colour_copy_accuracy": copies}) + "\n")
     lm.save_pretrained(target)
     tokenizer.save_pretrained(target)
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` batches of row indices, each of rows of similar length (transformers' LengthGroupedSampler,
-    one pass per epoch), in shuffled order: the LM's rows run from 10 to 160 tokens, and a batch padded to
-    its longest row costs less when its rows are alike (every row still pads alone: no packing)."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    rng = random.Random(seed)
-    batches: list[list[int]] = []
-    epoch = 0
-    while len(batches) < steps:
-        order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed + epoch)))
-        chunk = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-        rng.shuffle(chunk)
-        batches += chunk
-        epoch += 1
-    return batches[:steps]
 
 
 @torch.no_grad()
