@@ -30,7 +30,9 @@ def answer_items(decoded: str, pictures: Iterable[Any] = ()) -> list[Any]:
     (generated or retrieved) right after it, as its [IMG] tokens followed the text, then one newline."""
     pictures = list(pictures)
     text = answer_text(decoded).rstrip()
-    return [text, *pictures, "\n"] if pictures else [text + "\n"]
+    if not pictures:
+        return [text + "\n"]
+    return [*([text] if text else []), *pictures, "\n"]  # (no empty text item when [IMG] came first)
 
 
 def turn_items(text: str, attachments: Sequence[Any] = ()) -> list[Any]:

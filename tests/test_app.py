@@ -394,4 +394,5 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     assert chat.answer_text(decoded) == " now it is a blue circle.  "
     assert chat.answer_items(decoded, ["<pic>"]) == [" now it is a blue circle.", "<pic>", "\n"]
     assert chat.answer_items(" it is red. \n") == [" it is red.\n"]
+    assert chat.answer_items("", ["<pic>"]) == ["<pic>", "\n"]  # an answer that was only a picture
     assert chat.STOP_STRINGS == ("\nQ:",)
