@@ -21,7 +21,6 @@ from training.toy.plan import ROOT, SMALL, Plan, log
 STAGES = ("data", "lm", "clip", "metric", "sd", "gill", "eval", "report")
 NEEDS = {"data": (), "lm": ("data",), "clip": ("data",), "metric": ("data",), "sd": ("clip",), "gill": ("lm", "clip"),
          "eval": ("gill", "sd", "metric"), "report": ("eval",)}
-ALONE = {"data", "eval", "report"}  # nothing runs beside these (each needs what the stages before it wrote)
 ORDER = ("data", "lm", "clip", "gill", "sd", "metric", "eval", "report")  # which ready stage starts first
 
 
@@ -49,7 +48,7 @@ def run_side_by_side(names: list[str], jobs: int, child_args: list[str]) -> None
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     while pending or running:
         for name in [n for n in pending if all(d in done for d in NEEDS[n])]:
-            if len(running) >= jobs or (name in ALONE and running):
+            if len(running) >= jobs:
                 break
             # all the cores where nothing can run beside it (every other stage left waits for it)
             alone = not running and all(name in _ancestors(other) for other in pending if other != name)
