@@ -312,6 +312,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                 top_p=settings.top_p if settings.temperature > 0 else 1.0,
                 img_scale_factor=settings.img_scale_factor, stop_strings=chat.STOP_STRINGS,
+                end_at_image=chat.END_AT_IMAGE,
                 diffusion=DiffusionOptions(steps=settings.steps, guidance_scale=settings.guidance_scale,
                                            seed=settings.seed, scheduler=d.scheduler),
             ):

@@ -1,9 +1,10 @@
 """The chat turn format of the original GILL demo, in one place for every front end that holds a
 conversation (the app, the toy build's scripted chat): a question is "Q: <text>\\nA:", the model answers
-until it starts the next "\\nQ:", and the answer goes back into the conversation as it was decoded (its
-leading space kept, trailing whitespace dropped), then the pictures it showed, then one newline, so the
-next turn's prompt holds the very tokens the model produced and each picture sits where the model put its
-[IMG] tokens (the original demo fed back the answer's text with its "[IMG0] ... [IMG7]" and a newline).
+until it starts the next "\\nQ:" or has shown a picture, and the answer goes back into the conversation as
+it was decoded (its leading space kept, trailing whitespace dropped), then the pictures it showed, then one
+newline, so the next turn's prompt holds the very tokens the model produced and each picture sits where the
+model put its [IMG] tokens (the original demo fed back the answer's text with its "[IMG0] ... [IMG7]" and a
+newline).
 
 Pure functions on strings; no model code."""
 
@@ -13,6 +14,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 STOP_STRINGS: tuple[str, ...] = ("\nQ:",)
+# An answer ends with its picture: the original demo dropped whatever the model wrote after its [IMG]
+# tokens (and models are trained with the [IMG] tokens last, so what follows them is untrained).
+END_AT_IMAGE = True
 
 
 def question(text: str) -> str:

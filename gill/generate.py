@@ -43,6 +43,7 @@ class DecodeOptions:
     min_tokens_before_image: int = 0  # the original's min_word_tokens
     max_images: int | None = None  # per row; None is unlimited
     allow_images: bool = True
+    end_at_image: bool = False  # a row stops once it has emitted an [IMG] group (the original kept no text after it)
     # "auto": the static-cache OPT decoder (one-token steps replayed as a CUDA graph on GPUs) when the LM
     # is a pre-LN OPT, else Hugging Face's dynamic cache; "static" or "hf" force one.
     backend: str = "auto"
@@ -65,7 +66,7 @@ class DecodeOptions:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 raise ValueError(f"decoding options: {name} is {value!r}; expected an integer >= {lowest}")
-        for name in ("stop_on_eos", "allow_images"):
+        for name in ("stop_on_eos", "allow_images", "end_at_image"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"decoding options: {name} is {getattr(self, name)!r}; expected True or False")
         if self.backend not in BACKENDS:
@@ -86,7 +87,7 @@ class ImageSlot:
 class DecodeResult:
     token_ids: list[int] = field(default_factory=list)  # generated tokens, [IMG] ids included
     images: list[ImageSlot] = field(default_factory=list)
-    stop_reason: str = ""  # "eos", "stop_string" or "max_new_tokens"
+    stop_reason: str = ""  # "eos", "stop_string", "image" (end_at_image) or "max_new_tokens"
 
 
 @dataclass
@@ -159,6 +160,8 @@ class _Rows:
         o, r = self.options, self.results[row]
         if o.stop_on_eos and self.eos is not None and r.token_ids and r.token_ids[-1] == self.eos:
             return "eos"
+        if o.end_at_image and r.token_ids and r.token_ids[-1] == self.img_id_list[-1]:
+            return "image"
         if o.stop_strings:
             text = self.decode_text([t for t in r.token_ids[-32:] if t not in self.img_id_list])
             if any(s in text for s in o.stop_strings):

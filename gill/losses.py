@@ -43,16 +43,26 @@ def retrieval_logits(text: torch.Tensor, image: torch.Tensor, logit_scale: torch
     return logit_scale.float().exp() * text @ image.T
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch.Tensor,
+                     extra_images: torch.Tensor | None = None, extra_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over matched pairs (row i of ``text`` goes with row i of ``image``).
 
     (CE(text -> image) + CE(image -> text)) / 2 with logits exp(logit_scale) * cosine.
+    ``extra_images`` (Q, D): more negatives for text -> image only (e.g. earlier batches' images);
+    ``extra_mask`` (N, Q), True where an extra image must not count as a negative for that text (a
+    duplicate of its own image).
     """
     if text.shape[0] != image.shape[0]:
         raise ValueError(f"contrastive_loss needs matched pairs, got {text.shape[0]} texts and {image.shape[0]} images")
     logits = retrieval_logits(text, image, logit_scale)
     target = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    image_to_text = F.cross_entropy(logits.T, target)
+    if extra_images is not None and len(extra_images):
+        extra = retrieval_logits(text, extra_images, logit_scale)
+        if extra_mask is not None:
+            extra = extra.masked_fill(extra_mask, float("-inf"))
+        logits = torch.cat([logits, extra], dim=1)
+    return (F.cross_entropy(logits, target) + image_to_text) / 2
 
 
 def mapper_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,30 @@ def test_min_tokens_max_images_and_no_images(model_with_images):
     assert none.images == [] and model.config.tokens.img_token_ids[0] not in none.token_ids
 
 
+def test_end_at_image_stops_a_row_right_after_its_img_group_in_every_decoder(model_with_images):
+    model, backbones = model_with_images
+    ids = model.config.tokens.img_token_ids
+    with torch.no_grad():
+        embeds = [prompt(model, backbones, t, im, seed=i) for i, (t, im) in enumerate(PROMPTS)]
+        free = [decode_uncached(model, e, OPTIONS) for e in embeds]
+        ended = DecodeOptions(max_new_tokens=24, stop_on_eos=False, end_at_image=True)
+        batch, mask = left_pad(embeds)
+        batched = decode(model, batch, mask, ended)
+        for e, full, row in zip(embeds, free, batched):
+            reference = decode_uncached(model, e, ended)
+            if not full.images:  # a row that never shows a picture runs on as before
+                assert row.token_ids == full.token_ids and row.stop_reason == "max_new_tokens"
+                continue
+            end = full.images[0].position + len(ids)
+            # the same tokens up to and with the first [IMG] group, then nothing more
+            assert row.token_ids == reference.token_ids == full.token_ids[:end]
+            assert row.stop_reason == reference.stop_reason == "image" and len(row.images) == 1
+            torch.testing.assert_close(row.images[0].hidden, full.images[0].hidden, rtol=1e-4, atol=1e-4)
+    assert sum(bool(f.images) for f in free) >= 2
+    with pytest.raises(TypeError, match="end_at_image"):
+        DecodeOptions(end_at_image="yes").validated()
+
+
 def test_stops_on_eos_and_stop_strings(model_with_images):
     model, backbones = model_with_images
     tok = backbones.tokenizer

@@ -65,3 +65,20 @@ def test_label_masks():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
     assert losses.caption_labels(ids, mask, img).tolist() == [[2, 5, 6, -100, -100, -100, -100]]
     assert losses.img_token_labels(ids, mask, img).tolist() == [[2, 5, 6, 10, -100, -100, -100]]
+
+
+def test_extra_negatives_enter_text_to_image_only_and_masked_ones_not_at_all():
+    g = torch.Generator().manual_seed(0)
+    t, v, q = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    scale = torch.tensor(1.0)
+    logits = losses.retrieval_logits(t, v, scale)
+    extra = losses.retrieval_logits(t, q, scale)
+    target = torch.arange(3)
+    t2i = torch.nn.functional.cross_entropy(torch.cat([logits, extra], 1), target)
+    i2t = torch.nn.functional.cross_entropy(logits.T, target)
+    torch.testing.assert_close(losses.contrastive_loss(t, v, scale, q), (t2i + i2t) / 2)
+    # more negatives can only make the text -> image part harder
+    assert losses.contrastive_loss(t, v, scale, q) > losses.contrastive_loss(t, v, scale)
+    # every extra masked: the plain loss
+    masked = torch.ones(3, 5, dtype=torch.bool)
+    torch.testing.assert_close(losses.contrastive_loss(t, v, scale, q, masked), losses.contrastive_loss(t, v, scale))

@@ -106,11 +106,13 @@ def test_the_lms_text_holds_chats_and_what_the_corpus_holds():
     assert sum(t.startswith("Q: ") for t in text) == 10
     seen = next(s for s in world.all_scenes() if s.composition in train)
     unseen = next(s for s in world.all_scenes() if s.composition in test)
-    assert f"{seen.caption()}. there are photos of it." in "\n".join(text)
-    assert f"{unseen.caption()}. there is no photo of it." in "\n".join(text)
+    assert f"{seen.caption()}.{world.PHOTOS}" in "\n".join(text)
+    assert f"{unseen.caption()}.{world.NO_PHOTO}" in "\n".join(text)
+    # the two answers differ in the word right after the ".", so the LM's state there holds the answer
+    assert world.PHOTOS.split()[0] != world.NO_PHOTO.split()[0]
     # a story says whether its end is a thing there are photos of; a chat keeps a shown picture's place
     stories = [t for t in text if ". now it is " in t and not t.startswith("Q: ")]
-    assert len(stories) == 10 and all(t.endswith((" there are photos of it.", " there is no photo of it.")) for t in stories)
+    assert len(stories) == 10 and all(any(f".{bit} now it is " in t for bit in (world.PHOTOS, world.NO_PHOTO)) for t in stories)
     assert any(world.PICTURE in t for t in text if t.startswith("Q: "))
     a = world.Scene("red", "circle", "large", "left", "white")
     turns = [world.Turn("what is this?", f"it is {a.caption()}.", None, attached=a), world.Turn("draw it.", f"{a.caption()}.", a)]
@@ -120,11 +122,12 @@ def test_the_lms_text_holds_chats_and_what_the_corpus_holds():
 
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory):
-    """The reduced toy build (every backbone from scratch, then GILL with the project's recipes), once for the
-    tests below (its stages side by side, the build's default on two cores)."""
+    """The reduced toy build, once for the tests below: the world's data, then GILL trained with the
+    project's recipes (training.train, index.build, training.train_decision) on the shipped model's frozen
+    backbones, the eval and the report, as the README's `--small --backbones toy` command."""
     out = tmp_path_factory.mktemp("toy-build") / "toy"
-    run = subprocess.run([sys.executable, "-m", "training.toy", "--out", str(out), "--small"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    run = subprocess.run([sys.executable, "-m", "training.toy", "--out", str(out), "--small", "--backbones", "toy"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out, json.loads((out / "report" / "report.json").read_text())
 

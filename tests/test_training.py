@@ -110,10 +110,12 @@ def test_precompute_can_encode_another_field_than_the_training_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_learns_retrieval_and_generation_and_counts_bad_data(data, tmp_path):
+@pytest.mark.parametrize("queue", [0, 24])
+def test_training_learns_retrieval_and_generation_and_counts_bad_data(data, tmp_path, queue):
     out = tmp_path / "run"
     run("training.train", *train_args(data, out, "--steps", 200, "--batch-size", 12, "--decay-every", 400,
-                                      "--val-every", 200, "--val-data", data["val"], "--val-sd-embeddings", data["sd"]))
+                                      "--val-every", 200, "--val-data", data["val"], "--val-sd-embeddings", data["sd"],
+                                      "--contrastive-queue", queue))
     history = json.loads((out / "history.json").read_text())
     first = sum(h["mapper"] for h in history[:10]) / 10
     last = sum(h["mapper"] for h in history[-10:]) / 10
@@ -371,3 +373,60 @@ def test_a_60000x1_image_in_a_shard_is_counted_and_costs_no_memory(tmp_path):
     assert counts == Counter({"corrupt image": 1})
     why = next(s for s in stream if s.key == "s-0/wide").error
     assert why.startswith("corrupt image: ") and "60000x1" in why and "aspect ratio" in why, why
+
+
+@pytest.mark.parametrize("renorm_output", [True, False])
+def test_untied_img_output_rows_are_rescaled_only_when_asked(data, tmp_path, renorm_output):
+    """--renorm-img-output false: the [IMG] input rows keep the LM rows' mean norm after a step, while
+    untied output rows move freely (so [IMG0] can become as sure as the LM's own next tokens)."""
+    import dataclasses
+
+    from training.config import lr_factor
+    from training.data import ShardStream, expand_shards, global_batches
+    from training.step import mean_row_norm
+    from training.train import setup, train_step
+    from gill.model import GILLAdapter
+
+    run = setup(train_args(data, tmp_path / "run", "--renorm-img-output", str(renorm_output).lower(), "--lr", "0.05"))
+    assert run.cfg.renorm_img_output is renorm_output
+    run.model.config = dataclasses.replace(run.model.config, tie_img_embeddings=False)
+    run.model.adapter = GILLAdapter(run.model.config)  # untied: [IMG] output rows of their own
+    run.trainable = run.model.trainable_parameters()
+    run.optimizer = torch.optim.AdamW(run.trainable, lr=run.cfg.lr)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, run.cfg))
+    before = run.model.adapter.img_output_embeddings.detach().clone()
+    stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0)
+    samples, _ = next(global_batches(iter(stream), run.cfg.batch_size, __import__("collections").Counter()))
+    for _ in range(3):
+        assert train_step(run, samples) is not None
+    a = run.model.adapter
+    assert torch.allclose(a.img_embeddings.norm(dim=-1), torch.full((len(a.img_embeddings),), run.emb_norm), rtol=1e-4)
+    out_norms = a.img_output_embeddings.norm(dim=-1)
+    assert not torch.equal(a.img_output_embeddings, before)
+    if renorm_output:
+        assert torch.allclose(out_norms, torch.full_like(out_norms, run.out_norm), rtol=1e-4)
+    else:
+        assert not torch.allclose(out_norms, torch.full_like(out_norms, run.out_norm), rtol=1e-2)
+        assert mean_row_norm(a.img_output_embeddings) != pytest.approx(run.out_norm, rel=1e-2)
+
+
+def test_the_negatives_queue_keeps_the_newest_images_and_leaves_out_duplicates(tiny_opt):
+    """TrainStep's queue: the last N images' vision features, newest first, projected by the current image
+    head; a queued copy of a text's own image is masked for that text only."""
+    from training.step import TrainStep
+
+    backbones, config = tiny_opt
+    model = GILLModel(backbones.lm, backbones.vision, config)
+    step = TrainStep(model, queue_size=4)
+    width = model.config.vision_hidden_size
+    first = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
+    extra, mask = step.queued_negatives(first)
+    assert extra is None and mask is None and torch.equal(step.queue, first)
+    second = torch.cat([first[1:2] * 2.0, torch.randn(1, width)])  # a copy of image 1 (same direction), a new one
+    extra, mask = step.queued_negatives(second)
+    head = model.adapter.image_retrieval
+    with torch.no_grad():
+        torch.testing.assert_close(extra, head(first))  # the previous batch, through the current head
+    assert mask.tolist() == [[False, True, False], [False, False, False]]
+    assert torch.equal(step.queue, torch.cat([second, first[:2]]))  # newest first, at most 4
+    assert TrainStep(model).queued_negatives(first) == (None, None)  # no queue: in-batch negatives only

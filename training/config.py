@@ -28,6 +28,15 @@ class TrainConfig:
     max_len: int = 32  # caption tokens incl. BOS and the [IMG] tokens
     concat_prob: float = 0.5  # the original's concat-captions trick (pairs of examples in one sequence)
     renorm_img_embeddings: bool = True  # rescale [IMG] rows to the LM rows' mean norm after each step
+    # With untied [IMG] output rows (config.tie_img_embeddings false): rescale them too (false: only the
+    # input rows, so the LM reads [IMG] inputs at its own scale while [IMG0]'s logit may grow as sure as
+    # the LM's own next tokens)
+    renorm_img_output: bool = True
+    # Extra text -> image negatives: the frozen vision features of the last N training images (0: in-batch
+    # negatives only, as the original); queued near-duplicates of a text's own image (cosine >= the bound)
+    # are left out
+    contrastive_queue: int = 0
+    queue_duplicate_cos: float = 0.98
     precision: str = "bf16"  # "bf16": autocast with fp32 master weights; "fp32"
     backbone_dtype: str = "bf16"  # dtype the frozen LM and vision encoder are loaded in
     val_every: int = 2000
@@ -58,7 +67,7 @@ _RANGES = {
     "grad_clip": float_in(0, above=True), "max_bad_steps": int_in(1), "max_len": int_in(2),
     "concat_prob": float_in(0, 1), "val_every": int_in(1), "val_batches": int_in(0), "log_every": int_in(1),
     "save_every": int_in(1), "keep_last": int_in(1), "seed": int_in(0), "num_workers": int_in(0),
-    "shuffle_buffer": int_in(0),
+    "shuffle_buffer": int_in(0), "contrastive_queue": int_in(0), "queue_duplicate_cos": float_in(-1, 1),
 }
 
 

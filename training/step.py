@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -176,12 +177,38 @@ class StepLosses:
 
 
 class TrainStep(nn.Module):
-    """The model under training as one module, so DistributedDataParallel can wrap it."""
+    """The model under training as one module, so DistributedDataParallel can wrap it.
 
-    def __init__(self, model: GILLModel, weights: LossWeights | None = None):
+    ``queue_size`` > 0 (an extension; the original used in-batch negatives only): the frozen vision
+    features of the last ``queue_size`` training images are kept and, projected by the current image-side
+    head, serve as extra negatives of the text -> image retrieval loss. The vision encoder is frozen, so
+    these never go stale. A batch of 200 CC3M pairs rarely holds two images that differ in one detail; a
+    queue of a few hundred does, which is what teaches the [IMG] states the detail. Queued images whose
+    features have cosine >= ``duplicate_cos`` with a text's own image are not its negatives. The queue is
+    not saved in checkpoints: a resumed run starts it empty."""
+
+    def __init__(self, model: GILLModel, weights: LossWeights | None = None, queue_size: int = 0,
+                 duplicate_cos: float = 0.98):
         super().__init__()
         self.model = model
         self.weights = weights or LossWeights()
+        self.queue_size = queue_size
+        self.duplicate_cos = duplicate_cos
+        self.register_buffer("queue", torch.empty(0, model.config.vision_hidden_size), persistent=False)
+
+    def queued_negatives(self, pooled: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The queue's images through the image-side head (Q, ret) and which are duplicates of each of
+        ``pooled``'s images (N, Q); then ``pooled`` joins the queue (newest first)."""
+        if not self.queue_size:
+            return None, None
+        head = self.model.adapter.image_retrieval
+        queued = self.queue
+        extra = head(queued.to(head.weight.dtype)) if len(queued) else None
+        mask = None
+        if extra is not None:
+            mask = F.normalize(pooled.float(), dim=-1) @ F.normalize(queued.float(), dim=-1).T >= self.duplicate_cos
+        self.queue = torch.cat([pooled.detach().float(), queued])[: self.queue_size]
+        return extra, mask
 
     def forward(self, pixels: torch.Tensor, text: TextBatch, sd_target: torch.Tensor, concat_caption: bool,
                 concat_img: bool, context_pixels: torch.Tensor | None = None) -> StepLosses:
@@ -203,8 +230,9 @@ class TrainStep(nn.Module):
         img_ce = losses.caption_loss(out.logits, labels, D.global_count(losses.num_targets(labels)) / world)
 
         text_emb = model.text_retrieval_embeddings(img_hidden)
+        extra, extra_mask = self.queued_negatives(D.gather_keep_local(image.pooled))
         contrastive = losses.contrastive_loss(D.gather_keep_local(text_emb), D.gather_keep_local(image.retrieval),
-                                              model.adapter.logit_scale)
+                                              model.adapter.logit_scale, extra, extra_mask)
         mapper = losses.mapper_loss(model.generation_embeddings(img_hidden), sd_target)
         w = self.weights
         # Every rank computes the contrastive loss over the global batch with gradients into its own rows

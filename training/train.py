@@ -232,7 +232,7 @@ def setup(argv: list[str] | None = None) -> Run:
     model, tokenizer, processor, _ = build_model(args.model, DTYPES[cfg.backbone_dtype])
     record_run_settings(model, args.run_settings, args.training_data or model.config.training_data or args.data)
     model.to(device).train()
-    step_module = TrainStep(model, cfg.weights)
+    step_module = TrainStep(model, cfg.weights, cfg.contrastive_queue, cfg.queue_duplicate_cos)
     trainable = model.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
@@ -241,7 +241,7 @@ def setup(argv: list[str] | None = None) -> Run:
     out_emb = model.lm.get_output_embeddings()
     out_norm = mean_row_norm(out_emb.weight) if out_emb is not None else None
     if cfg.renorm_img_embeddings:
-        renorm_img_embeddings(model, emb_norm, out_norm)
+        renorm_img_embeddings(model, emb_norm, out_norm if cfg.renorm_img_output else None)
     if world > 1:
         frozen = [n for n, p in step_module.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in step_module.named_buffers()]
@@ -371,7 +371,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     run.optimizer.step()
     run.scheduler.step()
     if cfg.renorm_img_embeddings:
-        renorm_img_embeddings(model, run.emb_norm, run.out_norm)
+        renorm_img_embeddings(model, run.emb_norm, run.out_norm if cfg.renorm_img_output else None)
     run.state["step"] += 1
     return logged
 

@@ -83,9 +83,11 @@ def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int
 
 
 def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: float = 1e-3, seed: int = 0,
-               standardize: bool = False):
-    """Full-batch AdamW with cross-entropy. ``standardize``: train on features scaled to zero mean and unit
-    variance (per feature, over ``x``), then fold the scaling into the linear layer, so the saved head
+               standardize: bool = False, balance: bool = False):
+    """Full-batch AdamW with cross-entropy. ``balance``: each class weighs the same in the loss (weights
+    inversely proportional to its frequency), so a minority class is not given up for the majority's
+    accuracy (what balanced accuracy measures); the original weighed every example alike. ``standardize``:
+    train on features scaled to zero mean and unit variance (per feature, over ``x``), then fold the scaling into the linear layer, so the saved head
     reads raw features as before (same file format). Features of very different scales (a small LM's
     states beside a retrieval score) otherwise leave the weak ones unlearnt, and dropout on a large
     shared offset drowns the signal."""
@@ -94,9 +96,11 @@ def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: fl
     std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])
     z = (x - mean) / std
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    counts = torch.bincount(y, minlength=head.linear.out_features).clamp_min(1).float()
+    weight = (len(y) / (len(counts) * counts)) if balance else None
     head.train()
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(head(z), y)
+        loss = torch.nn.functional.cross_entropy(head(z), y, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the model directory here instead of into --model")
     p.add_argument("--standardize", action="store_true",
                    help="train on standardized features (folded into the saved head: same format)")
+    p.add_argument("--balance-classes", action="store_true",
+                   help="weigh both classes alike in the loss (for annotations where one class is rare)")
     p.add_argument("--index", default=None,
                    help="retrieval index: the head also reads the best retrieval score (``use_ret_score``)")
     args = p.parse_args(argv)
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.tensor(data.labels)
     n = args.train_size
     head = train_head(DecisionHead.from_config(model.config), x[:n], y[:n], args.steps, args.lr, args.seed,
-                      standardize=args.standardize)
+                      standardize=args.standardize, balance=args.balance_classes)
     with torch.no_grad():
         train_f1 = macro_f1(head(x[:n]).argmax(-1), y[:n])
         test_f1 = macro_f1(head(x[n:]).argmax(-1), y[n:])

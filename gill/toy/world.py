@@ -263,12 +263,18 @@ def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]
     return pairs, text, last.scene
 
 
+# What the LM's text says of a scene after its caption or at a story's end: whether the corpus has photos of
+# it. The two differ in their first word, so the LM's state right after the "." (where [IMG0] follows, and
+# the decision head reads) must already hold the answer.
+PHOTOS, NO_PHOTO = " there are photos of it.", " no photo of it exists."
+
+
 def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 2400,
                n_chats: int = 2400, common: set[tuple[str, str]] | None = None) -> list[str]:
     """Text for the toy LM: every caption of the allowed compositions followed by what it implies,
-    stories followed by where they end ("... now it is a large red circle on the right on white. there are
-    photos of it."), and chats in the app's format ("Q: ...\nA: ...", a shown picture's place kept by
-    ``PICTURE``).
+    stories followed by whether there are photos of where they end and where that is ("... it turns red.
+    there are photos of it. now it is a large red circle on the right on white."), and chats in the app's
+    format ("Q: ...\nA: ...", a shown picture's place kept by ``PICTURE``).
 
     The follow-ups are what make the LM copy attributes forward: an LM trained on captions alone keeps
     almost nothing of the colour in its later states, and GILL's [IMG] tokens, which read those states
@@ -276,8 +282,8 @@ def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories
     (the retrieval corpus's); its text says of every scene whether there are photos of it, as a real LM
     knows which things are ordinary and which are made up, which the decision head then reads."""
 
-    def known(s: Scene) -> str:
-        return "" if common is None else " there are photos of it." if s.composition in common else " there is no photo of it."
+    def known(s: Scene) -> str:  # the two answers differ in their first word, the one read right after "."
+        return "" if common is None else PHOTOS if s.composition in common else NO_PHOTO
 
     lines = []
     for s in all_scenes():
@@ -285,9 +291,9 @@ def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories
             lines.append(s.caption())
             lines += [f"{s.caption()}.{known(s)} it is {s.color}. it is a {s.shape}. it is {s.size}. "
                       f"it is on the {s.position}. the background is {s.background}."] * 2  # weighted up
-    for _ in range(n_stories):  # where a story ends, and whether that is a thing there are photos of
+    for _ in range(n_stories):  # whether a story ends in a thing there are photos of, and where it ends
         steps = story(rng, compositions)
-        lines.append(". ".join(c for _, c in steps) + f". now it is {steps[-1][0].caption()}.{known(steps[-1][0])}")
+        lines.append(". ".join(c for _, c in steps) + f".{known(steps[-1][0])} now it is {steps[-1][0].caption()}.")
     for _ in range(n_chats):
         lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5)), picture=PICTURE))
     return lines

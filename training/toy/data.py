@@ -71,7 +71,9 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
     data = out / "data"
     if (data / "done").exists():
         return
-    train_comp, test_comp = world.split_compositions(seed)
+    # the world's split, the same for every seed: a build on reused backbones (--backbones) must keep the
+    # compositions their LM was told there are photos of
+    train_comp, test_comp = world.split_compositions()
     rng = random.Random(seed)
     corpus = data / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ def decision_annotations(plan: Plan, rng: random.Random, train_comp: set, test_c
     label = {True: "ret", False: "gen"}
     body = []
     for s in world.all_scenes():
-        body.append(f"{s.caption()}\t{label[s.composition in train_comp]}")
+        body.append(f"{s.caption()}.\t{label[s.composition in train_comp]}")  # as GILL's captions are typed
         body.append(f"Q: {world.describe(s, rng)} A: {s.caption()}.\t{label[s.composition in train_comp]}")
     for _ in range(plan.decision_stories):  # the decision is also taken after a whole story
         steps = world.story(rng, train_comp | test_comp)

@@ -19,7 +19,7 @@ def gill_config(out: Path) -> Path:
         lm="lm", vision="vision", diffusion="sd", lm_hidden_size=96, vision_hidden_size=64, n_visual_tokens=2,
         ret_emb_dim=64, gen_seq_len=TEXT_LEN, gen_emb_dim=64,
         mapper=MapperConfig(hidden_dim=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=256),
-        preprocess=PreprocessConfig(image_size=world.IMAGE_SIZE),
+        preprocess=PreprocessConfig(image_size=world.IMAGE_SIZE), tie_img_embeddings=False,
     )
     path = out / "model" / "gill-config.json"
     cfg.to_json(path)
@@ -38,14 +38,18 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--text-key", "sd.txt")
     config = gill_config(out)
     if not (out / "gill-run" / "final" / "gill.safetensors").exists():
-        # No [IMG]-row renormalisation: the toy LM is sure of its next token (the end of an answer predicts
-        # its next word at logit ~13.6 from a state of norm 12.6), which a row of the LM rows' mean norm (0.70)
-        # cannot outscore (at most ~8.8), so [IMG0] could never follow a chat answer.
+        # [IMG] output rows of their own, not rescaled (the input rows are, as the original's): the toy LM is
+        # sure of its next token (the end of an answer predicts its next word at logit ~13.6 from a state of
+        # norm 12.6), which a row of the LM rows' mean norm (0.70) cannot outscore (at most ~8.8), so [IMG0]
+        # could never follow a chat answer; input rows left free grow until the LM at the [IMG] positions
+        # reads them more than the text before them, and retrieval and drawing lose the scene.
         run("-m", "training.train", "--model", str(config), "--recipe", "tiny", "--data", shards,
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(out / "gill-run"), "--steps", str(plan.gill_steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
             "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
-            "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "false", "--run-settings", json.dumps(TOY_RUN),
+            "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "true", "--renorm-img-output", "false",
+            # extra retrieval negatives: a batch of 32 rarely holds two scenes that differ in one attribute
+            "--contrastive-queue", "512", "--run-settings", json.dumps(TOY_RUN),
             "--training-data", "the toy world (gill/toy/world.py): synthetic captioned shapes, chats and 5-step "
             "stories (interleaved with their pictures), built by python -m training.toy")
     # the model directory: trained weights beside the backbones it names by relative path
@@ -58,7 +62,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
     n = sum(1 for _ in open(data / "decisions.tsv")) - 1
     run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
         "--train-size", str(int(n * 0.7)), "--steps", "2000", "--lr", "1e-2", "--index", str(model / "index"),
-        "--standardize", "--seed", str(seed))
+        "--standardize", "--balance-classes", "--seed", str(seed))
 
 
 def stage_eval(out: Path, plan: Plan, seed: int) -> None:

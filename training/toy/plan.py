@@ -27,7 +27,7 @@ class Plan:
     vae_steps: int = 1000
     unet_steps: int = 3500
     gill_steps: int = 2000
-    train_images_per_scene: int = 4
+    train_images_per_scene: int = 6
     train_stories: int = 800
     train_chats: int = 800
     test_stories: int = 60

@@ -104,7 +104,8 @@ def chat(gill) -> dict:
     turns = []
     for question, colour in CHAT_SCRIPT:
         turn = turns_format.turn_items(question)
-        answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS, seed=0)
+        answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS,
+                                           end_at_image=turns_format.END_AT_IMAGE, seed=0)
         decoded = "".join(s.text for s in answer if isinstance(s, Text))
         text = turns_format.answer_text(decoded)
         images = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
