@@ -21,6 +21,7 @@ from training.toy.plan import ROOT, SMALL, Plan, log
 STAGES = ("data", "lm", "clip", "metric", "sd", "gill", "eval", "report")
 NEEDS = {"data": (), "lm": ("data",), "clip": ("data",), "metric": ("data",), "sd": ("clip",), "gill": ("lm", "clip"),
          "eval": ("gill", "sd", "metric"), "report": ("eval",)}
+BACKBONE_STAGES = ("lm", "clip", "metric", "sd")
 ORDER = ("data", "lm", "clip", "gill", "sd", "metric", "eval", "report")  # which ready stage starts first
 
 
@@ -47,7 +48,7 @@ def run_side_by_side(names: list[str], jobs: int, child_args: list[str]) -> None
     pending, running = [n for n in ORDER if n in names], {}
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     while pending or running:
-        for name in [n for n in pending if all(d in done for d in NEEDS[n])]:
+        for name in [n for n in pending if _ancestors(n) <= done]:  # (through stages not asked for too)
             if len(running) >= jobs:
                 break
             # all the cores where nothing can run beside it (every other stage left waits for it)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             p.error(str(e))
     names = [n for n in STAGES if n in args.stages]
+    if args.backbones is not None:  # reused: nothing to train, and GILL then gets every core
+        names = [n for n in names if n not in BACKBONE_STAGES]
     if args.jobs > 1 and len(names) > 1:
         child = ["--out", str(out), "--seed", str(args.seed), *(["--small"] if args.small else []),
                  *(["--gill-steps", str(args.gill_steps)] if args.gill_steps is not None else [])]

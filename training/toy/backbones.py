@@ -109,13 +109,6 @@ def copy_accuracy(lm, tokenizer) -> float:
     return sum(int(logits[i].argmax()) == colours[s.color] for i, s in enumerate(scenes)) / len(scenes)
 
 
-# The frozen backbones stand for models pretrained on web-scale data (OPT, CLIP, Stable Diffusion), which
-# have seen far more than GILL's own training pairs: so the LM's text, the CLIP towers and the diffusion
-# model cover every composition of the world, and only GILL's training data and the retrieval corpus leave
-# the test compositions out. GILL must then draw what its own layers never saw paired with a picture (as
-# GILL draws things CC3M lacks) and the decision head must tell what the corpus has from what it has not.
-
-
 # ---- 3. CLIP-style dual encoders ----------------------------------------------------------------------------
 
 def train_clip(out: Path, plan: Plan, seed: int):
@@ -134,7 +127,8 @@ def train_clip(out: Path, plan: Plan, seed: int):
         projection_dim=64,
     )
     clip = CLIPModel(cfg)
-    scenes = world.all_scenes()  # pretrained on the whole world (see above)
+    train_comp = {tuple(x) for x in json.loads((out / "data" / "split.json").read_text())["train"]}
+    scenes = [s for s in world.all_scenes() if s.composition in train_comp]
     rng = random.Random(seed)
     processor = image_processor()
     opt = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
@@ -199,7 +193,8 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
     if (target / "model_index.json").exists():
         return
     torch.manual_seed(seed)
-    scenes = world.all_scenes()  # pretrained on the whole world (see above)
+    train_comp = {tuple(x) for x in json.loads((out / "data" / "split.json").read_text())["train"]}
+    scenes = [s for s in world.all_scenes() if s.composition in train_comp]
     jitters = ((0, 0), (1, 0), (0, 1))
     from diffusers.image_processor import VaeImageProcessor
 
