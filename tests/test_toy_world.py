@@ -132,50 +132,40 @@ def small_build(tmp_path_factory):
     return out, json.loads((out / "report" / "report.json").read_text())
 
 
+# The reduced build's bounds, from three seeds (`python -m training.toy --out OUT --small --backbones toy
+# --seed N`; seed 0 alone (189 s), seed 1 beside another build and the fast test suite (17 min), seed 2
+# alone), seed 0 / 1 / 2: single captions colour 0.86 / 0.89 / 0.82, colour and shape 0.69 / 0.72 / 0.68;
+# story retrieval R@1 (5 captions + 4 pictures) 0.46 / 0.17 / 0.42; exact caption retrieval R@5 0.57 / 0.54 /
+# 0.48; decision balanced accuracy on test stories 0.81 / 0.77 / 0.94, held out 0.89 / 0.80 / 0.84; chat
+# pictures of the asked colour 4 / 2 / 4 (of 4). Each bound sits below the lowest with a margin, far above
+# chance; the full build's figures are in the README.
+COLOUR, BOTH, CONTEXT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.7, 0.5, 0.1, 0.35, 0.6, 0.7, 1
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 16 in progress: the v2 recipe (chats, interleaved stories, no "
-                   "[IMG]-row renormalisation, stages side by side) is not yet measured at the reduced plan; "
-                   "bounds to be set from 3 seeded runs")
 def test_small_build_learns_to_retrieve_and_generate_and_context_helps(small_build):
     out, report = small_build
-    chance = report["generation"]["chance"]
-    # The reduced build's numbers depend on the machine (training from scratch amplifies float differences
-    # between CPUs): the bars below hold with a margin over the spread measured on two hosts.
-    # generation: single captions drawn in the right colour more often than chance (the world's renderer
-    # reads the pictures): measured 0.26-0.38 with 500 GILL steps, 0.375 with the 1000 of the reduced plan
-    # now, chance 0.17, so the bar is 1.3x chance (0.22); the full build draws 0.96. Colour and shape
-    # together: measured 0.11-0.14, chance 0.06.
-    drawn = report["captions"]["generation"]
-    assert drawn["colour"] >= 1.3 * chance["colour"] and drawn["colour_and_shape"] > chance["colour_and_shape"], drawn
-    # retrieval: the exact corpus picture of a caption (measured R@5 0.91 on one host with 500 steps, 0.38-0.48
-    # on another, 0.875 there with 1000 steps; chance 0.03), and the story's last picture among all story
-    # pictures (measured R@5 0.75 on one host, 0.125-0.21 on another; chance 0.04, so the bar is 2x chance)
-    assert report["captions"]["retrieval_exact"]["R@5"] >= 0.5, report["captions"]
-    assert report["retrieval"]["gill/5-captions"]["R@5"] >= 2 * report["retrieval"]["chance"]["R@5"], report["retrieval"]
-    # context helps: the whole story's text beats the last caption alone (metric model; measured 0.26-0.31
-    # against -0.12-0.02 in six builds)
-    gen = report["generation"]
-    assert gen["gill/5-captions"]["clip_similarity"] > gen["gill/1-caption"]["clip_similarity"], gen
-    assert report["lm"]["colour_copy_accuracy"] >= 0.9 and (out / "report" / "grid.png").is_file()
+    gen, ret, captions = report["generation"], report["retrieval"], report["captions"]
+    sim = {k: v["clip_similarity"] for k, v in gen.items() if "clip_similarity" in v}
+    # generation on the test stories: the pictures help, the whole story beats its last caption
+    assert sim["gill/5-captions-4-images"] >= sim["gill/5-captions"] > sim["gill/1-caption"], sim
+    # single captions drawn right (chance: colour 0.17, both 0.06)
+    drawn = captions["generation"]
+    assert drawn["colour"] >= COLOUR and drawn["colour_and_shape"] >= BOTH, drawn
+    # retrieval: the story's last picture among all story pictures, and a caption's exact corpus picture
+    assert ret["gill/5-captions-4-images"]["R@1"] >= CONTEXT_R1, ret  # chance 0.008
+    assert captions["retrieval_exact"]["R@5"] >= EXACT_R5, captions  # chance 0.03
+    assert (out / "report" / "grid.png").is_file()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 16: the reduced build's decision head learns on some hosts only "
-                   "(balanced accuracy 0.70 measured on one; on another it always retrieves, 0.50, in five builds "
-                   "of three code versions), and its 4 context pictures help in most builds only; the causes are "
-                   "to be found and fixed there")
-def test_small_build_learns_to_decide_and_reads_the_context_pictures(small_build):
+def test_small_build_learns_to_decide_and_chats_with_pictures(small_build):
     _, report = small_build
-    # the story's pictures help: 5 captions + 4 images beat the last caption alone; measured in six builds on
-    # one host: above it in five (by 0.04-0.26), below it in one (-0.03 vs 0.02); the toy's pictures hurt
-    # against 5 captions alone, which issue 16 is to fix
-    gen = report["generation"]
-    assert gen["gill/5-captions-4-images"]["clip_similarity"] > gen["gill/1-caption"]["clip_similarity"], gen
-    # decision: measured balanced accuracy 0.70 on the test stories, macro-F1 0.65 (majority 0.45) held out
     decision = report["decision"]
-    assert decision["test_stories"]["balanced_accuracy"] >= 0.55, decision
-    held_out = decision["held_out_prompts"]
-    assert held_out["test_macro_f1"] >= held_out["test_majority_macro_f1"] + 0.1, held_out
+    assert decision["test_stories"]["balanced_accuracy"] >= DECIDE_STORIES, decision  # chance 0.5
+    assert decision["held_out_prompts"]["test_balanced_accuracy"] >= DECIDE_HELD_OUT, decision
+    chat = report["chat"]
+    assert chat["on_topic_turns"] >= 4 and chat["images_of_the_asked_colour"] >= CHAT_PICTURES, chat["turns"]
 
 
 def test_backbones_reused_from_the_shipped_model_or_a_build_make_their_stages_skip(tmp_path):
