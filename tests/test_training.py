@@ -402,12 +402,15 @@ def test_untied_img_output_rows_are_rescaled_only_when_asked(data, tmp_path, ren
     a = run.model.adapter
     assert torch.allclose(a.img_embeddings.norm(dim=-1), torch.full((len(a.img_embeddings),), run.emb_norm), rtol=1e-4)
     out_norms = a.img_output_embeddings.norm(dim=-1)
+    lm_out_norm = mean_row_norm(run.model.lm.get_output_embeddings().weight)
     assert not torch.equal(a.img_output_embeddings, before)
     if renorm_output:
-        assert torch.allclose(out_norms, torch.full_like(out_norms, run.out_norm), rtol=1e-4)
+        assert run.out_norm == pytest.approx(lm_out_norm)
+        assert torch.allclose(out_norms, torch.full_like(out_norms, lm_out_norm), rtol=1e-4)
     else:
-        assert not torch.allclose(out_norms, torch.full_like(out_norms, run.out_norm), rtol=1e-2)
-        assert mean_row_norm(a.img_output_embeddings) != pytest.approx(run.out_norm, rel=1e-2)
+        assert run.out_norm is None
+        assert not torch.allclose(out_norms, torch.full_like(out_norms, lm_out_norm), rtol=1e-2)
+        assert mean_row_norm(a.img_output_embeddings) != pytest.approx(lm_out_norm, rel=1e-2)
 
 
 def test_the_negatives_queue_keeps_the_newest_images_and_leaves_out_duplicates(tiny_opt):

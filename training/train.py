@@ -202,7 +202,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     emb_norm: float
-    out_norm: float | None
+    out_norm: float | None  # what untied [IMG] output rows are rescaled to; None: left as trained
     concat_rng: torch.Generator
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "position": 0, "best": -1.0, "skipped": {},
                                                  "bad_steps": 0, "history": []})
@@ -239,9 +239,9 @@ def setup(argv: list[str] | None = None) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     emb_norm = mean_row_norm(model.lm.get_input_embeddings().weight)
     out_emb = model.lm.get_output_embeddings()
-    out_norm = mean_row_norm(out_emb.weight) if out_emb is not None else None
+    out_norm = mean_row_norm(out_emb.weight) if out_emb is not None and cfg.renorm_img_output else None
     if cfg.renorm_img_embeddings:
-        renorm_img_embeddings(model, emb_norm, out_norm if cfg.renorm_img_output else None)
+        renorm_img_embeddings(model, emb_norm, out_norm)
     if world > 1:
         frozen = [n for n, p in step_module.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in step_module.named_buffers()]
@@ -371,7 +371,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     run.optimizer.step()
     run.scheduler.step()
     if cfg.renorm_img_embeddings:
-        renorm_img_embeddings(model, run.emb_norm, run.out_norm if cfg.renorm_img_output else None)
+        renorm_img_embeddings(model, run.emb_norm, run.out_norm)
     run.state["step"] += 1
     return logged
 

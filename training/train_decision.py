@@ -87,10 +87,10 @@ def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: fl
     """Full-batch AdamW with cross-entropy. ``balance``: each class weighs the same in the loss (weights
     inversely proportional to its frequency), so a minority class is not given up for the majority's
     accuracy (what balanced accuracy measures); the original weighed every example alike. ``standardize``:
-    train on features scaled to zero mean and unit variance (per feature, over ``x``), then fold the scaling into the linear layer, so the saved head
-    reads raw features as before (same file format). Features of very different scales (a small LM's
-    states beside a retrieval score) otherwise leave the weak ones unlearnt, and dropout on a large
-    shared offset drowns the signal."""
+    train on features scaled to zero mean and unit variance (per feature, over ``x``), then fold the
+    scaling into the linear layer, so the saved head reads raw features as before (same file format).
+    Features of very different scales (a small LM's states beside a retrieval score) otherwise leave the
+    weak ones unlearnt, and dropout on a large shared offset drowns the signal."""
     torch.manual_seed(seed)
     mean = x.mean(0) if standardize else torch.zeros(x.shape[1])
     std = x.std(0).clamp_min(1e-6) if standardize else torch.ones(x.shape[1])

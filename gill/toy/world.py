@@ -282,7 +282,7 @@ def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories
     (the retrieval corpus's); its text says of every scene whether there are photos of it, as a real LM
     knows which things are ordinary and which are made up, which the decision head then reads."""
 
-    def known(s: Scene) -> str:  # the two answers differ in their first word, the one read right after "."
+    def known(s: Scene) -> str:
         return "" if common is None else PHOTOS if s.composition in common else NO_PHOTO
 
     lines = []

@@ -41,8 +41,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
         # [IMG] output rows of their own, not rescaled (the input rows are, as the original's): the toy LM is
         # sure of its next token (the end of an answer predicts its next word at logit ~13.6 from a state of
         # norm 12.6), which a row of the LM rows' mean norm (0.70) cannot outscore (at most ~8.8), so [IMG0]
-        # could never follow a chat answer; input rows left free grow until the LM at the [IMG] positions
-        # reads them more than the text before them, and retrieval and drawing lose the scene.
+        # could never follow a chat answer. Free output rows let it (logit ~18 there).
         run("-m", "training.train", "--model", str(config), "--recipe", "tiny", "--data", shards,
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(out / "gill-run"), "--steps", str(plan.gill_steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
