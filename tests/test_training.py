@@ -348,6 +348,37 @@ def test_training_flags_are_range_checked_when_parsed(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_loss_weight_flags_override_the_recipe_one_weight_each():
+    from gill.losses import LossWeights
+    from training.config import from_args
+    from training.train import parse
+
+    base = ["--model", "m", "--data", "d", "--sd-embeddings", "s", "--out", "o"]
+    assert from_args("tiny", parse(base)).weights == LossWeights()
+    cfg = from_args("tiny", parse([*base, "--weight-contrastive", "4", "--weight-mapper", "0"]))
+    assert cfg.weights == LossWeights(contrastive=4.0, mapper=0.0)
+    assert cfg.weights.caption == 1.0 and cfg.weights.retrieval_ce == 0.5  # the others keep the original's
+
+
+def test_a_loss_weight_flag_scales_its_loss_in_the_step_total(data, tmp_path):
+    """--weight-contrastive reaches the optimised total: on the same batch from the same start, the total
+    rises by exactly the extra weight times the contrastive loss."""
+    from collections import Counter
+
+    from training.data import ShardStream, expand_shards, global_batches
+    from training.train import setup, train_step
+
+    totals = {}
+    for w in ("1", "4"):
+        run = setup(train_args(data, tmp_path / w, "--weight-contrastive", w))
+        stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0)
+        samples, _ = next(global_batches(iter(stream), run.cfg.batch_size, Counter()))
+        totals[w] = train_step(run, samples)
+    one, four = totals["1"], totals["4"]
+    assert four["contrastive"] == pytest.approx(one["contrastive"], rel=1e-6)
+    assert four["total"] == pytest.approx(one["total"] + 3 * one["contrastive"], rel=1e-5)
+
+
 def test_a_60000x1_image_in_a_shard_is_counted_and_costs_no_memory(tmp_path):
     """The training reader bounds the image before CLIP's shortest-edge resize (unchecked, a 256-byte
     60000x1 PNG becomes 13 M pixels wide at 224 px): the sample is skipped with its reason, the rest kept."""

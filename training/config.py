@@ -72,7 +72,12 @@ _RANGES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per scalar field, overriding the recipe; numbers are range-checked when parsed."""
+    """One ``--flag`` per scalar field, overriding the recipe, and ``--weight-NAME`` per loss weight
+    (``LossWeights``: caption, retrieval-ce, contrastive, generation-ce, mapper); numbers are range-checked
+    when parsed."""
+    for f in dataclasses.fields(LossWeights):
+        parser.add_argument("--weight-" + f.name.replace("_", "-"), dest="weight_" + f.name, type=float_in(0),
+                            default=None, metavar="W", help=f"weight of the {f.name} loss (the original's: {f.default})")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "weights":
             continue
@@ -94,6 +99,8 @@ def from_args(recipe: str, args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, f.name, None)
         if value is not None:
             setattr(cfg, f.name, value)
+    weights = {f.name: getattr(args, "weight_" + f.name, None) for f in dataclasses.fields(LossWeights)}
+    cfg.weights = dataclasses.replace(cfg.weights, **{k: v for k, v in weights.items() if v is not None})
     return cfg
 
 

@@ -354,7 +354,9 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     # gradients are all-reduced, so every rank sees the same norm and takes the same decision
     norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
     logged = D.all_mean(dict(logged))
-    logged["total"] = logged["caption"] + logged["img_token_ce"] + logged["contrastive"] + logged["mapper"]
+    w = cfg.weights  # the objective that was optimised (with the original's weights, the plain sum)
+    logged["total"] = (w.caption * logged["caption"] + (w.retrieval_ce + w.generation_ce) * logged["img_token_ce"]
+                       + w.contrastive * logged["contrastive"] + w.mapper * logged["mapper"])
     if not (math.isfinite(float(norm)) and math.isfinite(logged["total"])):
         run.optimizer.zero_grad(set_to_none=True)
         run.state["bad_steps"] = run.state.get("bad_steps", 0) + 1

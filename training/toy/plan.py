@@ -26,8 +26,8 @@ class Plan:
     clip_steps: int = 1200
     vae_steps: int = 1000
     unet_steps: int = 3500
-    gill_steps: int = 2000
-    train_images_per_scene: int = 6
+    gill_steps: int = 1600
+    train_images_per_scene: int = 12  # single-caption samples per scene (half as the app's chat turns)
     train_stories: int = 800
     train_chats: int = 800
     test_stories: int = 60
@@ -35,7 +35,7 @@ class Plan:
     decision_stories: int = 300
 
 
-SMALL = Plan(lm_steps=1500, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=600, train_images_per_scene=2,
+SMALL = Plan(lm_steps=1500, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=600, train_images_per_scene=4,
              train_stories=300, train_chats=300, test_stories=24, val_stories=12, decision_stories=200)
 
 
