@@ -246,6 +246,16 @@ def _weights(out):
     return load_safetensors(out / "final" / "gill.safetensors")
 
 
+def _first_batch(run, data) -> list:
+    """The run's first global batch of the test shards, unshuffled."""
+    from collections import Counter
+
+    from training.data import ShardStream, expand_shards, global_batches
+
+    stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0)
+    return next(global_batches(iter(stream), run.cfg.batch_size, Counter()))[0]
+
+
 def test_a_nan_target_is_skipped_and_the_weights_equal_a_run_without_it(data, tmp_path):
     from training.train import main
 
@@ -286,12 +296,10 @@ def test_mis_shaped_and_unreadable_embeddings_are_counted_not_fatal(data, tmp_pa
 
 
 def test_a_non_finite_step_changes_nothing_and_too_many_in_a_row_stop_the_run(data, tmp_path):
-    from training.data import ShardStream, expand_shards, global_batches
     from training.train import TrainingError, train_step, setup
 
     run = setup(train_args(data, tmp_path / "run", "--max-bad-steps", 2))
-    stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0)
-    samples, _ = next(global_batches(iter(stream), run.cfg.batch_size, __import__("collections").Counter()))
+    samples = _first_batch(run, data)
     before = {k: v.clone() for k, v in run.model.adapter.state_dict().items()}
     samples[0].sd_embedding = samples[0].sd_embedding.clone().fill_(float("inf"))
     assert train_step(run, samples) is None
@@ -363,17 +371,12 @@ def test_loss_weight_flags_override_the_recipe_one_weight_each():
 def test_a_loss_weight_flag_scales_its_loss_in_the_step_total(data, tmp_path):
     """--weight-contrastive reaches the optimised total: on the same batch from the same start, the total
     rises by exactly the extra weight times the contrastive loss."""
-    from collections import Counter
-
-    from training.data import ShardStream, expand_shards, global_batches
     from training.train import setup, train_step
 
     totals = {}
     for w in ("1", "4"):
         run = setup(train_args(data, tmp_path / w, "--weight-contrastive", w))
-        stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0)
-        samples, _ = next(global_batches(iter(stream), run.cfg.batch_size, Counter()))
-        totals[w] = train_step(run, samples)
+        totals[w] = train_step(run, _first_batch(run, data))
     one, four = totals["1"], totals["4"]
     assert four["contrastive"] == pytest.approx(one["contrastive"], rel=1e-6)
     assert four["total"] == pytest.approx(one["total"] + 3 * one["contrastive"], rel=1e-5)
@@ -413,7 +416,6 @@ def test_untied_img_output_rows_are_rescaled_only_when_asked(data, tmp_path, ren
     import dataclasses
 
     from training.config import lr_factor
-    from training.data import ShardStream, expand_shards, global_batches
     from training.step import mean_row_norm
     from training.train import setup, train_step
     from gill.model import GILLAdapter
@@ -426,8 +428,7 @@ def test_untied_img_output_rows_are_rescaled_only_when_asked(data, tmp_path, ren
     run.optimizer = torch.optim.AdamW(run.trainable, lr=run.cfg.lr)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, run.cfg))
     before = run.model.adapter.img_output_embeddings.detach().clone()
-    stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0)
-    samples, _ = next(global_batches(iter(stream), run.cfg.batch_size, __import__("collections").Counter()))
+    samples = _first_batch(run, data)
     for _ in range(3):
         assert train_step(run, samples) is not None
     a = run.model.adapter

@@ -203,9 +203,9 @@ class TrainStep(nn.Module):
             return None, None
         head = self.model.adapter.image_retrieval
         queued = self.queue
-        extra = head(queued.to(head.weight.dtype)) if len(queued) else None
-        mask = None
-        if extra is not None:
+        extra = mask = None
+        if len(queued):
+            extra = head(queued.to(head.weight.dtype))
             mask = F.normalize(pooled.float(), dim=-1) @ F.normalize(queued.float(), dim=-1).T >= self.duplicate_cos
         self.queue = torch.cat([pooled.detach().float(), queued])[: self.queue_size]
         return extra, mask
@@ -234,11 +234,9 @@ class TrainStep(nn.Module):
         contrastive = losses.contrastive_loss(D.gather_keep_local(text_emb), D.gather_keep_local(image.retrieval),
                                               model.adapter.logit_scale, extra, extra_mask)
         mapper = losses.mapper_loss(model.generation_embeddings(img_hidden), sd_target)
-        w = self.weights
         # Every rank computes the contrastive loss over the global batch with gradients into its own rows
         # only; x world makes the averaged gradient equal the single-process one.
-        total = (w.caption * caption + (w.retrieval_ce + w.generation_ce) * img_ce
-                 + w.contrastive * contrastive * world + w.mapper * mapper)
+        total = losses.gill_losses(caption, img_ce, contrastive * world, mapper, self.weights).total
         return StepLosses(total, caption.detach(), img_ce.detach(), contrastive.detach(), mapper.detach(),
                           text_emb.detach(), image.retrieval.detach())
 

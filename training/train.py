@@ -328,6 +328,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     """One optimizer step on this rank's part of a global batch. Returns the step's losses, or None when
     the loss or the gradient is not finite: then nothing is updated, the step is counted in
     ``state["bad_steps"]``, and after ``cfg.max_bad_steps`` such steps in a row the run stops."""
+    from gill import losses
     from training import distributed as D
     from training.step import renorm_img_embeddings
 
@@ -354,9 +355,9 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     # gradients are all-reduced, so every rank sees the same norm and takes the same decision
     norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
     logged = D.all_mean(dict(logged))
-    w = cfg.weights  # the objective that was optimised (with the original's weights, the plain sum)
-    logged["total"] = (w.caption * logged["caption"] + (w.retrieval_ce + w.generation_ce) * logged["img_token_ce"]
-                       + w.contrastive * logged["contrastive"] + w.mapper * logged["mapper"])
+    # the objective that was optimised (with the original's weights, the plain sum)
+    logged["total"] = losses.gill_losses(logged["caption"], logged["img_token_ce"], logged["contrastive"],
+                                         logged["mapper"], cfg.weights).total
     if not (math.isfinite(float(norm)) and math.isfinite(logged["total"])):
         run.optimizer.zero_grad(set_to_none=True)
         run.state["bad_steps"] = run.state.get("bad_steps", 0) + 1
