@@ -112,7 +112,13 @@ def test_the_lms_text_holds_chats_and_what_the_corpus_holds():
     assert world.PHOTOS.split()[0] != world.NO_PHOTO.split()[0]
     # a story says whether its end is a thing there are photos of; a chat keeps a shown picture's place
     stories = [t for t in text if ". now it is " in t and not t.startswith("Q: ")]
-    assert len(stories) == 10 and all(any(f".{bit} now it is " in t for bit in (world.PHOTOS, world.NO_PHOTO)) for t in stories)
+    assert len(stories) == 10 and all(any(f"{bit} now it is " in t for bit in (world.PHOTOS, world.NO_PHOTO)) for t in stories)
+    # half the captions say their background right after the "." (so the LM's state there holds it), half
+    # whether there are photos of the thing; every seen scene's caption both ways
+    first = world.BACKGROUND.format(seen.background)
+    joined = "\n".join(text)
+    assert f"{seen.caption()}.{first}{world.PHOTOS}" in joined and f"{seen.caption()}.{world.PHOTOS}" in joined
+    assert any(f".{world.BACKGROUND.format(b)}" in t for t in stories for b in world.BACKGROUNDS)
     assert any(world.PICTURE in t for t in text if t.startswith("Q: "))
     a = world.Scene("red", "circle", "large", "left", "white")
     turns = [world.Turn("what is this?", f"it is {a.caption()}.", None, attached=a), world.Turn("draw it.", f"{a.caption()}.", a)]

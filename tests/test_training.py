@@ -298,7 +298,7 @@ def test_mis_shaped_and_unreadable_embeddings_are_counted_not_fatal(data, tmp_pa
 def test_a_non_finite_step_changes_nothing_and_too_many_in_a_row_stop_the_run(data, tmp_path):
     from training.train import TrainingError, train_step, setup
 
-    run = setup(train_args(data, tmp_path / "run", "--max-bad-steps", 2))
+    run = setup(train_args(data, tmp_path / "run", "--max-bad-steps", 2, "--contrastive-queue", 64))
     samples = _first_batch(run, data)
     before = {k: v.clone() for k, v in run.model.adapter.state_dict().items()}
     samples[0].sd_embedding = samples[0].sd_embedding.clone().fill_(float("inf"))
@@ -306,8 +306,12 @@ def test_a_non_finite_step_changes_nothing_and_too_many_in_a_row_stop_the_run(da
     assert run.state["step"] == 0 and run.state["bad_steps"] == 1
     for k, v in run.model.adapter.state_dict().items():
         assert torch.equal(v, before[k]), k
+    assert len(run.step_module.queue) == 0  # nor are the skipped step's images kept as later negatives
     with pytest.raises(TrainingError, match="2 steps in a row had a non-finite loss or gradient"):
         train_step(run, samples)
+    assert len(run.step_module.queue) == 0
+    assert train_step(run, _first_batch(run, data)) is not None  # a good step queues its images
+    assert len(run.step_module.queue) == min(64, run.cfg.batch_size)
 
 
 def test_resume_falls_back_to_the_newest_valid_checkpoint_and_keeps_history(data, tmp_path, caplog):

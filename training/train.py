@@ -338,6 +338,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     concat_cap = bool(torch.rand((), generator=run.concat_rng) < cfg.concat_prob)
     concat_img = bool(torch.rand((), generator=run.concat_rng) < cfg.concat_prob)
     run.optimizer.zero_grad(set_to_none=True)
+    queued = run.step_module.queue  # replaced, never changed in place: a skipped step's images are not kept
     logged = Counter()
     for micro in range(cfg.grad_accum):
         part = mine[micro * run.per_rank:(micro + 1) * run.per_rank]
@@ -360,6 +361,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
                                          logged["mapper"], cfg.weights).total
     if not (math.isfinite(float(norm)) and math.isfinite(logged["total"])):
         run.optimizer.zero_grad(set_to_none=True)
+        run.step_module.queue = queued
         run.state["bad_steps"] = run.state.get("bad_steps", 0) + 1
         run.bad_in_a_row += 1
         LOG.warning("step %d skipped: non-finite %s (%d in a row, %d in all)", run.state["step"] + 1,

@@ -98,7 +98,10 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
     if not (out / "model" / "lm" / "config.json").exists():  # (an LM reused by --backbones keeps its own)
         from gill.backbones import build_tokenizer  # the world's BPE, shared by the LM and the CLIP text towers
 
-        build_tokenizer(448, corpus=text).save_pretrained(out / "model" / "lm")
+        # learnt from the text without its background-first lines (world.BACKGROUND), which add no word: the
+        # vocabulary, and so the CLIP towers and diffusion and metric models trained with it, stay v2.1's
+        bare = world.world_text(random.Random(seed + 1), train_comp | test_comp, common=train_comp, background_first=0)
+        build_tokenizer(448, corpus=bare).save_pretrained(out / "model" / "lm")
     (data / "decisions.tsv").write_text(decision_annotations(plan, rng, train_comp, test_comp))
     (data / "split.json").write_text(json.dumps({"train": sorted(train_comp), "test": sorted(test_comp)}))
     (data / "done").write_text("ok")

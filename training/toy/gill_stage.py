@@ -49,9 +49,9 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
             "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "true", "--renorm-img-output", "false",
             # extra retrieval negatives: a batch of 32 rarely holds two scenes that differ in one attribute;
-            # and the retrieval loss weighted 4x: the [IMG0] state has to learn to read the caption's
-            # background, which the frozen LM keeps little of at the "." (its next word there depends on
-            # colour and shape only); see the README's toy section for the build's figures
+            # and the retrieval loss weighted 4x, for [IMG0] to tell apart scenes that differ in one word
+            # (chosen on the v2 LM, which kept little of the background at the "."); see the README's toy
+            # section for the build's figures
             "--contrastive-queue", "2048", "--weight-contrastive", "4", "--run-settings", json.dumps(TOY_RUN),
             "--training-data", "the toy world (gill/toy/world.py): synthetic captioned shapes, chats and 5-step "
             "stories (interleaved with their pictures), built by python -m training.toy")

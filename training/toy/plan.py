@@ -26,7 +26,7 @@ class Plan:
     clip_steps: int = 1200
     vae_steps: int = 1000
     unet_steps: int = 3500
-    gill_steps: int = 1600
+    gill_steps: int = 1400  # (1600 in v2.1: the LM, reading longer text, takes ~30 s more)
     train_images_per_scene: int = 12  # single-caption samples per scene (half as the app's chat turns)
     train_stories: int = 800
     train_chats: int = 800
