@@ -268,13 +268,27 @@ def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]
 # the decision head reads) must already hold the answer.
 PHOTOS, NO_PHOTO = " there are photos of it.", " no photo of it exists."
 
+# What the LM's text says right after some captions and most stories' ends: one of the scene's background,
+# position or shape, so the LM's state at the "." (which the [IMG] tokens read) holds all three, not knowing
+# which comes next. Its next words there were otherwise only whether there are photos of the thing (which
+# needs colour and shape), and GILL's retrieval then confused scenes that differ only in the background,
+# and stories' ends in their position (the LM could say where a story ends a few words later, not at the ".").
+FIRST = {"background": " {} background.", "position": " {}.", "shape": " {}."}
+
+
+def said_first(scene: Scene, attribute: str) -> str:
+    """``FIRST[attribute]`` for ``scene`` (" white background.", " middle.", " circle.")."""
+    return FIRST[attribute].format(getattr(scene, attribute))
+
 
 def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 2400,
-               n_chats: int = 2400, common: set[tuple[str, str]] | None = None) -> list[str]:
+               n_chats: int = 2400, common: set[tuple[str, str]] | None = None, attribute_first: int = 2) -> list[str]:
     """Text for the toy LM: every caption of the allowed compositions followed by what it implies,
     stories followed by whether there are photos of where they end and where that is ("... it turns red.
     there are photos of it. now it is a large red circle on the right on white."), and chats in the app's
-    format ("Q: ...\nA: ...", a shown picture's place kept by ``PICTURE``).
+    format ("Q: ...\nA: ...", a shown picture's place kept by ``PICTURE``). ``attribute_first`` more
+    copies of each caption's line for each of ``FIRST``'s attributes say it first, as do three in four
+    stories' ends (none when 0: the text the tokenizer is learnt from).
 
     The follow-ups are what make the LM copy attributes forward: an LM trained on captions alone keeps
     almost nothing of the colour in its later states, and GILL's [IMG] tokens, which read those states
@@ -288,12 +302,17 @@ def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories
     lines = []
     for s in all_scenes():
         if s.composition in compositions:
+            facts = (f" it is {s.color}. it is a {s.shape}. it is {s.size}. it is on the {s.position}. "
+                     f"the background is {s.background}.")
             lines.append(s.caption())
-            lines += [f"{s.caption()}.{known(s)} it is {s.color}. it is a {s.shape}. it is {s.size}. "
-                      f"it is on the {s.position}. the background is {s.background}."] * 2  # weighted up
-    for _ in range(n_stories):  # whether a story ends in a thing there are photos of, and where it ends
+            lines += [f"{s.caption()}.{known(s)}{facts}"] * 2  # weighted up
+            lines += [f"{s.caption()}.{said_first(s, a)}{known(s)}{facts}" for a in FIRST for _ in range(attribute_first)]
+    for i in range(n_stories):  # whether a story ends in a thing there are photos of, and where it ends
         steps = story(rng, compositions)
-        lines.append(". ".join(c for _, c in steps) + f".{known(steps[-1][0])} now it is {steps[-1][0].caption()}.")
+        end = steps[-1][0]
+        k = i % (len(FIRST) + 1)  # which attribute this story's end says first, if any
+        first = said_first(end, list(FIRST)[k - 1]) if attribute_first and k else ""
+        lines.append(". ".join(c for _, c in steps) + f".{first}{known(end)} now it is {end.caption()}.")
     for _ in range(n_chats):
         lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5)), picture=PICTURE))
     return lines

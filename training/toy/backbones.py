@@ -65,9 +65,12 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     docs = json.loads((out / "data" / "text.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(target)  # written by the data stage, beside where the LM goes
     torch.manual_seed(seed)
+    # untied output rows (OPT ties them): tied, the rows of words said in the same places ("on white." /
+    # "on gray.") get the same output gradients and merge (" white" and " gray": cosine 0.995 in the v2.1
+    # LM), after which nothing the LM computes tells them apart, nor can GILL's [IMG] tokens
     lm = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=96, word_embed_proj_dim=96, num_hidden_layers=3,
                                   num_attention_heads=4, ffn_dim=384, max_position_embeddings=256, dropout=0.0,
-                                  pad_token_id=1, bos_token_id=2, eos_token_id=2))
+                                  pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=False))
     ids = [tokenizer(doc)["input_ids"][:LM_LEN - 1] + [2] for doc in docs]
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
     sched = schedule(opt, 100, plan.lm_steps, floor=0.1)

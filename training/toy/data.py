@@ -43,8 +43,12 @@ def training_samples(plan: Plan, rng: random.Random, train_comp: set) -> list[di
         last = steps[-1][0]
         # the story as one text (the "5 captions" setting), and interleaved with its pictures (5 + 4)
         samples.append({"__key__": f"story-{n:05d}", "png": _png(last), "txt": " ".join(captions), "sd.txt": last.caption()})
-        samples.append(interleaved(f"istory-{n:05d}", [(c, s) for c, (s, _) in zip(captions[:-1], steps[:-1])],
-                                   captions[-1], last))
+        # half of them keep only their last 1-3 pairs: then the captions left only refer back ("it moves to
+        # the left"), and the scene they change is in the pictures alone, which teaches the [IMG] tokens to
+        # read the pictures (with the whole story the text already tells it)
+        pairs = [(c, s) for c, (s, _) in zip(captions[:-1], steps[:-1])]
+        pairs = pairs[-(1 + n // 2 % 3):] if n % 2 else pairs  # (no draw from rng: the test stories stay as they are)
+        samples.append(interleaved(f"istory-{n:05d}", pairs, captions[-1], last))
     for n in range(plan.train_chats):
         turns = world.conversation(rng, train_comp, rng.randint(1, 5))
         while turns and turns[-1].scene is None:
@@ -98,7 +102,10 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
     if not (out / "model" / "lm" / "config.json").exists():  # (an LM reused by --backbones keeps its own)
         from gill.backbones import build_tokenizer  # the world's BPE, shared by the LM and the CLIP text towers
 
-        build_tokenizer(448, corpus=text).save_pretrained(out / "model" / "lm")
+        # learnt from the text without its attribute-first lines (world.FIRST), which add no word: the
+        # vocabulary, and so the CLIP towers and diffusion and metric models trained with it, stay v2.1's
+        bare = world.world_text(random.Random(seed + 1), train_comp | test_comp, common=train_comp, attribute_first=0)
+        build_tokenizer(448, corpus=bare).save_pretrained(out / "model" / "lm")
     (data / "decisions.tsv").write_text(decision_annotations(plan, rng, train_comp, test_comp))
     (data / "split.json").write_text(json.dumps({"train": sorted(train_comp), "test": sorted(test_comp)}))
     (data / "done").write_text("ok")
