@@ -469,3 +469,22 @@ def test_the_negatives_queue_keeps_the_newest_images_and_leaves_out_duplicates(t
     assert mask.tolist() == [[False, True, False], [False, False, False]]
     assert torch.equal(step.queue, torch.cat([second, first[:2]]))  # newest first, at most 4
     assert TrainStep(model).queued_negatives(first) == (None, None)  # no queue: in-batch negatives only
+
+
+def test_img_init_starts_img0_from_a_words_embedding_and_leaves_the_other_rows(data, tmp_path):
+    """--img-init ".": [IMG0]'s input row starts in the direction of the LM's "." row (then rescaled to the
+    LM rows' mean norm, as every [IMG] row); [IMG1..] keep the random start a run without the flag has."""
+    import torch.nn.functional as F
+
+    from training.train import setup
+
+    plain = setup(train_args(data, tmp_path / "plain"))
+    run = setup(train_args(data, tmp_path / "init", "--img-init", "."))
+    dot = run.tokenizer(".", add_special_tokens=False)["input_ids"]
+    assert len(dot) == 1
+    rows, word = run.model.adapter.img_embeddings, run.model.lm.get_input_embeddings().weight[dot[0]]
+    assert F.cosine_similarity(rows[0], word, dim=0).item() == pytest.approx(1.0, abs=1e-5)
+    assert F.cosine_similarity(plain.model.adapter.img_embeddings[0], word, dim=0).abs().item() < 0.5
+    assert torch.equal(rows[1:], plain.model.adapter.img_embeddings[1:])
+    with pytest.raises(SystemExit, match="--img-init"):
+        setup(train_args(data, tmp_path / "long", "--img-init", " ".join(["word"] * 20)))

@@ -32,6 +32,10 @@ class TrainConfig:
     # input rows, so the LM reads [IMG] inputs at its own scale while [IMG0]'s logit may grow as sure as
     # the LM's own next tokens)
     renorm_img_output: bool = True
+    # Start [IMG i]'s input row from the LM's input embedding of this text's token i (its first tokens only;
+    # the other rows keep their random start). "": all random, as the original. E.g. "." starts [IMG0] as a
+    # second full stop, a place where the LM already gathers what the sentences before it said.
+    img_init: str = ""
     # Extra text -> image negatives: the frozen vision features of the last N training images (0: in-batch
     # negatives only, as the original); queued near-duplicates of a text's own image (cosine >= the bound)
     # are left out

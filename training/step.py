@@ -250,5 +250,15 @@ def renorm_img_embeddings(model: GILLModel, target_norm: float, target_out_norm:
         a.img_output_embeddings.mul_(target_out_norm / a.img_output_embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
+@torch.no_grad()
+def init_img_embeddings(model: GILLModel, tokenizer, text: str) -> None:
+    """Set [IMG i]'s input row to the LM's input embedding of ``text``'s token i (TrainConfig.img_init)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = model.adapter.img_embeddings
+    if not ids or len(ids) > rows.shape[0]:
+        raise ValueError(f"--img-init {text!r} is {len(ids)} tokens; expected 1 to {rows.shape[0]} (one per [IMG] token)")
+    rows[: len(ids)] = model.lm.get_input_embeddings().weight[ids].to(rows.dtype)
+
+
 def mean_row_norm(weight: torch.Tensor) -> float:
     return weight.detach().float().norm(dim=-1).mean().item()

@@ -214,7 +214,7 @@ class Run:
 def setup(argv: list[str] | None = None) -> Run:
     from training import distributed as D
     from training.config import from_args, lr_factor
-    from training.step import TrainStep, mean_row_norm, renorm_img_embeddings
+    from training.step import TrainStep, init_img_embeddings, mean_row_norm, renorm_img_embeddings
 
     args = parse(argv)
     cfg = from_args(args.recipe, args)
@@ -231,6 +231,11 @@ def setup(argv: list[str] | None = None) -> Run:
     torch.manual_seed(cfg.seed)
     model, tokenizer, processor, _ = build_model(args.model, DTYPES[cfg.backbone_dtype])
     record_run_settings(model, args.run_settings, args.training_data or model.config.training_data or args.data)
+    if cfg.img_init:
+        try:
+            init_img_embeddings(model, tokenizer, cfg.img_init)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     model.to(device).train()
     step_module = TrainStep(model, cfg.weights, cfg.contrastive_queue, cfg.queue_duplicate_cos)
     trainable = model.trainable_parameters()

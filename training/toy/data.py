@@ -87,8 +87,12 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
         (corpus / f"{s.key}-0.txt").write_text(s.caption())
     samples = training_samples(plan, rng, train_comp)
     write_shards(data / "shards", samples)
+    # the evaluation's stories and the decision annotations have seeds of their own, so they stay the same
+    # whatever the plan draws for training (a test set that moved with the training data made two builds'
+    # reports incomparable)
+    held_out = random.Random(seed + 2)
     for split, n, comps in (("val", plan.val_stories, train_comp), ("test", plan.test_stories, train_comp | test_comp)):
-        stories = world.distinct_stories(rng, comps, n)
+        stories = world.distinct_stories(held_out, comps, n)
         ann, photos = world.vist_annotations(stories)
         folder = data / f"{split}-images"
         folder.mkdir(exist_ok=True)
@@ -106,7 +110,7 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
         # vocabulary, and so the CLIP towers and diffusion and metric models trained with it, stay v2.1's
         bare = world.world_text(random.Random(seed + 1), train_comp | test_comp, common=train_comp, attribute_first=0)
         build_tokenizer(448, corpus=bare).save_pretrained(out / "model" / "lm")
-    (data / "decisions.tsv").write_text(decision_annotations(plan, rng, train_comp, test_comp))
+    (data / "decisions.tsv").write_text(decision_annotations(plan, random.Random(seed + 3), train_comp, test_comp))
     (data / "split.json").write_text(json.dumps({"train": sorted(train_comp), "test": sorted(test_comp)}))
     (data / "done").write_text("ok")
     log(f"data: {len(samples)} training samples, corpus of {len(scenes)}, test compositions {sorted(test_comp)}")

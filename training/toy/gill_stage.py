@@ -48,6 +48,8 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
             "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
             "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "true", "--renorm-img-output", "false",
+            # [IMG0] starts as a second full stop: the LM's state at a "." already gathers the scene
+            "--img-init", ".",
             # extra retrieval negatives: a batch of 32 rarely holds two scenes that differ in one attribute
             # (v2.1 also weighted the retrieval loss 4x with a queue of 2048, for an LM that kept little of
             # the background at the "."; with one that keeps it, that cost story retrieval: 0.17 vs 0.27);
