@@ -318,12 +318,13 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
             ):
                 if isinstance(segment, TextDelta):
                     if current is None:
-                        current = {"role": "assistant", "content": ""}
+                        current, raw = {"role": "assistant", "content": ""}, ""
                         messages.append(current)
-                    current["content"] += segment.text
+                    raw += segment.text  # shown without the next question the model began ("\nQ:")
+                    current["content"] = chat.shown_text(raw)
                     answer.append(segment.text)
                 elif isinstance(segment, Text):
-                    messages.append({"role": "assistant", "content": segment.text})
+                    messages.append({"role": "assistant", "content": chat.shown_text(segment.text)})
                     answer.append(segment.text)
                     current = None
                 else:

@@ -29,6 +29,17 @@ def answer_text(decoded: str) -> str:
     return decoded.split(STOP_STRINGS[0])[0]
 
 
+def shown_text(decoded: str) -> str:
+    """What a chat shows of an answer while it is decoded: ``answer_text``, less a trailing piece that may be
+    the start of the next question ("\n", "\nQ"), so the stop string never flashes up or stays."""
+    text = answer_text(decoded)
+    for stop in STOP_STRINGS:
+        for n in range(len(stop) - 1, 0, -1):
+            if text.endswith(stop[:n]):
+                return text[: -n]
+    return text
+
+
 def answer_items(decoded: str, pictures: Iterable[Any] = ()) -> list[Any]:
     """The items an answer adds to the conversation: its text as decoded, the pictures it showed
     (generated or retrieved) right after it, as its [IMG] tokens followed the text, then one newline."""

@@ -396,3 +396,7 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     assert chat.answer_items(" it is red. \n") == [" it is red.\n"]
     assert chat.answer_items("", ["<pic>"]) == ["<pic>", "\n"]  # an answer that was only a picture
     assert chat.STOP_STRINGS == ("\nQ:",)
+    # what the app shows while an answer streams: never the next question's start, whole or in part
+    assert [chat.shown_text(t) for t in (" it is a square.", " it is a square.\n", " it is a square.\nQ",
+                                         " it is a square.\nQ:", " it is a square.\nQ: what")] == [" it is a square."] * 5
+    assert chat.shown_text("IQ") == "IQ" and chat.shown_text("") == ""
