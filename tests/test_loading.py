@@ -66,7 +66,7 @@ def toy():
 def test_the_library_call_uses_the_models_settings_and_answers_a_caption_with_an_image(toy):
     from gill.pipeline import GeneratedImage, RetrievedImage
 
-    assert (toy.settings.steps, toy.settings.guidance_scale) == (25, 2.0)  # not the library's 50 and 7.5
+    assert (toy.settings.steps, toy.settings.guidance_scale) == (25, 4.0)  # not the library's 50 and 7.5
     answer = toy.generate_interleaved(["a large red circle on the left on white."])  # no other argument
     assert any(isinstance(s, (GeneratedImage, RetrievedImage)) for s in answer), answer
     # and the explicit argument wins: 4 new tokens leave no room for an [IMG] group, so text only
@@ -87,14 +87,14 @@ def test_app_cli_and_eval_get_the_same_settings_from_the_same_resolver(toy):
     }
     assert len({(s.steps, s.guidance_scale, s.seed, s.img_scale_factor, s.scheduler) for s in got.values()}) == 1, got
     assert got["cli"] == toy.run_settings()
-    assert (got["cli"].steps, got["cli"].guidance_scale, got["cli"].img_scale_factor) == (25, 2.0, 1.0)
+    assert (got["cli"].steps, got["cli"].guidance_scale, got["cli"].img_scale_factor) == (25, 4.0, 1.0)
     assert got["eval"].scorer == f"hf:{toy_metric_dir()}"  # the toy's own metric model, found beside it
     flagged = {
         "app": app_settings(toy, app_parser().parse_args(["--steps", "7", "--seed", "3"])),
         "cli": cli_settings(toy, cli_parser().parse_args(["generate", "x", "--steps", "7", "--seed", "3"])),
         "eval": eval_settings(toy, eval_parser().parse_args(eval_args + ["--steps", "7", "--seed", "3"])),
     }
-    assert {(s.steps, s.seed, s.guidance_scale) for s in flagged.values()} == {(7, 3, 2.0)}
+    assert {(s.steps, s.seed, s.guidance_scale) for s in flagged.values()} == {(7, 3, 4.0)}
 
 
 def test_the_apps_controls_admit_the_models_settings(toy):
@@ -138,12 +138,12 @@ def test_save_pretrained_round_trips_everything(toy, tmp_path):
     finally:
         toy.settings = RunSettings(**{**toy.settings.to_dict(), "seed": None})
     back = GILL.from_pretrained(tmp_path / "m", load_diffusion=False)
-    assert back.settings.seed == 5 and back.settings.guidance_scale == 2.0 and back.settings.scorer == toy.settings.scorer
+    assert back.settings.seed == 5 and back.settings.guidance_scale == 4.0 and back.settings.scorer == toy.settings.scorer
     for key, value in toy.model.adapter.state_dict().items():
         assert torch.equal(back.model.adapter.state_dict()[key], value), key
     assert torch.equal(back.decision.linear.weight, toy.decision.linear.weight)
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "training data | the toy world" in card and "guidance_scale | `2.0`" in card and "library_name: gill" in card
+    assert "training data | the toy world" in card and "guidance_scale | `4.0`" in card and "library_name: gill" in card
 
     # copy_backbones: a directory that moves as one (backbones and corpus inside, relative paths)
     toy.save_pretrained(tmp_path / "whole", copy_backbones=True)
@@ -178,7 +178,7 @@ def test_push_to_hub_uploads_a_model_directory_that_loads_back_by_repo_id(toy, t
     assert repo == "me/toy-gill" and private
     assert {"config.json", "gill.safetensors", "decision.safetensors", "README.md", "lm/config.json"} <= set(files)
     back = GILL.from_pretrained("me/toy-gill", cache_dir=cache, local_files_only=True, load_diffusion=False)
-    assert back.settings.guidance_scale == 2.0 and len(back.retriever) == len(toy.retriever)
+    assert back.settings.guidance_scale == 4.0 and len(back.retriever) == len(toy.retriever)
     caption = ["a large green square in the middle on white."]
     assert torch.equal(back.image_slot_embeddings([caption]).retrieval, toy.image_slot_embeddings([caption]).retrieval)
 

@@ -72,16 +72,19 @@ def decisions(gill, prompts: list[str], labels: list[str]) -> dict[str, float]:
 
 @torch.no_grad()
 def single_captions(gill, judge: AttributeJudge, train_comp: set) -> dict:
-    """GILL on single captions (every 3rd scene: 72, a quarter of unseen compositions): what it draws, and,
-    for corpus scenes, whether it retrieves the exact picture (R@1 among the whole corpus)."""
+    """GILL on single captions (every 3rd scene: 72, a quarter of unseen compositions): what it draws beside
+    what the diffusion model draws from the caption itself (the most GILL's generation can reach), and, for
+    corpus scenes, whether it retrieves the exact picture (R@1 among the whole corpus)."""
     from gill.diffusion import DiffusionOptions
+    from gill.eval.runner import generate_from_text
 
     scenes = world.all_scenes()[::3]
     slots = gill.image_slot_embeddings([[f"{s.caption()}."] for s in scenes])  # as a person types one
     run = gill.run_settings()
-    images = gill.diffusion.generate(slots.generation, DiffusionOptions(steps=run.steps, guidance_scale=run.guidance_scale),
-                                     seeds=list(range(len(scenes))))
-    judged = judge(images)["render"]
+    options = DiffusionOptions(steps=run.steps, guidance_scale=run.guidance_scale)
+    seeds = list(range(len(scenes)))
+    judged = judge(gill.diffusion.generate(slots.generation, options, seeds=seeds))["render"]
+    sd = judge(generate_from_text(gill.diffusion.pipe, [s.caption() for s in scenes], options, seeds, False))["render"]
     unseen = [i for i, s in enumerate(scenes) if s.composition not in train_comp]
     hits = gill.retriever.search(slots.retrieval, k=5)
     corpus = [i for i, s in enumerate(scenes) if s.composition in train_comp]
@@ -89,6 +92,8 @@ def single_captions(gill, judge: AttributeJudge, train_comp: set) -> dict:
     r5 = sum(scenes[i].caption() in [h.record.caption for h in hits[i]] for i in corpus) / len(corpus)
     return {"n": len(scenes), "generation": attribute_accuracy(judged, scenes),
            "generation_unseen": attribute_accuracy([judged[i] for i in unseen], [scenes[i] for i in unseen]),
+           "sd_own_caption": attribute_accuracy(sd, scenes),
+           "sd_own_caption_unseen": attribute_accuracy([sd[i] for i in unseen], [scenes[i] for i in unseen]),
            "retrieval_exact": {"R@1": r1, "R@5": r5, "n": len(corpus), "chance_R@1": 1 / len(gill.retriever)}}
 
 
@@ -259,6 +264,10 @@ def report_markdown(r: dict) -> str:
     lines += ["", f"## Single captions ({c['n']} scenes, {un['n']} of unseen compositions)", "",
               f"- GILL draws: colour {gen['colour']:.2f}, shape {gen['shape']:.2f}, both {gen['colour_and_shape']:.2f}, "
               f"position {gen['position']:.2f}; unseen compositions: both {un['colour_and_shape']:.2f}"]
+    if "sd_own_caption" in c:  # (reports written before it lack it)
+        sd, sd_un = c["sd_own_caption"], c["sd_own_caption_unseen"]
+        lines.append(f"- the diffusion model from the caption itself: colour {sd['colour']:.2f}, shape {sd['shape']:.2f}, "
+                     f"both {sd['colour_and_shape']:.2f}; unseen compositions: both {sd_un['colour_and_shape']:.2f}")
     lines.append(f"- retrieved, the exact picture among {round(1 / c['retrieval_exact']['chance_R@1'])}: R@1 "
                  f"{c['retrieval_exact']['R@1']:.2f}, R@5 {c['retrieval_exact']['R@5']:.2f} (n={c['retrieval_exact']['n']})")
     lines += ["", "## A scripted chat (the app's turn format, default settings)", ""]
