@@ -194,7 +194,11 @@ def test_decision_head_learns_a_separable_rule(tmp_path):
               "--train-size", 100, "--steps", 400, "--lr", 1e-2, "--out", tmp_path / "m")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["test_macro_f1"] >= 0.9 and result["test_examples"] == 60
-    assert (tmp_path / "m" / "decision.safetensors").is_file()
+    # the same command gives the same head (its initial weights are seeded too)
+    run("training.train_decision", "--model", "tiny-random", "--annotations", tmp_path / "ann.tsv",
+        "--train-size", 100, "--steps", 400, "--lr", 1e-2, "--out", tmp_path / "again")
+    saved = [(tmp_path / d / "decision.safetensors").read_bytes() for d in ("m", "again")]
+    assert saved[0] == saved[1]
 
 
 def test_a_standardized_decision_head_is_folded_into_the_same_linear_head():

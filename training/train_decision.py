@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     x = features(model, gill.tokenizer, gill.img_tokens, data.prompts, retriever=retriever)
     y = torch.tensor(data.labels)
     n = args.train_size
+    torch.manual_seed(args.seed)  # the head's initial weights too: the same command gives the same head
     head = train_head(DecisionHead.from_config(model.config), x[:n], y[:n], args.steps, args.lr, args.seed,
                       standardize=args.standardize, balance=args.balance_classes)
     with torch.no_grad():
