@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # How the toy model is best run, saved in its config.json (run settings): its tiny diffusion model draws
 # colour and shape right from its own captions best at guidance 4.0 (0.97 of 40 seen compositions'
 # captions, 0.88 of 16 unseen ones; 0.85 / 0.94 at 2.0, 0.75 / 0.62 at SD's usual 7.5; v2.3's diffusion
-# model, which knew only the corpus's compositions, was best at 2.0), and it is
-# scored by the world's own metric model (beside the model). Its [IMG0] needs no image-frequency factor:
-# GILL trains it without the [IMG]-row renormalisation (gill_stage).
+# model, which knew only the corpus's compositions, was best at 2.0), and it is scored by the world's own
+# metric model (beside the model). Its [IMG0] needs no image-frequency factor: GILL trains it without the
+# [IMG]-row renormalisation (gill_stage).
 TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.0, "scorer": "hf:../metric-clip"}
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)

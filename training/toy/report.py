@@ -264,10 +264,9 @@ def report_markdown(r: dict) -> str:
     lines += ["", f"## Single captions ({c['n']} scenes, {un['n']} of unseen compositions)", "",
               f"- GILL draws: colour {gen['colour']:.2f}, shape {gen['shape']:.2f}, both {gen['colour_and_shape']:.2f}, "
               f"position {gen['position']:.2f}; unseen compositions: both {un['colour_and_shape']:.2f}"]
-    if "sd_own_caption" in c:  # (reports written before it lack it)
-        sd, sd_un = c["sd_own_caption"], c["sd_own_caption_unseen"]
-        lines.append(f"- the diffusion model from the caption itself: colour {sd['colour']:.2f}, shape {sd['shape']:.2f}, "
-                     f"both {sd['colour_and_shape']:.2f}; unseen compositions: both {sd_un['colour_and_shape']:.2f}")
+    sd, sd_un = c["sd_own_caption"], c["sd_own_caption_unseen"]
+    lines.append(f"- the diffusion model from the caption itself: colour {sd['colour']:.2f}, shape {sd['shape']:.2f}, "
+                 f"both {sd['colour_and_shape']:.2f}; unseen compositions: both {sd_un['colour_and_shape']:.2f}")
     lines.append(f"- retrieved, the exact picture among {round(1 / c['retrieval_exact']['chance_R@1'])}: R@1 "
                  f"{c['retrieval_exact']['R@1']:.2f}, R@5 {c['retrieval_exact']['R@5']:.2f} (n={c['retrieval_exact']['n']})")
     lines += ["", "## A scripted chat (the app's turn format, default settings)", ""]
