@@ -77,6 +77,7 @@ class SDEmbeddings:
         self.root = Path(root) if root is not None else None
         self.shape = tuple(shape) if shape is not None else None
         self._open: dict[str, Any] = {}
+        self._keys: dict[str, frozenset[str]] = {}  # (safe_open's keys() builds a list at every call)
 
     def get(self, shard: str, key: str) -> torch.Tensor | None:
         if self.root is None:
@@ -88,12 +89,13 @@ class SDEmbeddings:
             path = self.root / f"{name}.safetensors"
             try:
                 self._open[name] = safe_open(str(path), framework="pt") if path.is_file() else None
+                self._keys[name] = frozenset(self._open[name].keys()) if self._open[name] is not None else frozenset()
             except Exception as e:  # noqa: BLE001 - a truncated or foreign file: every sample of it is counted
                 self._open[name] = BadEmbedding(f"unreadable diffusion embeddings file: {path.name} ({e})")
         f = self._open[name]
         if isinstance(f, BadEmbedding):
             raise f
-        if f is None or key not in f.keys():
+        if f is None or key not in self._keys[name]:
             return None
         try:
             emb = f.get_tensor(key)

@@ -133,13 +133,17 @@ def train_clip(out: Path, plan: Plan, seed: int):
     train_comp = {tuple(x) for x in json.loads((out / "data" / "split.json").read_text())["train"]}
     scenes = [s for s in world.all_scenes() if s.composition in train_comp]
     rng = random.Random(seed)
-    processor = image_processor()
+    # every (scene, jitter) picture preprocessed once: rendering and preprocessing them anew at every step
+    # took a fifth of the stage (the same pixels either way)
+    jitters = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+    where = {(s.key, j): i for i, (s, j) in enumerate((s, j) for s in scenes for j in jitters)}
+    rendered = pixels(image_processor(), [world.render(s, jitter=j) for s in scenes for j in jitters])
     opt = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
     sched = schedule(opt, 100, plan.clip_steps, floor=0.1)
     clip.train()
     for step in range(plan.clip_steps):
         batch = rng.sample(scenes, 48)
-        px = pixels(processor, [world.render(s, jitter=(rng.randint(-1, 1), rng.randint(-1, 1))) for s in batch])
+        px = rendered[[where[s.key, (rng.randint(-1, 1), rng.randint(-1, 1))] for s in batch]]
         tok = text_inputs(tokenizer, [s.caption() for s in batch])
         img = clip.get_image_features(pixel_values=px)
         txt = clip.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
