@@ -165,19 +165,21 @@ def small_build(tmp_path_factory):
     return out, json.loads((out / "report" / "report.json").read_text())
 
 
-# The reduced build's bounds, from three seeds (`python -m training.toy --out OUT --small --backbones toy
-# --seed N` on v2.4's backbones; seed 0 alone (297 s), seed 1 beside three runs of the fast test suite
-# (1196 s), seed 2 alone (296 s)), seed 0 / 1 / 2: CLIP similarity on the 24 test stories, 5 captions + 4
-# pictures / 5 captions / last caption 0.82 / 0.87 / 0.08, 0.89 / 0.90 / 0.26, 0.90 / 0.89 / 0.09; single
-# captions colour 0.86 / 0.96 / 0.97, colour and shape 0.79 / 0.85 / 0.89; story retrieval R@1 (5 captions +
-# 4 pictures) 0.54 / 0.62 / 0.38; exact caption retrieval R@5 1.00 / 1.00 / 1.00; decision balanced accuracy
-# on test stories 0.88 / 0.86 / 0.80 (24 stories), held out 0.86 / 0.91 / 0.89; chat pictures of the asked
-# colour 3 / 2 / 2 (of 4). Each bound sits below the lowest with a margin, above chance; the full build's
-# figures are in the README. Whether the pictures help is within the noise of 24 stories here (5 captions + 4
-# pictures minus 5 captions: -0.05 / -0.01 / +0.01; each setting's 95% interval is +-0.05 to +-0.15):
-# PICTURES_NOISE bounds how far below it may fall, and the full build's report checks the order itself (60
-# stories).
-COLOUR, BOTH, CONTEXT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.75, 0.7, 0.25, 0.8, 0.65, 0.75, 1
+# The reduced build's bounds (`python -m training.toy --out OUT --small --backbones toy --seed N`). v2.6 (GILL's
+# mapper with dropout 0.3): seed 0 beside another reduced build for 24 of its 27 minutes (1598 s; that other
+# one, seed 1, was stopped), seed 2 alone (298 s): CLIP similarity on the 24 test stories, 5 captions + 4
+# pictures / 5 captions / last caption 0.75 / 0.78 / 0.26, 0.78 / 0.81 / 0.14; single captions colour 0.83 /
+# 0.90, colour and shape 0.68 / 0.75; story retrieval R@1 (5 captions + 4 pictures) 0.67 / 0.38; exact caption
+# retrieval R@5 1.00 / 1.00; decision balanced accuracy on test stories 0.88 / 0.93, held out 0.86 / 0.88; chat
+# pictures of the asked colour 2 / 3 (of 4). v2.4's recipe (no dropout), seeds 0 / 1 / 2 (297 s alone, 1196 s
+# beside three runs of the fast suite, 296 s alone): 0.82 / 0.87 / 0.08, 0.89 / 0.90 / 0.26, 0.90 / 0.89 /
+# 0.09; colour 0.86 / 0.96 / 0.97, colour and shape 0.79 / 0.85 / 0.89; story R@1 0.54 / 0.62 / 0.38; R@5 1.00
+# each; decision 0.88 / 0.86 / 0.80, held out 0.86 / 0.91 / 0.89; chat pictures 3 / 2 / 2. Each bound sits below
+# the lowest with a margin, above chance; the full build's figures are in the README. Whether the pictures
+# help is within the noise of 24 stories here (5 captions + 4 pictures minus 5 captions: -0.03 / -0.03 with
+# dropout, -0.05 / -0.01 / +0.01 without; each setting's 95% interval is +-0.05 to +-0.15): PICTURES_NOISE
+# bounds how far below it may fall, and the full build's report checks the order itself (60 stories).
+COLOUR, BOTH, CONTEXT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.75, 0.6, 0.25, 0.8, 0.65, 0.75, 1
 PICTURES_NOISE, CONTEXT_MARGIN = 0.1, 0.4
 
 
