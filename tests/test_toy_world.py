@@ -54,6 +54,19 @@ def test_nearest_scene_reads_back_renderings():
     scenes = world.all_scenes()
     jittered = [world.render(s, jitter=(1, 0)) for s in scenes[::7]]
     assert world.nearest_scenes(jittered) == scenes[::7]
+    assert world.scenes_shown(jittered) == scenes[::7]
+
+
+def test_a_shape_drawn_in_the_wrong_colour_reads_as_that_colour():
+    scene = world.Scene("red", "circle", "large", "left", "white")
+    picture = world.render(scene)
+    x = picture.load()
+    for i in range(picture.width):  # repaint the red foreground blue
+        for j in range(picture.height):
+            r, g, b = x[i, j]
+            if r > 150 and g < 120 and b < 120:
+                x[i, j] = tuple(int(c) for c in world.COLORS["blue"])
+    assert world.scenes_shown([picture]) == [world.Scene("blue", "circle", "large", "left", "white")]
 
 
 def test_chats_are_in_the_apps_turn_format_and_stay_on_their_object():

@@ -88,8 +88,9 @@ class SDEmbeddings:
 
             path = self.root / f"{name}.safetensors"
             try:
-                self._open[name] = safe_open(str(path), framework="pt") if path.is_file() else None
-                self._keys[name] = frozenset(self._open[name].keys()) if self._open[name] is not None else frozenset()
+                handle = safe_open(str(path), framework="pt") if path.is_file() else None
+                self._keys[name] = frozenset(handle.keys()) if handle is not None else frozenset()
+                self._open[name] = handle
             except Exception as e:  # noqa: BLE001 - a truncated or foreign file: every sample of it is counted
                 self._open[name] = BadEmbedding(f"unreadable diffusion embeddings file: {path.name} ({e})")
         f = self._open[name]

@@ -78,6 +78,13 @@ def nearest_scenes(images, scenes: list[Scene] | None = None) -> list[Scene]:
     return [scenes[i] for i in d.argmin(1)]
 
 
+def scenes_shown(images, scenes: list[Scene] | None = None) -> list[Scene]:
+    """What each drawn picture shows: the nearest clean rendering (shape, size, position, background) with
+    the colour of the picture's own foreground (``dominant_colour``), so a shape drawn in the wrong colour
+    reads as that colour."""
+    return [replace(s, color=dominant_colour(im)) for s, im in zip(nearest_scenes(images, scenes), images)]
+
+
 def dominant_colour(image) -> str:
     """The palette colour of a picture's foreground: pixels far from the background (the palette
     background nearest to the border), read by their median, snapped to the nearest palette colour."""

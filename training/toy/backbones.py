@@ -135,9 +135,9 @@ def train_clip(out: Path, plan: Plan, seed: int):
     rng = random.Random(seed)
     # every (scene, jitter) picture preprocessed once: rendering and preprocessing them anew at every step
     # took a fifth of the stage (the same pixels either way)
-    jitters = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
-    where = {(s.key, j): i for i, (s, j) in enumerate((s, j) for s in scenes for j in jitters)}
-    rendered = pixels(image_processor(), [world.render(s, jitter=j) for s in scenes for j in jitters])
+    pictures = [(s, (dx, dy)) for s in scenes for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+    where = {(s.key, j): i for i, (s, j) in enumerate(pictures)}
+    rendered = pixels(image_processor(), [world.render(s, jitter=j) for s, j in pictures])
     opt = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
     sched = schedule(opt, 100, plan.clip_steps, floor=0.1)
     clip.train()

@@ -5,7 +5,6 @@ OUT/report: report.json, report.md and grid.png."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ class AttributeJudge:
         images = [im.convert("RGB").resize((world.IMAGE_SIZE,) * 2) for im in images]
         feats = self.clip.get_image_features(pixel_values=pixels(self.processor, images))
         zero_shot = (F.normalize(getattr(feats, "pooler_output", feats), dim=-1) @ self.text.T).argmax(-1)
-        render = [replace(s, color=world.dominant_colour(im)) for s, im in zip(world.nearest_scenes(images, self.scenes), images)]
+        render = world.scenes_shown(images, self.scenes)
         return {"render": render, "metric_clip": [self.scenes[i] for i in zero_shot]}
 
 
