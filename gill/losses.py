@@ -16,15 +16,21 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.Tensor | float | None = None,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy: logits (N, T, V) predict labels (N, T) shifted by one; -100 is ignored.
 
     Mean over the predicted tokens of the whole batch (as Hugging Face's causal-LM loss), or, with
     ``num_tokens``, the sum divided by it (data-parallel training divides by the global count so that
-    averaged gradients equal a single process's).
+    averaged gradients equal a single process's). ``weights`` (N, T), aligned with ``labels``: each
+    target token's loss scaled before the sum (the count is unchanged; None: all 1).
     """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1)
+    if weights is not None:
+        ce = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+        total = (ce * weights[:, 1:].reshape(-1).float()).sum()
+        return total / (num_tokens if num_tokens is not None else (shift_labels != IGNORE_INDEX).sum().clamp_min(1))
     if num_tokens is None:
         return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)
     total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -65,12 +71,20 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, logit_scale: torch
     return (F.cross_entropy(logits, target) + image_to_text) / 2
 
 
-def mapper_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-token Euclidean distance over the last dim, averaged over tokens and batch: (N, L, D) -> ()."""
+def mapper_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token Euclidean distance over the last dim, averaged over tokens and batch: (N, L, D) -> ().
+
+    ``weights`` (N,): each sample's distance scaled before the batch mean (the mean stays over N, so a
+    sample of weight 1 counts as it does without weights); None: all 1, the original's loss."""
     if pred.shape != target.shape:
         raise ValueError(f"mapper_loss: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     # vector_norm has a zero (not NaN) gradient where pred == target, unlike sqrt(sum(...)).
-    return torch.linalg.vector_norm(pred.float() - target.float(), dim=-1).mean()
+    dist = torch.linalg.vector_norm(pred.float() - target.float(), dim=-1)
+    if weights is None:
+        return dist.mean()
+    if weights.shape != pred.shape[:1]:
+        raise ValueError(f"mapper_loss: weights {tuple(weights.shape)} do not match the batch of {pred.shape[0]}")
+    return (dist.mean(-1) * weights.to(dist)).mean()
 
 
 @dataclass

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gill import losses
@@ -51,6 +52,17 @@ def test_mapper_loss_is_mean_euclidean_distance_not_mse():
     same = torch.ones(1, 2, 2, requires_grad=True)
     losses.mapper_loss(same, torch.ones(1, 2, 2)).backward()
     assert torch.isfinite(same.grad).all()
+
+
+def test_mapper_weights_scale_each_sample_and_keep_the_batch_mean():
+    pred = torch.zeros(2, 2, 2)
+    target = torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[0.0, 2.0], [0.0, 2.0]]])  # distances 3 and 2
+    assert losses.mapper_loss(pred, target).item() == 2.5
+    assert losses.mapper_loss(pred, target, torch.ones(2)).item() == 2.5
+    assert losses.mapper_loss(pred, target, torch.tensor([1.0, 0.0])).item() == 1.5  # (3 * 1 + 2 * 0) / 2
+    assert losses.mapper_loss(pred, target, torch.tensor([0.5, 2.0])).item() == 2.75
+    with pytest.raises(ValueError, match="weights"):
+        losses.mapper_loss(pred, target, torch.ones(3))
 
 
 def test_total_uses_the_original_weights():

@@ -145,3 +145,96 @@ def test_a_training_step_on_stories_sends_gradient_into_the_visual_prefix_throug
     model.eval()
     grads = [p.grad for p in model.adapter.visual_prefix.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
+
+
+def test_a_sample_sets_its_loss_weights_in_loss_json_and_a_bad_one_is_counted(gill, tmp_path):
+    blue = draw("blue", "circle")
+    _tar(tmp_path / "w.tar", [
+        ("story.txt", b"it turns blue."), ("story.png", blue), ("story.loss.json", b'{"caption": 0, "mapper": 0.25}'),
+        ("plain.txt", b"a blue circle"), ("plain.png", blue),
+        ("typo.txt", b"x"), ("typo.png", blue), ("typo.loss.json", b'{"maper": 0.5}'),
+        ("neg.txt", b"x"), ("neg.png", blue), ("neg.loss.json", b'{"mapper": -1}'),
+        ("junk.txt", b"x"), ("junk.png", blue), ("junk.loss.json", b"0.5,"),
+    ])
+    stream = ShardStream([str(tmp_path / "w.tar")], gill.image_processor, None, shuffle_buffer=0, need_sd=False)
+    samples = list(stream)
+    by_key = {s.key.split("/")[-1]: s for s in samples}
+    assert (by_key["story"].caption_weight, by_key["story"].mapper_weight) == (0.0, 0.25)
+    assert (by_key["plain"].caption_weight, by_key["plain"].mapper_weight) == (1.0, 1.0)
+    assert "maper" in by_key["typo"].error and "-1" in by_key["neg"].error and "not JSON" in by_key["junk"].error
+    counts = Counter()
+    list(global_batches(iter(samples), 8, counts, drop_last=False))
+    assert counts == Counter({"bad loss.json": 3})
+
+
+def test_a_mapper_weight_of_zero_leaves_the_mapper_to_the_other_samples(gill):
+    """Per-sample mapper weights: a weight-0 sample adds nothing to the mapper loss, nor gradient to the
+    mapper (its [IMG] states still train through retrieval); all weights 1 is the unweighted loss."""
+    from gill.losses import LossWeights
+
+    model = gill.model
+    px = _pixels(gill, [draw("red", "circle"), draw("blue", "square")])
+    target = torch.randn(2, model.config.gen_seq_len, model.config.gen_emb_dim, generator=torch.Generator().manual_seed(0))
+    text, _ = batch_text(gill.tokenizer, [Sample(f"s{i}", px[i], c) for i, c in enumerate(["a red circle.", "a blue square."])],
+                         RECIPES["tiny"], model.config)
+    step = TrainStep(model, LossWeights())
+
+    def run(weights):
+        for p in model.adapter.parameters():
+            p.grad = None
+        out = step(px, text, target, False, False, None, weights)
+        out.total.backward()
+        return out
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = run(None)
+        both = run(torch.ones(2))
+        first = run(torch.tensor([1.0, 0.0]))
+        none = run(torch.zeros(2))
+    assert both.mapper.item() == pytest.approx(plain.mapper.item(), rel=1e-6)
+    with torch.no_grad():
+        gen = model.generation_embeddings(img_token_forward(model, text, False, "cpu")[2])
+        d0 = torch.linalg.vector_norm(gen[0] - target[0], dim=-1).mean().item()
+    assert first.mapper.item() == pytest.approx(d0 / 2, rel=1e-5)
+    assert none.mapper.item() == 0.0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.adapter.mapper.parameters())
+    assert model.adapter.image_retrieval.weight.grad.abs().sum() > 0  # retrieval still trains
+
+
+@pytest.mark.parametrize("concat", [False, True])
+def test_a_caption_weight_of_zero_takes_the_sample_out_of_captioning(gill, concat):
+    """Per-sample caption weights: the captioning loss of a batch whose second (and fourth) sample has weight
+    0 equals that of the batch without them (its tokens are not targets, the mean is over the others);
+    weights of 1 are the unweighted loss, and a weight of 2 counts a sample's tokens twice."""
+    from gill import losses
+    from training.step import caption_inputs, caption_token_weights
+
+    model = gill.model
+    caps = ["a red circle.", "it turns blue and then it grows a lot.", "a blue square.", "it moves."]
+    px = _pixels(gill, [draw("red", "circle"), draw("blue", "circle"), draw("blue", "square"), draw("red", "square")])
+    text, _ = batch_text(gill.tokenizer, [Sample(f"s{i}", px[i], c) for i, c in enumerate(caps)], RECIPES["tiny"], model.config)
+    k = model.config.n_visual_tokens
+
+    def loss(weights, rows=None):
+        with torch.no_grad():
+            prefix = model.encode_images(px).prefix
+            embeds, mask, labels = caption_inputs(model, prefix, text, concat)
+            logits = model.lm_forward(embeds, mask).logits
+        w = caption_token_weights(labels, text, concat, torch.tensor(weights), k) if weights else None
+        if w is not None:
+            labels = labels.masked_fill(w == 0, losses.IGNORE_INDEX)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none",
+                                               ignore_index=losses.IGNORE_INDEX)
+        return losses.caption_loss(logits, labels, losses.num_targets(labels).float(), w).item(), ce, labels, w
+
+    plain, ce, labels, _ = loss(None)
+    ones, *_ = loss([1.0, 1.0, 1.0, 1.0])
+    assert ones == pytest.approx(plain, rel=1e-6)
+    without, _, kept, w = loss([1.0, 0.0, 1.0, 0.0])
+    # the expected value: the mean over the tokens of samples 0 and 2 alone, read from the unweighted losses
+    mine = (w[:, 1:] > 0) & (labels[:, 1:] != losses.IGNORE_INDEX)
+    assert without == pytest.approx((ce[mine].sum() / mine.sum()).item(), rel=1e-5)
+    assert (kept != losses.IGNORE_INDEX).sum() < (labels != losses.IGNORE_INDEX).sum()
+    double, *_ = loss([2.0, 1.0, 1.0, 1.0])
+    assert double > plain

@@ -8,9 +8,15 @@ list of texts, one per context image, and the images ``KEY.context0.png``, ``KEY
 of the image extensions). Text ``i`` comes before image ``i`` ("" for an image with no text before it);
 then ``KEY.txt`` and, last, ``KEY.png``, the image the [IMG] losses read. So a VIST story of five steps
 is ``context.json = [caption_1 .. caption_4]``, ``context0..3`` its first four pictures, ``txt`` its fifth
-caption and ``png`` its fifth picture; a document's earlier pairs go in its context the same way. ``training.precompute_sd_embeddings`` writes, for
-shard ``NAME.tar``, ``SD_DIR/NAME.safetensors`` mapping each sample key to its caption's (77, d) text
-encoder states.
+caption and ``png`` its fifth picture; a document's earlier pairs go in its context the same way.
+``training.precompute_sd_embeddings`` writes, for shard ``NAME.tar``, ``SD_DIR/NAME.safetensors`` mapping
+each sample key to its caption's (77, d) text encoder states.
+
+A sample may scale its own captioning and generation (mapper) losses with ``KEY.loss.json``, e.g.
+``{"caption": 0, "mapper": 0.3}`` (each default 1; 0 leaves that task out for the sample): for samples
+whose text is not their picture's caption, such as a story's last picture after "it turns yellow."
+(captioning that pair teaches the visual prefix a sentence the picture does not show), or whose
+diffusion target the text only implies.
 
 The stream is deterministic: shard order is shuffled per epoch with a seeded generator, then samples pass
 a seeded shuffle buffer. Every rank reads the same stream and takes its slice of each global batch, so a
@@ -42,6 +48,9 @@ class Sample:
     error: str | None = None
     # interleaved samples: the (text, pixels) pairs before the caption, oldest first; text i precedes image i
     context: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    # KEY.loss.json: how much this sample's captioning and generation (mapper) losses count
+    caption_weight: float = 1.0
+    mapper_weight: float = 1.0
 
 
 def _all(urls):
@@ -182,6 +191,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if emb is None and self.need_sd:
             return Sample(key, error="missing diffusion embedding")
         try:
+            weights = _loss_weights(raw)
+        except ValueError as e:
+            return Sample(key, error=f"bad loss.json: {e}")
+        try:
             image = open_image(raw[ext], name=key)
             context = self._context(key, raw)
         except ImageError as e:  # bounded before the resize; the reason's first words are the counted kind
@@ -189,7 +202,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         except ValueError as e:
             return Sample(key, error=f"bad context: {e}")
         pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        return Sample(key, pixels, caption, emb, context=context)
+        return Sample(key, pixels, caption, emb, context=context, **weights)
 
     def _context(self, key: str, raw: dict) -> list[tuple[str, torch.Tensor]]:
         """The (text, pixels) pairs of ``KEY.context.json`` and ``KEY.context{i}.<ext>``; [] if none."""
@@ -215,6 +228,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             return []
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return [(t.strip(), px) for t, px in zip(texts, pixels)]
+
+
+LOSS_WEIGHTS = ("caption", "mapper")  # the per-sample weights KEY.loss.json may set
+
+
+def _loss_weights(raw: dict) -> dict[str, float]:
+    """``KEY.loss.json`` (e.g. ``{"caption": 0, "mapper": 0.3}``) as Sample fields; {} when the sample has none."""
+    import json
+    import math
+
+    if "loss.json" not in raw:
+        return {}
+    try:
+        given = json.loads(raw["loss.json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(given, dict) or set(given) - set(LOSS_WEIGHTS):
+        raise ValueError(f'expected an object of weights {list(LOSS_WEIGHTS)}, e.g. {{"mapper": 0.3}}, got {given!r}')
+    for name, w in given.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f'"{name}" must be a number >= 0, got {w!r}')
+    return {f"{name}_weight": float(w) for name, w in given.items()}
 
 
 def global_batches(stream: Iterator[Sample], batch_size: int, counts: Counter,

@@ -95,6 +95,20 @@ def caption_inputs(model: GILLModel, prefix: torch.Tensor, text: TextBatch, conc
     return _pad(embeds, 0.0), mask, _pad(labels, IGNORE_INDEX)
 
 
+def caption_token_weights(labels: torch.Tensor, text: TextBatch, concat: bool, weights: torch.Tensor,
+                          n_visual: int) -> torch.Tensor:
+    """Per-position weights (N', T) of ``caption_inputs``'s labels: each sample's weight over its own
+    positions (a concatenated row: the first sample's prefix and caption, then the second's), 0 on padding."""
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    step = 2 if concat else 1
+    for row, i in enumerate(range(0, len(text.captions) - step + 1, step)):
+        first = n_visual + len(text.captions[i])
+        out[row, :first] = weights[i]
+        if concat:
+            out[row, first:first + n_visual + len(text.captions[i + 1]) - 1] = weights[i + 1]
+    return out
+
+
 def img_token_inputs(model: GILLModel, text: TextBatch, concat: bool, device):
     """[BOS caption IMG0..n-1] (or two of them back to back, the second without BOS), right-padded:
     ids, mask, labels (text and [IMG0] are targets)."""
@@ -211,7 +225,8 @@ class TrainStep(nn.Module):
         return extra, mask
 
     def forward(self, pixels: torch.Tensor, text: TextBatch, sd_target: torch.Tensor, concat_caption: bool,
-                concat_img: bool, context_pixels: torch.Tensor | None = None) -> StepLosses:
+                concat_img: bool, context_pixels: torch.Tensor | None = None,
+                mapper_weights: torch.Tensor | None = None, caption_weights: torch.Tensor | None = None) -> StepLosses:
         from training import distributed as D
 
         model = self.model
@@ -221,9 +236,14 @@ class TrainStep(nn.Module):
         encoded = model.encode_images(both)  # one vision pass for all three tasks and every context image
         image = type(encoded)(encoded.pooled[:b], encoded.prefix[:b], encoded.retrieval[:b])
 
-        embeds, mask, labels = caption_inputs(model, image.prefix, text, concat_caption and not text.interleaved)
+        concat = concat_caption and not text.interleaved
+        embeds, mask, labels = caption_inputs(model, image.prefix, text, concat)
+        weights = None
+        if caption_weights is not None:  # per-sample (KEY.loss.json): a weight-0 sample's tokens are not targets
+            weights = caption_token_weights(labels, text, concat, caption_weights, image.prefix.shape[1])
+            labels = labels.masked_fill(weights == 0, IGNORE_INDEX)
         cap_logits = model.lm_forward(embeds, mask).logits
-        caption = losses.caption_loss(cap_logits, labels, D.global_count(losses.num_targets(labels)) / world)
+        caption = losses.caption_loss(cap_logits, labels, D.global_count(losses.num_targets(labels)) / world, weights)
 
         # (B, n, d): groups in image order, also when concatenated
         out, labels, img_hidden = img_token_forward(model, text, concat_img, pixels.device, encoded.prefix[b:])
@@ -233,7 +253,7 @@ class TrainStep(nn.Module):
         extra, extra_mask = self.queued_negatives(D.gather_keep_local(image.pooled))
         contrastive = losses.contrastive_loss(D.gather_keep_local(text_emb), D.gather_keep_local(image.retrieval),
                                               model.adapter.logit_scale, extra, extra_mask)
-        mapper = losses.mapper_loss(model.generation_embeddings(img_hidden), sd_target)
+        mapper = losses.mapper_loss(model.generation_embeddings(img_hidden), sd_target, mapper_weights)
         # Every rank computes the contrastive loss over the global batch with gradients into its own rows
         # only; x world makes the averaged gradient equal the single-process one.
         total = losses.gill_losses(caption, img_ce, contrastive * world, mapper, self.weights).total

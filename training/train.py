@@ -349,12 +349,16 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
         part = mine[micro * run.per_rank:(micro + 1) * run.per_rank]
         pixels = torch.stack([s.pixel_values for s in part]).to(run.device, vision_dtype)
         target = torch.stack([s.sd_embedding for s in part]).to(run.device, torch.float32)
+        # per-sample loss weights (KEY.loss.json); None when all are 1: the original's losses, bit for bit
+        weights = {name: [getattr(s, f"{name}_weight") for s in part] for name in ("mapper", "caption")}
+        weights = {k: torch.tensor(w, device=run.device) if any(x != 1.0 for x in w) else None for k, w in weights.items()}
         text, context = batch_text(run.tokenizer, part, cfg, model.config)
         sync = micro == cfg.grad_accum - 1 or run.world == 1
         ctx = run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext()
         with ctx, autocast(cfg, run.device):
             result = run.ddp(pixels, text, target, concat_cap, concat_img,
-                             context.to(run.device, vision_dtype) if context is not None else None)
+                             context.to(run.device, vision_dtype) if context is not None else None,
+                             weights["mapper"], weights["caption"])
         (result.total / cfg.grad_accum).backward()
         for name in ("caption", "img_token_ce", "contrastive", "mapper"):
             logged[name] += getattr(result, name).item() / cfg.grad_accum

@@ -121,6 +121,32 @@ def chat(gill) -> dict:
             "images_of_the_asked_colour": sum(t["asked_colour"] in t["image_colours"] for t in turns if t["asked_colour"])}
 
 
+def attached_pictures(gill, train_comp: set) -> dict:
+    """The app's "attach a picture and ask" turn: every scene's clean picture, then "what is this?" in
+    the chat's turn format, default settings (pictures in answers retrieved: only the text is read). Per
+    attribute, how often the answer names the picture's own (chance: 1 / the attribute's values)."""
+    from gill import chat as turns_format
+    from gill.pipeline import Text
+
+    scenes = world.all_scenes()
+    answers = gill.generate_interleaved([turns_format.turn_items("what is this?", [world.render(s)]) for s in scenes],
+                                        policy="retrieve", stop_strings=turns_format.STOP_STRINGS,
+                                        end_at_image=turns_format.END_AT_IMAGE, seed=0)
+    texts = [turns_format.answer_text("".join(x.text for x in a if isinstance(x, Text))) for a in answers]
+    words = [set(t.replace(".", " ").split()) for t in texts]
+
+    def named(idx):
+        out = {a: sum(getattr(scenes[i], a) in words[i] for i in idx) / max(len(idx), 1)
+               for a in ("color", "shape", "size", "position", "background")}
+        out["colour_and_shape"] = sum(scenes[i].color in words[i] and scenes[i].shape in words[i] for i in idx) / max(len(idx), 1)
+        out["colour"] = out.pop("color")
+        return {**out, "n": len(idx)}
+
+    unseen = [i for i, s in enumerate(scenes) if s.composition not in train_comp]
+    return {"named": named(range(len(scenes))), "named_unseen": named(unseen),
+            "examples": [{"picture": scenes[i].caption(), "answer": texts[i].strip()} for i in range(0, len(scenes), 37)]}
+
+
 def stage_report(out: Path, plan, seed: int) -> None:
     from PIL import Image
 
@@ -172,6 +198,7 @@ def stage_report(out: Path, plan, seed: int) -> None:
         report["decision"]["held_out_prompts"] = json.loads(held_out.read_text())
     report["captions"] = single_captions(gill, judge, train_comp)
     report["chat"] = chat(gill)
+    report["pictures_read"] = attached_pictures(gill, train_comp)
     report["claims"] = claims(report)
 
     folder = out / "report"
@@ -272,6 +299,14 @@ def report_markdown(r: dict) -> str:
     for t in r["chat"]["turns"]:
         lines.append(f"- Q: {t['question']} — A: {t['answer'] or '(nothing)'} — pictures: "
                      f"{', '.join(t['image_colours']) or 'none'}" + (f" (asked: {t['asked_colour']})" if t["asked_colour"] else ""))
+    if "pictures_read" in r:
+        p, pu = r["pictures_read"]["named"], r["pictures_read"]["named_unseen"]
+        lines += ["", f"## Attached pictures read (\"what is this?\" after a picture, {p['n']} scenes)", "",
+                  f"- the answer names the picture's colour {p['colour']:.2f} (chance {ch['colour']:.2f}), shape "
+                  f"{p['shape']:.2f} ({1 / len(world.SHAPES):.2f}), both {p['colour_and_shape']:.2f} "
+                  f"({ch['colour_and_shape']:.2f}), size {p['size']:.2f}, position {p['position']:.2f}, background "
+                  f"{p['background']:.2f}; unseen compositions: both {pu['colour_and_shape']:.2f} (n={pu['n']})"]
+        lines += [f"- {e['picture']} -> {e['answer'] or '(nothing)'}" for e in r["pictures_read"]["examples"]]
     lines += ["", "![grid](grid.png)", "",
               "Grid: the 5 story pictures, then SD on the last caption, GILL on the last caption, on 5 captions, "
               "on 5 captions + 4 pictures, and GILL's retrieved picture (5 captions + 4 pictures).", ""]
