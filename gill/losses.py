@@ -30,7 +30,7 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, num_tokens: torch.T
     if weights is not None:
         ce = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
         total = (ce * weights[:, 1:].reshape(-1).float()).sum()
-        return total / (num_tokens if num_tokens is not None else (shift_labels != IGNORE_INDEX).sum().clamp_min(1))
+        return total / (num_tokens if num_tokens is not None else num_targets(labels).clamp_min(1))
     if num_tokens is None:
         return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX)
     total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -335,6 +335,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     ``state["bad_steps"]``, and after ``cfg.max_bad_steps`` such steps in a row the run stops."""
     from gill import losses
     from training import distributed as D
+    from training.data import LOSS_WEIGHTS
     from training.step import renorm_img_embeddings
 
     cfg, model = run.cfg, run.model
@@ -350,7 +351,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
         pixels = torch.stack([s.pixel_values for s in part]).to(run.device, vision_dtype)
         target = torch.stack([s.sd_embedding for s in part]).to(run.device, torch.float32)
         # per-sample loss weights (KEY.loss.json); None when all are 1: the original's losses, bit for bit
-        weights = {name: [getattr(s, f"{name}_weight") for s in part] for name in ("mapper", "caption")}
+        weights = {name: [getattr(s, f"{name}_weight") for s in part] for name in LOSS_WEIGHTS}
         weights = {k: torch.tensor(w, device=run.device) if any(x != 1.0 for x in w) else None for k, w in weights.items()}
         text, context = batch_text(run.tokenizer, part, cfg, model.config)
         sync = micro == cfg.grad_accum - 1 or run.world == 1

@@ -136,11 +136,10 @@ def attached_pictures(gill, train_comp: set) -> dict:
     words = [set(t.replace(".", " ").split()) for t in texts]
 
     def named(idx):
-        out = {a: sum(getattr(scenes[i], a) in words[i] for i in idx) / max(len(idx), 1)
-               for a in ("color", "shape", "size", "position", "background")}
-        out["colour_and_shape"] = sum(scenes[i].color in words[i] and scenes[i].shape in words[i] for i in idx) / max(len(idx), 1)
-        out["colour"] = out.pop("color")
-        return {**out, "n": len(idx)}
+        attrs = {"colour": ("color",), "shape": ("shape",), "size": ("size",), "position": ("position",),
+                 "background": ("background",), "colour_and_shape": ("color", "shape")}
+        return {name: sum(all(getattr(scenes[i], a) in words[i] for a in these) for i in idx) / max(len(idx), 1)
+                for name, these in attrs.items()} | {"n": len(idx)}
 
     unseen = [i for i, s in enumerate(scenes) if s.composition not in train_comp]
     return {"named": named(range(len(scenes))), "named_unseen": named(unseen),
@@ -303,7 +302,7 @@ def report_markdown(r: dict) -> str:
         p, pu = r["pictures_read"]["named"], r["pictures_read"]["named_unseen"]
         lines += ["", f"## Attached pictures read (\"what is this?\" after a picture, {p['n']} scenes)", "",
                   f"- the answer names the picture's colour {p['colour']:.2f} (chance {ch['colour']:.2f}), shape "
-                  f"{p['shape']:.2f} ({1 / len(world.SHAPES):.2f}), both {p['colour_and_shape']:.2f} "
+                  f"{p['shape']:.2f} ({ch['shape']:.2f}), both {p['colour_and_shape']:.2f} "
                   f"({ch['colour_and_shape']:.2f}), size {p['size']:.2f}, position {p['position']:.2f}, background "
                   f"{p['background']:.2f}; unseen compositions: both {pu['colour_and_shape']:.2f} (n={pu['n']})"]
         lines += [f"- {e['picture']} -> {e['answer'] or '(nothing)'}" for e in r["pictures_read"]["examples"]]
