@@ -147,6 +147,21 @@ def test_the_lms_text_holds_chats_and_what_the_corpus_holds():
                                                      f"Q: draw it.\nA: {a.caption()}.{world.PICTURE}\n")
 
 
+def test_the_lm_check_tells_whether_the_lm_follows_a_story_through_its_pictures_places():
+    """The lm stage's check (lm-check.json): the shipped LM says where a story ends from its text, and less
+    often once each caption is followed by a picture's place (as GILL gives it a story with its pictures),
+    text it never read; the report measures the same through GILL's own visual prefixes."""
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    from gill.presets import toy_dir
+    from training.toy.backbones import story_end_accuracy
+
+    tok = AutoTokenizer.from_pretrained(toy_dir() / "lm")
+    lm = OPTForCausalLM.from_pretrained(toy_dir() / "lm").eval()
+    text, pictured = story_end_accuracy(lm, tok, False, n=20), story_end_accuracy(lm, tok, True, n=20)
+    assert text >= 0.95 and pictured < text - 0.2, (text, pictured)
+
+
 def test_the_test_stories_and_decisions_stay_the_same_whatever_the_plan_draws_for_training(tmp_path):
     """The eval's stories and the decision annotations have seeds of their own: a plan with more training
     stories (which draws more from the training rng) is measured on the same test set."""
@@ -222,6 +237,11 @@ def test_small_build_learns_to_decide_and_chats_with_pictures(small_build):
     assert decision["held_out_prompts"]["test_balanced_accuracy"] >= DECIDE_HELD_OUT, decision
     chat = report["chat"]
     assert chat["on_topic_turns"] >= 4 and chat["images_of_the_asked_colour"] >= CHAT_PICTURES, chat["turns"]
+    # whether the frozen LM follows the test stories: from their text as the lm stage's check found (the
+    # shipped LM), and through GILL's visual prefixes where the pictures are (no bound: measured, the cause
+    # of the pictures' cost in the full build's report)
+    followed = report["stories_followed"]
+    assert followed["n"] == 24 and followed["text"] >= 0.9 and 0 <= followed["pictures"] <= 1, followed
     # the report's "attached pictures" section asks about every scene (no bound: the toy does not read them yet)
     read = report["pictures_read"]
     assert read["named"]["n"] == len(world.all_scenes()) and 0 <= read["named"]["colour_and_shape"] <= read["named"]["colour"] <= 1

@@ -121,6 +121,24 @@ def chat(gill) -> dict:
             "images_of_the_asked_colour": sum(t["asked_colour"] in t["image_colours"] for t in turns if t["asked_colour"])}
 
 
+def stories_followed(gill, stories: list[list[tuple[str, world.Scene]]]) -> dict:
+    """Whether the frozen LM follows a story to its end, as GILL gives it the story's text alone and with its
+    pictures between the captions (the "5 captions + 4 images" input): how often the greedy words after
+    '<story> there are photos of it. now it is' (the LM's own text after a story) are its last scene's caption."""
+    from gill.pipeline import Text
+
+    ends = [steps[-1][1].caption() for steps in stories]
+    inputs = {"text": [[" ".join(c for c, _ in steps[:-1]) + " " + steps[-1][0] + world.PHOTOS + " now it is"] for steps in stories],
+              "pictures": [[x for c, s in steps[:-1] for x in (c, world.render(s))] + [steps[-1][0] + world.PHOTOS + " now it is"]
+                           for steps in stories]}
+    out = {"n": len(stories)}
+    for how, conversations in inputs.items():
+        answers = gill.generate_interleaved(conversations, policy="retrieve", seed=0, max_new_tokens=14)
+        said = ["".join(x.text for x in a if isinstance(x, Text)).strip() for a in answers]
+        out[how] = sum(t.startswith(e) for t, e in zip(said, ends)) / max(len(stories), 1)
+    return out
+
+
 def attached_pictures(gill, train_comp: set) -> dict:
     """The app's "attach a picture and ask" turn: every scene's clean picture, then "what is this?" in
     the chat's turn format, default settings (pictures in answers retrieved: only the text is read). Per
@@ -195,6 +213,8 @@ def stage_report(out: Path, plan, seed: int) -> None:
     held_out = out / "model" / "decision_metrics.json"
     if held_out.is_file():
         report["decision"]["held_out_prompts"] = json.loads(held_out.read_text())
+    report["stories_followed"] = stories_followed(gill, [[(a["original_text"], scenes[a["photo_flickr_id"]]) for a in steps]
+                                                         for steps in by_story.values()])
     report["captions"] = single_captions(gill, judge, train_comp)
     report["chat"] = chat(gill)
     report["pictures_read"] = attached_pictures(gill, train_comp)
@@ -270,6 +290,10 @@ def report_markdown(r: dict) -> str:
                      f"{u['colour_and_shape']:.2f} (n={u['n']}) |")
     lines.append(f"| chance | | {ch['colour']:.2f} / {ch['shape']:.2f} / {ch['colour_and_shape']:.2f} | "
                  f"{ch['colour_and_shape']:.2f} | |")
+    if "stories_followed" in r:
+        f = r["stories_followed"]
+        lines += ["", f"The frozen LM says where a test story ends (greedy, after \"there are photos of it. now it is\") in "
+                  f"{f['text']:.2f} of them from their text, {f['pictures']:.2f} with their pictures between the captions."]
     lines += ["", f"## Retrieval (the story's last picture among {r['retrieval']['gallery_size']}, context masked)", "",
               "| setting | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
     for name, e in r["retrieval"].items():
