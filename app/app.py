@@ -234,7 +234,8 @@ def model_hint(pipeline: Any) -> tuple[str, list[str]] | None:
     text = (f"**The toy world** knows only coloured shapes: colours {', '.join(world.COLORS)}; shapes "
             f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)}; positions {', '.join(world.POSITIONS)}; "
             f"backgrounds {', '.join(world.BACKGROUNDS)}. Describe a scene, then change it "
-            "(“it moves to the right.”, “it turns blue.”), or attach a picture of a shape.")
+            "(“it moves to the right.”, “it turns blue.”), or ask what colour or shape it is. It does not yet "
+            "read the pictures you attach: asked about one, it mostly guesses (its report, “Attached pictures read”).")
     examples = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
                 "it turns yellow.", "a large green triangle in the middle on white."]
     return text, examples

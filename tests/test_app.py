@@ -89,6 +89,29 @@ def controls_of(demo) -> tuple:
     return tuple(by_label[label].value for label in labels)
 
 
+def test_the_toy_hints_examples_each_get_an_on_topic_answer_with_a_picture():
+    """The page's "Try" examples for the default model, each as a new chat's first message with the app's
+    defaults: an answer in the toy's words and a picture (the third, a change, after the first)."""
+    from app.app import model_hint
+    from gill import GILL
+    from gill.toy import world
+
+    toy = GILL.from_pretrained("toy")
+    demo = build_demo(toy)
+    fn = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "respond")
+    text, examples = model_hint(toy)
+    assert all(c in text for c in world.COLORS) and all(s in text for s in world.SHAPES)
+    words = set(world.COLORS) | set(world.SHAPES)
+    for i, example in enumerate(examples):
+        messages, state = [], None
+        for message in ([examples[0]] if i == 2 else []) + [example]:
+            messages, state, _ = list(fn({"text": message, "files": []}, messages, state, *controls_of(demo)))[-1]
+        last_user = max(j for j, m in enumerate(messages) if m["role"] == "user")
+        answer = [m["content"] for m in messages[last_user + 1:]]
+        said = " ".join(c for c in answer if isinstance(c, str))
+        assert words & set(said.replace(".", " ").split()) and any(not isinstance(c, str) for c in answer), (example, answer)
+
+
 @pytest.mark.slow
 def test_long_chats_and_huge_messages_with_the_default_model():
     """Ten turns, a 5000-character message, then a short one, on the toy with the app's own defaults."""
