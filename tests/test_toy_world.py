@@ -242,6 +242,10 @@ def test_small_build_learns_to_decide_and_chats_with_pictures(small_build):
     # of the pictures' cost in the full build's report)
     followed = report["stories_followed"]
     assert followed["n"] == 24 and followed["text"] >= 0.9 and 0 <= followed["pictures"] <= 1, followed
+    # changes in a chat: the section measures both histories (no bound yet: the shipped model's pictures show
+    # what its answer says in 0.25 of them)
+    changes = report["chat_changes"]
+    assert changes["n"] == 36 and all(0 <= v <= 1 for how in ("with_pictures", "text_only") for v in changes[how].values())
     # the report's "attached pictures" section asks about every scene (no bound: the toy does not read them yet)
     read = report["pictures_read"]
     assert read["named"]["n"] == len(world.all_scenes()) and 0 <= read["named"]["colour_and_shape"] <= read["named"]["colour"] <= 1

@@ -5,6 +5,7 @@ OUT/report: report.json, report.md and grid.png."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -121,6 +122,39 @@ def chat(gill) -> dict:
             "images_of_the_asked_colour": sum(t["asked_colour"] in t["image_colours"] for t in turns if t["asked_colour"])}
 
 
+def chat_changes(gill, n: int = 36) -> dict:
+    """Two chat turns, as the app runs them (default settings): a scene, then a change to it ("it turns
+    yellow."; a story's first two steps, any composition). How often the second answer names the changed scene, and how often its picture shows the
+    scene the answer names (colour and shape, the world's judge), with and without the first turn's
+    picture in the history (the pictures a chat shows are read back as visual prefixes)."""
+    from gill import chat as turns_format
+    from gill.pipeline import GeneratedImage, RetrievedImage, Text
+
+    rng = random.Random(5)
+    scenes = world.all_scenes()
+    every = {s.composition for s in scenes}
+    chats = [(steps[0][0], f"{steps[1][1]}.", steps[1][0]) for steps in (world.story(rng, every) for _ in range(n))]
+    out: dict = {"n": n}
+    for how in ("with_pictures", "text_only"):
+        words_right = shown_as_said = 0
+        for scene, change, changed in chats:
+            history: list = []
+            for question in (f"{scene.caption()}.", change):
+                turn = turns_format.turn_items(question)
+                answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS,
+                                                   end_at_image=turns_format.END_AT_IMAGE, seed=0)
+                decoded = "".join(x.text for x in answer if isinstance(x, Text))
+                pictures = [x.image for x in answer if isinstance(x, (GeneratedImage, RetrievedImage)) and x.image is not None]
+                history += turn + turns_format.answer_items(decoded, pictures if how == "with_pictures" else [])
+            text = turns_format.answer_text(decoded).strip()
+            words_right += text == f"now it is {changed.caption()}."
+            named = next((s for s in scenes if text.endswith(f" {s.caption()}.")), None)
+            shown = world.scenes_shown(pictures[:1])[0] if pictures else None
+            shown_as_said += named is not None and shown is not None and shown.composition == named.composition
+        out[how] = {"answer_names_the_change": words_right / n, "picture_shows_what_it_says": shown_as_said / n}
+    return out
+
+
 def stories_followed(gill, stories: list[list[tuple[str, world.Scene]]]) -> dict:
     """Whether the frozen LM follows a story to its end, as GILL gives it the story's text alone and with its
     pictures between the captions (the "5 captions + 4 images" input): how often the greedy words after
@@ -217,6 +251,7 @@ def stage_report(out: Path, plan, seed: int) -> None:
                                                          for steps in by_story.values()])
     report["captions"] = single_captions(gill, judge, train_comp)
     report["chat"] = chat(gill)
+    report["chat_changes"] = chat_changes(gill)
     report["pictures_read"] = attached_pictures(gill, train_comp)
     report["claims"] = claims(report)
 
@@ -322,6 +357,12 @@ def report_markdown(r: dict) -> str:
     for t in r["chat"]["turns"]:
         lines.append(f"- Q: {t['question']} — A: {t['answer'] or '(nothing)'} — pictures: "
                      f"{', '.join(t['image_colours']) or 'none'}" + (f" (asked: {t['asked_colour']})" if t["asked_colour"] else ""))
+    if "chat_changes" in r:
+        c, w, t = r["chat_changes"], r["chat_changes"]["with_pictures"], r["chat_changes"]["text_only"]
+        lines += ["", f"Changes in a chat ({c['n']} two-turn chats, a scene then \"it turns yellow.\" or the like): the "
+                  f"answer names the changed scene in {w['answer_names_the_change']:.2f}, its picture shows the colour and "
+                  f"shape it names in {w['picture_shows_what_it_says']:.2f}; with the first turn's picture left out of the "
+                  f"history {t['answer_names_the_change']:.2f} and {t['picture_shows_what_it_says']:.2f}."]
     if "pictures_read" in r:
         p, pu = r["pictures_read"]["named"], r["pictures_read"]["named_unseen"]
         lines += ["", f"## Attached pictures read (\"what is this?\" after a picture, {p['n']} scenes)", "",
