@@ -122,6 +122,31 @@ def chat(gill) -> dict:
             "images_of_the_asked_colour": sum(t["asked_colour"] in t["image_colours"] for t in turns if t["asked_colour"])}
 
 
+@torch.no_grad()
+def retrieval_refit(gill, train_comp: set, ridge: float = 0.1, seed: int = 0) -> dict:
+    """Whether GILL's trained text-side retrieval head gets what its [IMG] states hold: each corpus scene's
+    caption, as typed, retrieves its picture among the corpus's (R@1) through the trained head, and through
+    ridge regressions onto the image-side embeddings fitted on 2/3 of the scenes and scored on the other
+    third, from [IMG0]'s state (what the head reads) and from the mean of all [IMG] states."""
+    scenes = [s for s in world.all_scenes() if s.composition in train_comp]
+    slots = gill.image_slot_embeddings([[f"{s.caption()}."] for s in scenes])
+    pixels = gill.image_processor(images=[world.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+    images = F.normalize(gill.model.encode_images(pixels).retrieval.float(), dim=-1)
+    truth = torch.arange(len(scenes))
+    order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed))
+    fit, held = order[: len(scenes) * 2 // 3], order[len(scenes) * 2 // 3:]
+
+    def refit(states: torch.Tensor) -> float:
+        x = torch.cat([states.float(), torch.ones(len(states), 1)], 1)
+        w = torch.linalg.solve(x[fit].T @ x[fit] + ridge * torch.eye(x.shape[1]), x[fit].T @ images[fit])
+        return ((x[held] @ w) @ images.T).argmax(-1).eq(truth[held]).float().mean().item()
+
+    trained = (F.normalize(slots.retrieval.float(), dim=-1) @ images.T).argmax(-1).eq(truth)
+    return {"n": len(scenes), "held_out": len(held), "trained_head_R@1": trained.float().mean().item(),
+            "trained_head_R@1_held_out_scenes": trained[held].float().mean().item(),
+            "refit_img0_R@1": refit(slots.hidden[:, 0]), "refit_mean_img_R@1": refit(slots.hidden.mean(1))}
+
+
 def chat_changes(gill, n: int = 36) -> dict:
     """Two chat turns, as the app runs them (default settings): a scene, then a change to it ("it turns
     yellow."; a story's first two steps, any composition). How often the second answer names the changed scene, and how often its picture shows the
@@ -250,6 +275,7 @@ def stage_report(out: Path, plan, seed: int) -> None:
     report["stories_followed"] = stories_followed(gill, [[(a["original_text"], scenes[a["photo_flickr_id"]]) for a in steps]
                                                          for steps in by_story.values()])
     report["captions"] = single_captions(gill, judge, train_comp)
+    report["captions"]["retrieval_refit"] = retrieval_refit(gill, train_comp)
     report["chat"] = chat(gill)
     report["chat_changes"] = chat_changes(gill)
     report["pictures_read"] = attached_pictures(gill, train_comp)
@@ -353,6 +379,11 @@ def report_markdown(r: dict) -> str:
                  f"both {sd['colour_and_shape']:.2f}; unseen compositions: both {sd_un['colour_and_shape']:.2f}")
     lines.append(f"- retrieved, the exact picture among {round(1 / c['retrieval_exact']['chance_R@1'])}: R@1 "
                  f"{c['retrieval_exact']['R@1']:.2f}, R@5 {c['retrieval_exact']['R@5']:.2f} (n={c['retrieval_exact']['n']})")
+    if "retrieval_refit" in c:
+        f = c["retrieval_refit"]
+        lines.append(f"- the trained retrieval head on [IMG0] vs a ridge refit on 2/3 of the corpus captions (scored on the "
+                     f"other {f['held_out']}, among all {f['n']}): R@1 {f['trained_head_R@1_held_out_scenes']:.2f} vs "
+                     f"{f['refit_img0_R@1']:.2f} from [IMG0], {f['refit_mean_img_R@1']:.2f} from the mean of the [IMG] states")
     lines += ["", "## A scripted chat (the app's turn format, default settings)", ""]
     for t in r["chat"]["turns"]:
         lines.append(f"- Q: {t['question']} — A: {t['answer'] or '(nothing)'} — pictures: "
