@@ -97,27 +97,34 @@ def single_captions(gill, judge: AttributeJudge, train_comp: set) -> dict:
            "retrieval_exact": {"R@1": r1, "R@5": r5, "n": len(corpus), "chance_R@1": 1 / len(gill.retriever)}}
 
 
-def chat(gill) -> dict:
-    """CHAT_SCRIPT through the app's turn format ("Q: ...\\nA:", the answer's text and pictures fed back),
-    default settings: per turn, the answer, whether it names a colour or shape of the world, and the
-    colour of each picture it shows."""
+def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = True) -> tuple[str, list]:
+    """One turn as the app runs it (the "Q: ...\nA:" format, default settings, seed 0): the answer's text and
+    pictures; ``history`` is extended with the turn and the answer (its pictures too, unless not
+    ``feed_back_pictures``), as the app feeds an answer back."""
     from gill import chat as turns_format
     from gill.pipeline import GeneratedImage, RetrievedImage, Text
 
+    turn = turns_format.turn_items(question)
+    answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS,
+                                       end_at_image=turns_format.END_AT_IMAGE, seed=0)
+    decoded = "".join(s.text for s in answer if isinstance(s, Text))
+    pictures = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
+    history += turn + turns_format.answer_items(decoded, pictures if feed_back_pictures else [])
+    return turns_format.answer_text(decoded), pictures
+
+
+def chat(gill) -> dict:
+    """CHAT_SCRIPT through the app's turn format ("Q: ...\nA:", the answer's text and pictures fed back),
+    default settings: per turn, the answer, whether it names a colour or shape of the world, and the
+    colour of each picture it shows."""
     words = set(world.COLORS) | set(world.SHAPES)
     history: list = []
     turns = []
     for question, colour in CHAT_SCRIPT:
-        turn = turns_format.turn_items(question)
-        answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS,
-                                           end_at_image=turns_format.END_AT_IMAGE, seed=0)
-        decoded = "".join(s.text for s in answer if isinstance(s, Text))
-        text = turns_format.answer_text(decoded)
-        images = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
+        text, images = chat_turn(gill, history, question)
         colours = [world.dominant_colour(im) for im in images]
         turns.append({"question": question, "answer": text.strip(), "asked_colour": colour, "image_colours": colours,
                       "on_topic": any(w in text.replace(".", " ").split() for w in words)})
-        history += turn + turns_format.answer_items(decoded, images)
     return {"turns": turns, "on_topic_turns": sum(t["on_topic"] for t in turns),
             "images_of_the_asked_colour": sum(t["asked_colour"] in t["image_colours"] for t in turns if t["asked_colour"])}
 
@@ -149,12 +156,10 @@ def retrieval_refit(gill, train_comp: set, ridge: float = 0.1, seed: int = 0) ->
 
 def chat_changes(gill, n: int = 36) -> dict:
     """Two chat turns, as the app runs them (default settings): a scene, then a change to it ("it turns
-    yellow."; a story's first two steps, any composition). How often the second answer names the changed scene, and how often its picture shows the
-    scene the answer names (colour and shape, the world's judge), with and without the first turn's
-    picture in the history (the pictures a chat shows are read back as visual prefixes)."""
-    from gill import chat as turns_format
-    from gill.pipeline import GeneratedImage, RetrievedImage, Text
-
+    yellow."; a story's first two steps, any composition). How often the second answer names the changed
+    scene, and how often its picture shows the scene the answer names (colour and shape, the world's judge),
+    with and without the first turn's picture in the history (the pictures a chat shows are read back as
+    visual prefixes)."""
     rng = random.Random(5)
     scenes = world.all_scenes()
     every = {s.composition for s in scenes}
@@ -164,14 +169,9 @@ def chat_changes(gill, n: int = 36) -> dict:
         words_right = shown_as_said = 0
         for scene, change, changed in chats:
             history: list = []
-            for question in (f"{scene.caption()}.", change):
-                turn = turns_format.turn_items(question)
-                answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS,
-                                                   end_at_image=turns_format.END_AT_IMAGE, seed=0)
-                decoded = "".join(x.text for x in answer if isinstance(x, Text))
-                pictures = [x.image for x in answer if isinstance(x, (GeneratedImage, RetrievedImage)) and x.image is not None]
-                history += turn + turns_format.answer_items(decoded, pictures if how == "with_pictures" else [])
-            text = turns_format.answer_text(decoded).strip()
+            chat_turn(gill, history, f"{scene.caption()}.", feed_back_pictures=how == "with_pictures")
+            text, pictures = chat_turn(gill, history, change)
+            text = text.strip()
             words_right += text == f"now it is {changed.caption()}."
             named = next((s for s in scenes if text.endswith(f" {s.caption()}.")), None)
             shown = world.scenes_shown(pictures[:1])[0] if pictures else None
@@ -187,7 +187,7 @@ def stories_followed(gill, stories: list[list[tuple[str, world.Scene]]]) -> dict
     from gill.pipeline import Text
 
     ends = [steps[-1][1].caption() for steps in stories]
-    inputs = {"text": [[" ".join(c for c, _ in steps[:-1]) + " " + steps[-1][0] + world.PHOTOS + " now it is"] for steps in stories],
+    inputs = {"text": [[" ".join(c for c, _ in steps) + world.PHOTOS + " now it is"] for steps in stories],
               "pictures": [[x for c, s in steps[:-1] for x in (c, world.render(s))] + [steps[-1][0] + world.PHOTOS + " now it is"]
                            for steps in stories]}
     out = {"n": len(stories)}
