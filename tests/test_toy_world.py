@@ -164,16 +164,17 @@ def test_the_lm_check_tells_whether_the_lm_follows_a_story_through_its_pictures_
 
 def test_the_reports_retrieval_refit_finds_the_shipped_head_as_good_as_a_linear_refit_of_img0():
     """The report's check of the trained retrieval head against ridge refits from the same [IMG] states
-    (fitted on 2/3 of the corpus captions, scored on the rest): on the shipped model the head gets about
-    what a refit on [IMG0] gets (0.77 vs 0.79); an LM of another seed gave 0.32 vs 0.71 (README)."""
+    (fitted on 2/3 of the corpus captions, scored on the rest): on the shipped model (v2.7, [IMG] input rows
+    free) the head gets all a refit on [IMG0] gets (1.00 vs 0.96); v2.6, its rows held at the LM rows'
+    norm, got 0.77 vs 0.79, and an LM of another seed 0.32 vs 0.71 (README)."""
     from gill import GILL
     from training.toy.report import retrieval_refit
 
     train, _ = world.split_compositions()
     r = retrieval_refit(GILL.from_pretrained("toy"), train)
     assert r["n"] == 168 and r["held_out"] == 56
-    assert abs(r["trained_head_R@1_held_out_scenes"] - r["refit_img0_R@1"]) <= 0.1, r
-    assert r["refit_mean_img_R@1"] >= 0.9 and r["trained_head_R@1"] >= 0.75, r
+    assert r["trained_head_R@1_held_out_scenes"] >= r["refit_img0_R@1"] - 0.05, r
+    assert r["refit_mean_img_R@1"] >= 0.9 and r["trained_head_R@1"] >= 0.95, r
 
 
 def test_the_test_stories_and_decisions_stay_the_same_whatever_the_plan_draws_for_training(tmp_path):

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.install:
         from training.toy.install import install
 
-        install(out, plan, args.seed, f"python -m training.toy --out OUT --seed {args.seed} --install")
+        reused = f" --backbones {args.backbones}" if args.backbones is not None else ""
+        install(out, plan, args.seed, f"python -m training.toy --out OUT --seed {args.seed}{reused} --install")
     return 0
 
 

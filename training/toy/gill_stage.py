@@ -43,15 +43,20 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--text-key", "sd.txt")
     config = gill_config(out)
     if not (out / "gill-run" / "final" / "gill.safetensors").exists():
-        # [IMG] output rows of their own, not rescaled (the input rows are, as the original's): the toy LM is
-        # sure of its next token (the end of an answer predicts its next word at logit ~13.6 from a state of
-        # norm 12.6), which a row of the LM rows' mean norm (0.70) cannot outscore (at most ~8.8), so [IMG0]
-        # could never follow a chat answer. Free output rows let it (logit ~18 there).
+        # [IMG] output rows of their own, not rescaled: the toy LM is sure of its next token (the end of an
+        # answer predicts its next word at logit ~13.6 from a state of norm 12.6), which a row of the LM rows'
+        # mean norm (0.70) cannot outscore (at most ~8.8), so [IMG0] could never follow a chat answer. Free
+        # output rows let it (logit ~18 there).
+        # The input rows are not rescaled either (the original keeps them at the LM rows' mean norm): held
+        # there, [IMG0]'s row cannot steer the small LM's state, whose gradient asks for a longer row, and
+        # the retrieval head read whatever the LM's seed happened to leave at the "." (an LM of the same text
+        # and another seed: exact retrieval 0.43, story retrieval 0.10); free, [IMG0]'s state holds the
+        # scene after captions, chats and stories alike (see the README's toy section for the figures).
         run("-m", "training.train", "--model", str(config), "--recipe", "tiny", "--data", shards,
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(out / "gill-run"), "--steps", str(plan.gill_steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(plan.gill_steps * 3 // 4),
             "--save-every", str(plan.gill_steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
-            "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "true", "--renorm-img-output", "false",
+            "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "false", "--renorm-img-output", "false",
             # [IMG0] starts as a second full stop: the LM's state at a "." already gathers the scene
             "--img-init", ".",
             # extra retrieval negatives: a batch of 32 rarely holds two scenes that differ in one attribute
