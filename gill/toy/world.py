@@ -274,6 +274,13 @@ def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]
 # it. The two differ in their first word, so the LM's state right after the "." (where [IMG0] follows, and
 # the decision head reads) must already hold the answer.
 PHOTOS, NO_PHOTO = " there are photos of it.", " no photo of it exists."
+NOW = " now it is"  # what the LM's text says next after a story's PHOTOS / NO_PHOTO, before its end scene
+
+
+def ask_story_end(told: str) -> str:
+    """``told`` (a story's text, its pictures' places or not) followed by the LM's own words before a story's
+    end scene, which an LM that follows the story continues with that scene's caption."""
+    return f"{told}{PHOTOS}{NOW}"
 
 # What the LM's text says right after some captions and most stories' ends: one of the scene's background,
 # position or shape, so the LM's state at the "." (which the [IMG] tokens read) holds all three, not knowing
@@ -319,7 +326,7 @@ def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories
         end = steps[-1][0]
         k = i % (len(FIRST) + 1)  # which attribute this story's end says first, if any
         first = said_first(end, list(FIRST)[k - 1]) if attribute_first and k else ""
-        lines.append(". ".join(c for _, c in steps) + f".{first}{known(end)} now it is {end.caption()}.")
+        lines.append(". ".join(c for _, c in steps) + f".{first}{known(end)}{NOW} {end.caption()}.")
     for _ in range(n_chats):
         lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5)), picture=PICTURE))
     return lines

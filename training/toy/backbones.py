@@ -126,7 +126,7 @@ def story_end_accuracy(lm, tokenizer, pictured: bool, n: int = 60) -> float:
     for steps in world.distinct_stories(random.Random(99), train | test, n):
         captions = [f"{c}." for _, c in steps]
         told = "".join(c + world.PICTURE for c in captions[:-1]) + captions[-1] if pictured else " ".join(captions)
-        ids = tokenizer(f"{told}{world.PHOTOS} now it is", return_tensors="pt").input_ids
+        ids = tokenizer(world.ask_story_end(told), return_tensors="pt").input_ids
         said = lm.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
         ok += tokenizer.decode(said).strip().startswith(steps[-1][0].caption())
     return ok / n

@@ -187,8 +187,8 @@ def stories_followed(gill, stories: list[list[tuple[str, world.Scene]]]) -> dict
     from gill.pipeline import Text
 
     ends = [steps[-1][1].caption() for steps in stories]
-    inputs = {"text": [[" ".join(c for c, _ in steps) + world.PHOTOS + " now it is"] for steps in stories],
-              "pictures": [[x for c, s in steps[:-1] for x in (c, world.render(s))] + [steps[-1][0] + world.PHOTOS + " now it is"]
+    inputs = {"text": [[world.ask_story_end(" ".join(c for c, _ in steps))] for steps in stories],
+              "pictures": [[x for c, s in steps[:-1] for x in (c, world.render(s))] + [world.ask_story_end(steps[-1][0])]
                            for steps in stories]}
     out = {"n": len(stories)}
     for how, conversations in inputs.items():
