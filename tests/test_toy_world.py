@@ -208,22 +208,24 @@ def small_build(tmp_path_factory):
     return out, json.loads((out / "report" / "report.json").read_text())
 
 
-# The reduced build's bounds (`python -m training.toy --out OUT --small --backbones toy --seed N`). v2.6 (GILL's
-# mapper with dropout 0.3), seeds 0 / 1 / 2: seed 0 beside another reduced build for 24 of its 27 minutes (1598 s),
-# seed 1 beside two GILL-only builds (1604 s), seed 2 alone (298 s): CLIP similarity on the 24 test stories, 5
-# captions + 4 pictures / 5 captions / last caption 0.75 / 0.78 / 0.26, 0.87 / 0.87 / 0.22, 0.78 / 0.81 / 0.14;
-# single captions colour 0.83 / 0.88 / 0.90, colour and shape 0.68 / 0.81 / 0.75; story retrieval R@1 (5 captions
-# + 4 pictures) 0.67 / 0.50 / 0.38; exact caption retrieval R@5 1.00 each; decision balanced accuracy on test
-# stories 0.88 / 0.86 / 0.93, held out 0.86 / 0.90 / 0.88; chat pictures of the asked colour 2 / 1 / 3 (of 4).
-# v2.4's recipe (no dropout), seeds 0 / 1 / 2 (297 s alone, 1196 s beside three runs of the fast suite, 296 s alone): 0.82 / 0.87 / 0.08, 0.89 / 0.90 / 0.26, 0.90 / 0.89 /
-# 0.09; colour 0.86 / 0.96 / 0.97, colour and shape 0.79 / 0.85 / 0.89; story R@1 0.54 / 0.62 / 0.38; R@5 1.00
-# each; decision 0.88 / 0.86 / 0.80, held out 0.86 / 0.91 / 0.89; chat pictures 3 / 2 / 2. Each bound sits below
-# the lowest with a margin, above chance (the chat's pictures: at the lowest, 1 of 4; chance 4/6 of one); the full build's figures are in the README. Whether the pictures
-# help is within the noise of 24 stories here (5 captions + 4 pictures minus 5 captions: -0.03 / 0.00 / -0.03 with
-# dropout, -0.05 / -0.01 / +0.01 without; each setting's 95% interval is +-0.05 to +-0.15): PICTURES_NOISE
+# The reduced build's bounds (`python -m training.toy --out OUT --small --backbones toy --seed N`). v2.7 (the
+# [IMG] input rows free), seeds 0 / 1 / 2: seeds 0 and 1 beside each other and a GILL-only full build (1708 s and
+# 1650 s for GILL), seed 2 beside that build (390 s): CLIP similarity on the 24 test stories, 5 captions + 4
+# pictures / 5 captions / last caption 0.79 / 0.81 / 0.04, 0.87 / 0.93 / 0.21, 0.91 / 0.90 / 0.27; single
+# captions colour 0.93 / 0.97 / 0.97, colour and shape 0.86 / 0.90 / 0.88; story retrieval R@1 (5 captions + 4
+# pictures) 0.79 / 0.88 / 0.75; exact caption retrieval R@1 1.00 each (R@5 1.00); the trained head on the
+# refit check's held-out scenes 1.00 each against a refit from [IMG0] 0.96 / 0.89 / 0.95; decision balanced
+# accuracy on test stories 0.95 / 1.00 / 0.97, held out 0.95 / 0.94 / 0.91; chat pictures of the asked colour
+# 4 each (of 4). v2.6 (rows held at the LM rows' norm), seeds 0 / 1 / 2: 0.75 / 0.78 / 0.26, 0.87 / 0.87 / 0.22,
+# 0.78 / 0.81 / 0.14; colour 0.83 / 0.88 / 0.90, colour and shape 0.68 / 0.81 / 0.75; story R@1 0.67 / 0.50 /
+# 0.38; R@5 1.00 each; decision 0.88 / 0.86 / 0.93, held out 0.86 / 0.90 / 0.88; chat pictures 2 / 1 / 3. Each
+# bound sits below the lowest with a margin, above chance; the full build's figures are in the README. Whether
+# the pictures help is within the noise of 24 stories here (5 captions + 4 pictures minus 5 captions: -0.02 /
+# -0.06 / +0.01; v2.6 -0.03 / 0.00 / -0.03; each setting's 95% interval is +-0.05 to +-0.15): PICTURES_NOISE
 # bounds how far below it may fall, and the full build's report checks the order itself (60 stories).
-COLOUR, BOTH, CONTEXT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.75, 0.6, 0.25, 0.8, 0.65, 0.75, 1
+COLOUR, BOTH, CONTEXT_R1, EXACT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.8, 0.7, 0.5, 0.9, 0.9, 0.8, 0.8, 2
 PICTURES_NOISE, CONTEXT_MARGIN = 0.1, 0.4
+CHANGE_NAMED, CHANGE_SHOWN = 0.5, 0.3
 
 
 @pytest.mark.slow
@@ -240,7 +242,8 @@ def test_small_build_learns_to_retrieve_and_generate_and_context_helps(small_bui
     assert drawn["colour"] >= COLOUR and drawn["colour_and_shape"] >= BOTH, drawn
     # retrieval: the story's last picture among all story pictures, and a caption's exact corpus picture
     assert ret["gill/5-captions-4-images"]["R@1"] >= CONTEXT_R1, ret  # chance 0.008
-    assert captions["retrieval_exact"]["R@5"] >= EXACT_R5, captions  # chance 0.03
+    exact = captions["retrieval_exact"]
+    assert exact["R@1"] >= EXACT_R1 and exact["R@5"] >= EXACT_R5, captions  # chance 0.006, 0.03
     assert (out / "report" / "grid.png").is_file()
 
 
@@ -257,12 +260,18 @@ def test_small_build_learns_to_decide_and_chats_with_pictures(small_build):
     # of the pictures' cost in the full build's report)
     followed = report["stories_followed"]
     assert followed["n"] == 24 and followed["text"] >= 0.9 and 0 <= followed["pictures"] <= 1, followed
-    # changes in a chat: the section measures both histories (no bound yet: the shipped model's pictures show
-    # what its answer says in 0.25 of them)
+    # the retrieval head gets what a linear refit from the same [IMG0] states gets (with the [IMG] input rows
+    # held at the LM rows' norm, an LM of another seed left it at 0.32 against 0.71: README)
     refit = report["captions"]["retrieval_refit"]
-    assert refit["held_out"] == 56 and 0 <= refit["refit_img0_R@1"] <= 1, refit
+    assert refit["held_out"] == 56 and refit["trained_head_R@1_held_out_scenes"] >= refit["refit_img0_R@1"] - 0.1, refit
+    # changes in a chat ("it turns yellow." after a scene), as the app runs them: the answer names the changed
+    # scene and its picture shows what the answer says, well above chance (about 1/18 for the picture) though
+    # far from always (v2.7, seeds 0 / 1 / 2: 0.72 / 0.75 / 0.64 and 0.44 / 0.56 / 0.47; the shipped model 0.64
+    # and 0.42; v2.6 0.25 for the picture)
     changes = report["chat_changes"]
     assert changes["n"] == 36 and all(0 <= v <= 1 for how in ("with_pictures", "text_only") for v in changes[how].values())
+    said = changes["with_pictures"]
+    assert said["answer_names_the_change"] >= CHANGE_NAMED and said["picture_shows_what_it_says"] >= CHANGE_SHOWN, changes
     # the report's "attached pictures" section asks about every scene (no bound: the toy does not read them yet)
     read = report["pictures_read"]
     assert read["named"]["n"] == len(world.all_scenes()) and 0 <= read["named"]["colour_and_shape"] <= read["named"]["colour"] <= 1
