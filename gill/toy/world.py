@@ -225,7 +225,7 @@ def conversation(rng: random.Random, compositions: set[tuple[str, str]], turns: 
             else:
                 continue
             current = nxt
-            out.append(Turn(f"{said}.", f"now it is {current.caption()}.", current))
+            out.append(Turn(f"{said}.", now_it_is(current), current))
         else:
             if rng.random() < 0.5:
                 out.append(Turn("what colour is it?", f"it is {current.color}."))
@@ -277,6 +277,12 @@ PHOTOS, NO_PHOTO = " there are photos of it.", " no photo of it exists."
 NOW = " now it is"  # what the LM's text says next after a story's PHOTOS / NO_PHOTO, before its end scene
 
 
+def now_it_is(scene: Scene) -> str:
+    """What the world says a scene has become: a story's end ("now it is a large red circle ..."), and a
+    chat's answer to a change ("it turns red." -> this)."""
+    return f"{NOW.lstrip()} {scene.caption()}."
+
+
 def ask_story_end(told: str) -> str:
     """``told`` (a story's text, its pictures' places or not) followed by the LM's own words before a story's
     end scene, which an LM that follows the story continues with that scene's caption."""
@@ -326,7 +332,7 @@ def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories
         end = steps[-1][0]
         k = i % (len(FIRST) + 1)  # which attribute this story's end says first, if any
         first = said_first(end, list(FIRST)[k - 1]) if attribute_first and k else ""
-        lines.append(". ".join(c for _, c in steps) + f".{first}{known(end)}{NOW} {end.caption()}.")
+        lines.append(". ".join(c for _, c in steps) + f".{first}{known(end)} {now_it_is(end)}")
     for _ in range(n_chats):
         lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5)), picture=PICTURE))
     return lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,7 +98,13 @@ def single_captions(gill, judge: AttributeJudge, train_comp: set) -> dict:
            "retrieval_exact": {"R@1": r1, "R@5": r5, "n": len(corpus), "chance_R@1": 1 / len(gill.retriever)}}
 
 
-def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = True) -> tuple[str, list]:
+@dataclass
+class ChatAnswer:
+    text: str  # the answer's words, as the app shows them
+    pictures: list  # the PIL images it shows, retrieved or generated
+
+
+def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = True) -> ChatAnswer:
     """One turn as the app runs it (the "Q: ...\nA:" format, default settings, seed 0): the answer's text and
     pictures; ``history`` is extended with the turn and the answer (its pictures too, unless not
     ``feed_back_pictures``), as the app feeds an answer back."""
@@ -110,7 +117,7 @@ def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = Tru
     decoded = "".join(s.text for s in answer if isinstance(s, Text))
     pictures = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
     history += turn + turns_format.answer_items(decoded, pictures if feed_back_pictures else [])
-    return turns_format.answer_text(decoded), pictures
+    return ChatAnswer(turns_format.answer_text(decoded), pictures)
 
 
 def chat(gill) -> dict:
@@ -121,8 +128,9 @@ def chat(gill) -> dict:
     history: list = []
     turns = []
     for question, colour in CHAT_SCRIPT:
-        text, images = chat_turn(gill, history, question)
-        colours = [world.dominant_colour(im) for im in images]
+        answer = chat_turn(gill, history, question)
+        text = answer.text
+        colours = [world.dominant_colour(im) for im in answer.pictures]
         turns.append({"question": question, "answer": text.strip(), "asked_colour": colour, "image_colours": colours,
                       "on_topic": any(w in text.replace(".", " ").split() for w in words)})
     return {"turns": turns, "on_topic_turns": sum(t["on_topic"] for t in turns),
@@ -170,9 +178,9 @@ def chat_changes(gill, n: int = 36) -> dict:
         for scene, change, changed in chats:
             history: list = []
             chat_turn(gill, history, f"{scene.caption()}.", feed_back_pictures=how == "with_pictures")
-            text, pictures = chat_turn(gill, history, change)
-            text = text.strip()
-            words_right += text == f"now it is {changed.caption()}."
+            answer = chat_turn(gill, history, change)
+            text, pictures = answer.text.strip(), answer.pictures
+            words_right += text == world.now_it_is(changed)
             named = next((s for s in scenes if text.endswith(f" {s.caption()}.")), None)
             shown = world.scenes_shown(pictures[:1])[0] if pictures else None
             shown_as_said += named is not None and shown is not None and shown.composition == named.composition
