@@ -219,11 +219,15 @@ def small_build(tmp_path_factory):
 # 4 each (of 4). v2.6 (rows held at the LM rows' norm), seeds 0 / 1 / 2: 0.75 / 0.78 / 0.26, 0.87 / 0.87 / 0.22,
 # 0.78 / 0.81 / 0.14; colour 0.83 / 0.88 / 0.90, colour and shape 0.68 / 0.81 / 0.75; story R@1 0.67 / 0.50 /
 # 0.38; R@5 1.00 each; decision 0.88 / 0.86 / 0.93, held out 0.86 / 0.90 / 0.88; chat pictures 2 / 1 / 3. Each
-# bound sits below the lowest with a margin, above chance; the full build's figures are in the README. Whether
+# bound sits below the lowest with a margin, above chance; the full build's figures are in the README. Since
+# the report draws every scene's single caption (216, not every third), seeds 0 / 1 / 2 re-reported on the same
+# weights: colour 0.91 / 0.95 / 0.95, colour and shape 0.77 / 0.89 / 0.86 (unseen compositions, no bound: 0.42 /
+# 0.77 / 0.67 of 48), exact retrieval R@1 0.98 / 1.00 / 0.99 of all 168 corpus scenes; a fourth run (seed 0 with
+# the trainer drawing one extra adapter's random numbers first, so another draw) 0.85, 0.75 and 0.98. Whether
 # the pictures help is within the noise of 24 stories here (5 captions + 4 pictures minus 5 captions: -0.02 /
-# -0.06 / +0.01; v2.6 -0.03 / 0.00 / -0.03; each setting's 95% interval is +-0.05 to +-0.15): PICTURES_NOISE
+# -0.06 / +0.01, the fourth run above -0.09; v2.6 -0.03 / 0.00 / -0.03; each setting's 95% interval is +-0.05 to +-0.15): PICTURES_NOISE
 # bounds how far below it may fall, and the full build's report checks the order itself (60 stories).
-COLOUR, BOTH, CONTEXT_R1, EXACT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.8, 0.7, 0.5, 0.9, 0.9, 0.8, 0.8, 2
+COLOUR, BOTH, CONTEXT_R1, EXACT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.75, 0.65, 0.5, 0.9, 0.9, 0.8, 0.8, 2
 PICTURES_NOISE, CONTEXT_MARGIN = 0.1, 0.4
 CHANGE_NAMED, CHANGE_SHOWN = 0.5, 0.3
 

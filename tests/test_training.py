@@ -492,3 +492,42 @@ def test_img_init_starts_img0_from_a_words_embedding_and_leaves_the_other_rows(d
     assert torch.equal(rows[1:], plain.model.adapter.img_embeddings[1:])
     with pytest.raises(SystemExit, match="--img-init"):
         setup(train_args(data, tmp_path / "long", "--img-init", " ".join(["word"] * 20)))
+
+
+def test_train_only_the_mapper_afresh_on_a_trained_models_states(data, tmp_path):
+    """--train-only mapper --reinit mapper on a trained model directory: the mapper starts afresh and learns
+    (its loss on a batch falls), every other trained weight stays bit for bit the directory's, and the
+    captioning pass, which only trains the frozen visual prefix, is not run."""
+    from gill.checkpoint import save_model
+    from training.train import setup, train_step
+
+    first = setup(train_args(data, tmp_path / "first"))
+    batch = _first_batch(first, data)
+    for _ in range(3):
+        train_step(first, batch)
+    model_dir = save_model(tmp_path / "trained", first.model)
+    # the tiny backbones beside the weights, as a built model directory holds its own
+    first.model.lm.save_pretrained(model_dir / "lm")
+    first.tokenizer.save_pretrained(model_dir / "lm")
+    first.model.vision.save_pretrained(model_dir / "vision")
+    first.processor.save_pretrained(model_dir / "vision")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "lm": "lm", "vision": "vision"}))
+    trained = load_safetensors(tmp_path / "trained" / "gill.safetensors")
+
+    run = setup(train_args(data, tmp_path / "refit", "--lr", "1e-2", "--warmup-steps", "0", "--train-only", "mapper",
+                           "--reinit", "mapper") + ["--model", str(tmp_path / "trained")])
+    start = {k: v.detach().clone() for k, v in run.model.adapter.state_dict().items()}
+    assert all(not torch.equal(start[k], trained[k]) for k in trained if k.startswith("mapper."))
+    assert all(torch.equal(start[k], trained[k]) for k in trained if not k.startswith("mapper."))
+    assert {n for n, p in run.model.adapter.named_parameters() if p.requires_grad} == \
+        {n for n in start if n.startswith("mapper.")}
+    losses = [train_step(run, batch) for _ in range(6)]
+    assert losses[-1]["mapper"] < 0.7 * losses[0]["mapper"], [x["mapper"] for x in losses]
+    assert all(x["caption"] == 0.0 for x in losses) and losses[0]["img_token_ce"] > 0
+    end = run.model.adapter.state_dict()
+    assert all(torch.equal(end[k], trained[k]) for k in trained if not k.startswith("mapper."))
+    assert not torch.equal(end["mapper.out_proj.weight"], start["mapper.out_proj.weight"])
+    for flag in ("--train-only", "--reinit"):
+        with pytest.raises(SystemExit, match=f"{flag}: no adapter part named mappr"):
+            setup(train_args(data, tmp_path / "bad", flag, "mappr"))

@@ -41,6 +41,12 @@ class TrainConfig:
     # are left out
     contrastive_queue: int = 0
     queue_duplicate_cos: float = 0.98
+    # Train only these parts of GILL's adapter (comma-separated: mapper, visual_prefix, image_retrieval,
+    # text_retrieval, img_embeddings, img_output_embeddings, logit_scale); "": all of them (the original).
+    # With --model a trained model directory, "mapper" refits the mapper on that model's final [IMG] states.
+    train_only: str = ""
+    # Start these parts afresh (same names; drawn with --seed) instead of from --model's weights
+    reinit: str = ""
     precision: str = "bf16"  # "bf16": autocast with fp32 master weights; "fp32"
     backbone_dtype: str = "bf16"  # dtype the frozen LM and vision encoder are loaded in
     val_every: int = 2000

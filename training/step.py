@@ -224,6 +224,19 @@ class TrainStep(nn.Module):
         self.queue = torch.cat([pooled.detach().float(), queued])[: self.queue_size]
         return extra, mask
 
+    def caption_loss(self, prefix: torch.Tensor, text: TextBatch, concat: bool,
+                     caption_weights: torch.Tensor | None) -> torch.Tensor:
+        from training import distributed as D
+
+        model = self.model
+        embeds, mask, labels = caption_inputs(model, prefix, text, concat)
+        weights = None
+        if caption_weights is not None:  # per-sample (KEY.loss.json): a weight-0 sample's tokens are not targets
+            weights = caption_token_weights(labels, text, concat, caption_weights, prefix.shape[1])
+            labels = labels.masked_fill(weights == 0, IGNORE_INDEX)
+        cap_logits = model.lm_forward(embeds, mask).logits
+        return losses.caption_loss(cap_logits, labels, D.global_count(losses.num_targets(labels)) / D.world_size(), weights)
+
     def forward(self, pixels: torch.Tensor, text: TextBatch, sd_target: torch.Tensor, concat_caption: bool,
                 concat_img: bool, context_pixels: torch.Tensor | None = None,
                 mapper_weights: torch.Tensor | None = None, caption_weights: torch.Tensor | None = None) -> StepLosses:
@@ -237,13 +250,10 @@ class TrainStep(nn.Module):
         image = type(encoded)(encoded.pooled[:b], encoded.prefix[:b], encoded.retrieval[:b])
 
         concat = concat_caption and not text.interleaved
-        embeds, mask, labels = caption_inputs(model, image.prefix, text, concat)
-        weights = None
-        if caption_weights is not None:  # per-sample (KEY.loss.json): a weight-0 sample's tokens are not targets
-            weights = caption_token_weights(labels, text, concat, caption_weights, image.prefix.shape[1])
-            labels = labels.masked_fill(weights == 0, IGNORE_INDEX)
-        cap_logits = model.lm_forward(embeds, mask).logits
-        caption = losses.caption_loss(cap_logits, labels, D.global_count(losses.num_targets(labels)) / world, weights)
+        if any(p.requires_grad for p in model.adapter.visual_prefix.parameters()):
+            caption = self.caption_loss(image.prefix, text, concat, caption_weights)
+        else:  # only the visual prefix learns from captioning: with it frozen (--train-only) the LM pass is saved
+            caption = image.prefix.new_zeros((), dtype=torch.float32)
 
         # (B, n, d): groups in image order, also when concatenated
         out, labels, img_hidden = img_token_forward(model, text, concat_img, pixels.device, encoded.prefix[b:])
@@ -278,6 +288,35 @@ def init_img_embeddings(model: GILLModel, tokenizer, text: str) -> None:
     if not ids or len(ids) > rows.shape[0]:
         raise ValueError(f"--img-init {text!r} is {len(ids)} tokens; expected 1 to {rows.shape[0]} (one per [IMG] token)")
     rows[: len(ids)] = model.lm.get_input_embeddings().weight[ids].to(rows.dtype)
+
+
+def adapter_parts(model: GILLModel, names: str, flag: str) -> list[str]:
+    """The parts of GILL's adapter named in ``names`` (comma-separated top-level names, e.g. "mapper");
+    raises naming ``flag`` and the parts there are for an unknown one."""
+    a = model.adapter
+    known = [n for n, _ in a.named_children()] + [n for n, _ in a.named_parameters(recurse=False)]
+    parts = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in parts if n not in known]
+    if unknown:
+        raise ValueError(f"{flag}: no adapter part named {', '.join(unknown)}; the parts are {', '.join(sorted(known))}")
+    return parts
+
+
+@torch.no_grad()
+def reinit_parts(model: GILLModel, parts: list[str]) -> None:
+    """Start these adapter parts afresh, as a new model's (drawn from torch's global generator)."""
+    from gill.model import GILLAdapter
+
+    if not parts:  # (nothing drawn: a run without --reinit takes the same random numbers as before)
+        return
+    fresh = GILLAdapter(model.config).state_dict()
+    model.adapter.load_state_dict({k: v for k, v in fresh.items() if k.split(".")[0] in parts}, strict=False)
+
+
+def train_only(model: GILLModel, parts: list[str]) -> None:
+    """Freeze every adapter parameter outside ``parts``."""
+    for name, p in model.adapter.named_parameters():
+        p.requires_grad_(name.split(".")[0] in parts)
 
 
 def mean_row_norm(weight: torch.Tensor) -> float:

@@ -214,7 +214,8 @@ class Run:
 def setup(argv: list[str] | None = None) -> Run:
     from training import distributed as D
     from training.config import from_args, lr_factor
-    from training.step import TrainStep, init_img_embeddings, mean_row_norm, renorm_img_embeddings
+    from training.step import (TrainStep, adapter_parts, init_img_embeddings, mean_row_norm, reinit_parts,
+                               renorm_img_embeddings, train_only)
 
     args = parse(argv)
     cfg = from_args(args.recipe, args)
@@ -236,6 +237,13 @@ def setup(argv: list[str] | None = None) -> Run:
             init_img_embeddings(model, tokenizer, cfg.img_init)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+    try:
+        fresh, only = adapter_parts(model, cfg.reinit, "--reinit"), adapter_parts(model, cfg.train_only, "--train-only")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    reinit_parts(model, fresh)
+    if only:
+        train_only(model, only)
     model.to(device).train()
     step_module = TrainStep(model, cfg.weights, cfg.contrastive_queue, cfg.queue_duplicate_cos)
     trainable = model.trainable_parameters()
@@ -245,7 +253,7 @@ def setup(argv: list[str] | None = None) -> Run:
     emb_norm = mean_row_norm(model.lm.get_input_embeddings().weight)
     out_emb = model.lm.get_output_embeddings()
     out_norm = mean_row_norm(out_emb.weight) if out_emb is not None and cfg.renorm_img_output else None
-    if cfg.renorm_img_embeddings:
+    if cfg.renorm_img_embeddings and model.adapter.img_embeddings.requires_grad:
         renorm_img_embeddings(model, emb_norm, out_norm)
     if world > 1:
         frozen = [n for n, p in step_module.named_parameters() if not p.requires_grad]
@@ -385,7 +393,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     run.bad_in_a_row = 0
     run.optimizer.step()
     run.scheduler.step()
-    if cfg.renorm_img_embeddings:
+    if cfg.renorm_img_embeddings and model.adapter.img_embeddings.requires_grad:  # (frozen rows stay as trained)
         renorm_img_embeddings(model, run.emb_norm, run.out_norm)
     run.state["step"] += 1
     return logged

@@ -72,6 +72,8 @@ def run_side_by_side(names: list[str], jobs: int, child_args: list[str]) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gill.arguments import int_in
+
     p = argparse.ArgumentParser(prog="python -m training.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true",
                    help="afterwards copy the model and the metric model into gill/assets (the toy preset)")
     p.add_argument("--gill-steps", type=int, default=None, help="override the plan's GILL training steps")
+    p.add_argument("--mapper-steps", type=int_in(0), default=None,
+                   help="then refit the mapper alone, afresh, on GILL's final [IMG] states for this many steps "
+                        "(default 0: not; training.train --train-only mapper --reinit mapper)")
     p.add_argument("--backbones", default=None, metavar="toy|BUILD",
                    help="reuse the frozen backbones (LM, CLIP, diffusion, metric model) of the shipped toy model "
                         "('toy') or of an earlier build's output folder, and train only GILL on them")
@@ -91,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = dataclasses.replace(SMALL if args.small else Plan())
     if args.gill_steps is not None:
         plan.gill_steps = args.gill_steps
+    if args.mapper_steps is not None:
+        plan.mapper_steps = args.mapper_steps
     start = time.time()
     if args.backbones is not None:
         from training.toy.backbones import reuse_backbones
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in names if n not in BACKBONE_STAGES]
     if args.jobs > 1 and len(names) > 1:
         child = ["--out", str(out), "--seed", str(args.seed), *(["--small"] if args.small else []),
-                 *(["--gill-steps", str(args.gill_steps)] if args.gill_steps is not None else [])]
+                 *(["--gill-steps", str(args.gill_steps)] if args.gill_steps is not None else []),
+                 *(["--mapper-steps", str(args.mapper_steps)] if args.mapper_steps is not None else [])]
         run_side_by_side(names, args.jobs, child)
     else:
         for name in names:
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.toy.install import install
 
         reused = f" --backbones {args.backbones}" if args.backbones is not None else ""
+        reused += f" --mapper-steps {args.mapper_steps}" if args.mapper_steps else ""
         install(out, plan, args.seed, f"python -m training.toy --out OUT --seed {args.seed}{reused} --install")
     return 0
 

@@ -29,6 +29,9 @@ class Plan:
     vae_steps: int = 1000
     unet_steps: int = 4200  # (3500 until v2.3, on the corpus's compositions only: 504 pictures, now 648)
     gill_steps: int = 1700  # (1600 in v2.1, 2000 in v2.2, 1800 in v2.3-v2.4: the same report, 40 s more)
+    # then the mapper alone, afresh, on the trained model's final [IMG] states (gill_stage; `--mapper-steps`;
+    # 0: not refitted, as shipped: it draws unseen compositions better but costs minutes; README toy section)
+    mapper_steps: int = 0
     train_images_per_scene: int = 8  # single-caption samples per scene (half as the app's chat turns)
     # v2.3: twice v2.2's stories and chats (with 2/3 of its single captions): GILL fitted only 0.30 of its
     # own training stories' ends (story retrieval 0.25 on the test stories) and took a chat's colour from
