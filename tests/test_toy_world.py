@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gill.eval.data import load_vist
 from gill.toy import world
@@ -279,6 +280,37 @@ def test_small_build_learns_to_decide_and_chats_with_pictures(small_build):
     # the report's "attached pictures" section asks about every scene (no bound: the toy does not read them yet)
     read = report["pictures_read"]
     assert read["named"]["n"] == len(world.all_scenes()) and 0 <= read["named"]["colour_and_shape"] <= read["named"]["colour"] <= 1
+
+
+@pytest.mark.slow
+def test_a_build_refits_its_mapper_alone_when_asked(small_build, tmp_path):
+    """--mapper-steps N (the plan's mapper_steps): after GILL, the mapper alone is trained afresh on the final
+    [IMG] states, and the model directory gets those weights: a mapper unlike GILL's own, every other trained
+    weight GILL's, bit for bit; then the index and the decision head as usual."""
+    import dataclasses
+    import shutil
+
+    from gill.checkpoint import load_safetensors
+    from gill.pipeline import GILL
+    from training.toy.gill_stage import stage_gill
+    from training.toy.plan import SMALL
+
+    built, _ = small_build
+    out = tmp_path / "toy"
+    for name in ("data", "sd-emb", "gill-run"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).symlink_to(built / name)
+    shutil.copytree(built / "model", out / "model", ignore=shutil.ignore_patterns("decision*", "index"))
+    stage_gill(out, dataclasses.replace(SMALL, mapper_steps=30), seed=0)
+    joint = load_safetensors(built / "gill-run" / "final" / "gill.safetensors")
+    shipped = load_safetensors(out / "model" / "gill.safetensors")
+    assert shipped.keys() == joint.keys()
+    assert all(torch.equal(shipped[k], joint[k]) for k in joint if not k.startswith("mapper."))
+    assert not torch.equal(shipped["mapper.out_proj.weight"], joint["mapper.out_proj.weight"])
+    history = json.loads((out / "mapper-run" / "history.json").read_text())
+    assert len(history) == 30 and history[-1]["mapper"] < history[0]["mapper"] and history[0]["caption"] == 0.0
+    model = GILL.from_pretrained(out / "model")  # with its index and decision head
+    assert model.decision is not None and len(model.retriever) == 168
 
 
 def test_backbones_reused_from_the_shipped_model_or_a_build_make_their_stages_skip(tmp_path):
