@@ -246,9 +246,12 @@ class GILLModel(nn.Module):
 
         The mapper reads the states plus the [IMG] tokens' input embeddings, as the original.
         """
+        return self.adapter.mapper(self.mapper_inputs(img_hidden))
+
+    def mapper_inputs(self, img_hidden: torch.Tensor) -> torch.Tensor:
+        """What the mapper reads: the [IMG] states (G, n, d) plus the [IMG] tokens' input embeddings."""
         a = self.adapter
-        x = img_hidden.to(a.img_embeddings.dtype) + a.img_embeddings
-        return a.mapper(x)
+        return img_hidden.to(a.img_embeddings.dtype) + a.img_embeddings
 
     def decision_features(self, img_hidden: torch.Tensor, max_ret_score: torch.Tensor | None = None) -> torch.Tensor:
         """Input of the decision head: the [IMG0] state (G, d), with the max retrieval score appended

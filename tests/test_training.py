@@ -494,18 +494,17 @@ def test_img_init_starts_img0_from_a_words_embedding_and_leaves_the_other_rows(d
         setup(train_args(data, tmp_path / "long", "--img-init", " ".join(["word"] * 20)))
 
 
-def test_train_only_the_mapper_afresh_on_a_trained_models_states(data, tmp_path):
-    """--train-only mapper --reinit mapper on a trained model directory: the mapper starts afresh and learns
-    (its loss on a batch falls), every other trained weight stays bit for bit the directory's, and the
-    captioning pass, which only trains the frozen visual prefix, is not run."""
+def _trained_model_dir(data, path):
+    """A tiny GILL trained 3 steps, saved at ``path`` as a model directory with its backbones beside it;
+    returns the batch it trained on and its saved weights."""
     from gill.checkpoint import save_model
     from training.train import setup, train_step
 
-    first = setup(train_args(data, tmp_path / "first"))
+    first = setup(train_args(data, path.parent / "first"))
     batch = _first_batch(first, data)
     for _ in range(3):
         train_step(first, batch)
-    model_dir = save_model(tmp_path / "trained", first.model)
+    model_dir = save_model(path, first.model)
     # the tiny backbones beside the weights, as a built model directory holds its own
     first.model.lm.save_pretrained(model_dir / "lm")
     first.tokenizer.save_pretrained(model_dir / "lm")
@@ -513,7 +512,16 @@ def test_train_only_the_mapper_afresh_on_a_trained_models_states(data, tmp_path)
     first.processor.save_pretrained(model_dir / "vision")
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "lm": "lm", "vision": "vision"}))
-    trained = load_safetensors(tmp_path / "trained" / "gill.safetensors")
+    return batch, load_safetensors(path / "gill.safetensors")
+
+
+def test_train_only_the_mapper_afresh_on_a_trained_models_states(data, tmp_path):
+    """--train-only mapper --reinit mapper on a trained model directory: the mapper starts afresh and learns
+    (its loss on a batch falls), every other trained weight stays bit for bit the directory's, and the
+    captioning pass, which only trains the frozen visual prefix, is not run."""
+    from training.train import setup, train_step
+
+    batch, trained = _trained_model_dir(data, tmp_path / "trained")
 
     run = setup(train_args(data, tmp_path / "refit", "--lr", "1e-2", "--warmup-steps", "0", "--train-only", "mapper",
                            "--reinit", "mapper") + ["--model", str(tmp_path / "trained")])
@@ -531,3 +539,73 @@ def test_train_only_the_mapper_afresh_on_a_trained_models_states(data, tmp_path)
     for flag in ("--train-only", "--reinit"):
         with pytest.raises(SystemExit, match=f"{flag}: no adapter part named mappr"):
             setup(train_args(data, tmp_path / "bad", flag, "mappr"))
+
+
+def test_mapper_input_noise_noises_what_the_mapper_reads_in_training_only(tiny_opt):
+    """--mapper-input-noise s: in training, the mapper reads its input (the [IMG] states plus the [IMG] rows)
+    plus Gaussian noise of s times that input's standard deviation; in eval mode, or with s = 0, exactly
+    what the model's generation path computes, and no random numbers are drawn."""
+    from training.step import TrainStep
+
+    backbones, config = tiny_opt
+    model = GILLModel(backbones.lm, backbones.vision, config).train()
+    hidden = torch.randn(3, config.tokens.num_img_tokens, config.lm_hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = model.generation_embeddings(hidden)
+        torch.manual_seed(0)
+        out, after = TrainStep(model).generation_embeddings(hidden), torch.randn(4)
+        torch.manual_seed(0)
+        assert torch.equal(out, clean) and torch.equal(after, torch.randn(4))  # and nothing was drawn
+
+        noisy = TrainStep(model, mapper_input_noise=0.5)
+        x = model.mapper_inputs(hidden)
+        torch.manual_seed(0)
+        expected = model.adapter.mapper(x + 0.5 * x.std() * torch.randn_like(x))
+        torch.manual_seed(0)
+        first = noisy.generation_embeddings(hidden)
+        torch.testing.assert_close(first, expected)
+        assert (first - clean).abs().mean() > 0.05 * clean.abs().mean()
+        assert not torch.equal(noisy.generation_embeddings(hidden), first)  # a new draw each call
+        model.eval()
+        assert torch.equal(noisy.generation_embeddings(hidden), model.generation_embeddings(hidden))
+
+
+def test_cache_states_fits_the_mapper_alone_on_each_samples_own_states(data, tmp_path):
+    """--cache-states: one pass computes every good sample's [IMG] states, each the same as the training
+    step's forward gives that sample alone; the mapper alone is then fitted on them (its loss falls, every
+    other weight stays the model directory's, bit for bit, in the saved result); refused without
+    --train-only mapper, naming the flag."""
+    from collections import Counter
+
+    from training.data import ShardStream, expand_shards, global_batches
+    from training.mapper_cache import collect_states, fit
+    from training.step import img_token_forward
+    from training.train import batch_text, main, setup
+
+    _, trained = _trained_model_dir(data, tmp_path / "trained")
+    args = train_args(data, tmp_path / "refit", "--lr", "1e-2", "--warmup-steps", "0", "--train-only", "mapper",
+                      "--reinit", "mapper", "--cache-states", "--steps", "40", "--mapper-input-noise", "0.1")
+    args += ["--model", str(tmp_path / "trained")]
+    run = setup(args)
+    sd_shape = (run.model.config.gen_seq_len, run.model.config.gen_emb_dim)
+    stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0, sd_shape=sd_shape)
+    good = [s for s in stream if s.error is None]
+    skipped = Counter()
+    stream = ShardStream(expand_shards(data["train"]), run.processor, data["sd"], shuffle_buffer=0, sd_shape=sd_shape)
+    states = collect_states(run, global_batches(iter(stream), 8, skipped, drop_last=False))
+    assert len(states.hidden) == len(good) and sum(skipped.values()) > 0  # the bad samples are left out
+    with torch.no_grad():
+        for i in (0, len(good) // 2, len(good) - 1):
+            text, _ = batch_text(run.tokenizer, [good[i]], run.cfg, run.model.config)
+            _, _, alone = img_token_forward(run.model, text, False, "cpu")
+            torch.testing.assert_close(states.hidden[i], alone[0].float(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(states.target[i], good[i].sd_embedding.float())
+    history = [h["mapper"] for h in fit(run, states)]
+    assert len(history) == 40 and sum(history[-5:]) < 0.7 * sum(history[:5]), history
+
+    assert main(args[:args.index("--out") + 1] + [str(tmp_path / "cli")] + args[args.index("--out") + 2:]) == 0
+    saved = load_safetensors(tmp_path / "cli" / "final" / "gill.safetensors")
+    assert all(torch.equal(saved[k], trained[k]) for k in trained if not k.startswith("mapper."))
+    assert not torch.equal(saved["mapper.out_proj.weight"], trained["mapper.out_proj.weight"])
+    with pytest.raises(SystemExit, match="--cache-states .* needs --train-only mapper"):
+        setup(train_args(data, tmp_path / "bad", "--cache-states"))

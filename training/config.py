@@ -41,6 +41,11 @@ class TrainConfig:
     # are left out
     contrastive_queue: int = 0
     queue_duplicate_cos: float = 0.98
+    # Gaussian noise on the mapper's input in training, as a fraction of that input's standard deviation
+    # (over the batch; 0: none, as the original). A regulariser for small data: the mapper then cannot key
+    # its output on small differences between [IMG] states, which is how it learns the training captions'
+    # compositions by heart (what it did in the toy world: the README's toy section)
+    mapper_input_noise: float = 0.0
     # Train only these parts of GILL's adapter (comma-separated: mapper, visual_prefix, image_retrieval,
     # text_retrieval, img_embeddings, img_output_embeddings, logit_scale); "": all of them (the original).
     # With --model a trained model directory, "mapper" refits the mapper on that model's final [IMG] states.
@@ -78,6 +83,7 @@ _RANGES = {
     "concat_prob": float_in(0, 1), "val_every": int_in(1), "val_batches": int_in(0), "log_every": int_in(1),
     "save_every": int_in(1), "keep_last": int_in(1), "seed": int_in(0), "num_workers": int_in(0),
     "shuffle_buffer": int_in(0), "contrastive_queue": int_in(0), "queue_duplicate_cos": float_in(-1, 1),
+    "mapper_input_noise": float_in(0),
 }
 
 

@@ -202,9 +202,10 @@ class TrainStep(nn.Module):
     not saved in checkpoints: a resumed run starts it empty."""
 
     def __init__(self, model: GILLModel, weights: LossWeights | None = None, queue_size: int = 0,
-                 duplicate_cos: float = 0.98):
+                 duplicate_cos: float = 0.98, mapper_input_noise: float = 0.0):
         super().__init__()
         self.model = model
+        self.mapper_input_noise = mapper_input_noise
         self.weights = weights or LossWeights()
         self.queue_size = queue_size
         self.duplicate_cos = duplicate_cos
@@ -223,6 +224,13 @@ class TrainStep(nn.Module):
             mask = F.normalize(pooled.float(), dim=-1) @ F.normalize(queued.float(), dim=-1).T >= self.duplicate_cos
         self.queue = torch.cat([pooled.detach().float(), queued])[: self.queue_size]
         return extra, mask
+
+    def generation_embeddings(self, img_hidden: torch.Tensor) -> torch.Tensor:
+        """The mapper's output, its input noised by ``mapper_input_noise`` (in training mode only)."""
+        x = self.model.mapper_inputs(img_hidden)
+        if self.model.training and self.mapper_input_noise:
+            x = x + self.mapper_input_noise * x.detach().std() * torch.randn_like(x)
+        return self.model.adapter.mapper(x)
 
     def caption_loss(self, prefix: torch.Tensor, text: TextBatch, concat: bool,
                      caption_weights: torch.Tensor | None) -> torch.Tensor:
@@ -263,7 +271,7 @@ class TrainStep(nn.Module):
         extra, extra_mask = self.queued_negatives(D.gather_keep_local(image.pooled))
         contrastive = losses.contrastive_loss(D.gather_keep_local(text_emb), D.gather_keep_local(image.retrieval),
                                               model.adapter.logit_scale, extra, extra_mask)
-        mapper = losses.mapper_loss(model.generation_embeddings(img_hidden), sd_target, mapper_weights)
+        mapper = losses.mapper_loss(self.generation_embeddings(img_hidden), sd_target, mapper_weights)
         # Every rank computes the contrastive loss over the global batch with gradients into its own rows
         # only; x world makes the averaged gradient equal the single-process one.
         total = losses.gill_losses(caption, img_ce, contrastive * world, mapper, self.weights).total

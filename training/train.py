@@ -165,6 +165,9 @@ def parse(argv: list[str] | None):
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--device", default=None, help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--cache-states", action="store_true",
+                   help="with --train-only mapper: compute each sample's [IMG] states once and fit the mapper on "
+                        "them in memory (training/mapper_cache.py; for data whose states fit in memory)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--run-settings", default=None,
@@ -241,11 +244,14 @@ def setup(argv: list[str] | None = None) -> Run:
         fresh, only = adapter_parts(model, cfg.reinit, "--reinit"), adapter_parts(model, cfg.train_only, "--train-only")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.cache_states and (only != ["mapper"] or world > 1 or args.resume):
+        raise SystemExit("error: --cache-states fits the mapper alone in one process: it needs --train-only mapper, "
+                         "and no torchrun or --resume")
     reinit_parts(model, fresh)
     if only:
         train_only(model, only)
     model.to(device).train()
-    step_module = TrainStep(model, cfg.weights, cfg.contrastive_queue, cfg.queue_duplicate_cos)
+    step_module = TrainStep(model, cfg.weights, cfg.contrastive_queue, cfg.queue_duplicate_cos, cfg.mapper_input_noise)
     trainable = model.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
@@ -472,7 +478,30 @@ def main(argv: list[str] | None = None) -> int:
                                          collate_fn=lambda x: x)
         return global_batches(iter(dl), cfg.batch_size, run.skipped)
 
-    batches = loader(state["epoch"], state["position"])
+    if args.cache_states:
+        from training.mapper_cache import collect_states, fit
+
+        stream = ShardStream(train_shards, run.processor, args.sd_embeddings, seed=cfg.seed, shuffle_buffer=0,
+                             sd_shape=sd_shape)
+        states = collect_states(run, global_batches(iter(stream), cfg.batch_size, run.skipped, drop_last=False))
+        LOG.info("--cache-states: [IMG] states of %d samples", len(states.hidden))
+
+        def on_step(step: int, logged: dict) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['total']:.3f}")
+            if run.writer is not None and step % cfg.log_every == 0:
+                for k, v in logged.items():
+                    run.writer.add_scalar(f"train/{k}", v, step)
+
+        try:
+            state["history"] = fit(run, states, on_step)
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        batches = iter(())
+    else:
+        batches = loader(state["epoch"], state["position"])
     fresh = False
     try:
         while state["step"] < cfg.steps:
