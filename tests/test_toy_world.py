@@ -51,6 +51,20 @@ def test_stories_refer_back_and_load_as_vist(tmp_path):
     assert data.examples[0].captions == [f"{c}." for _, c in stories[0]]
 
 
+def test_gills_stories_leave_the_background_to_their_pictures():
+    """As GILL is given stories (training data, test stories, decisions): no caption says the background,
+    which the story never changes, so only the pictures tell it; everything else as the world tells it."""
+    train, _ = world.split_compositions(0)
+    rng = random.Random(3)
+    for steps in (world.story(rng, train) for _ in range(20)):
+        told = world.unsaid_background(steps)
+        first = steps[0][0]
+        assert told[0] == (first, f"a {first.size} {first.color} {first.shape} " +
+                           ("in the middle" if first.position == "middle" else f"on the {first.position}"))
+        assert told[1:] == steps[1:] and all(s.background == first.background for s, _ in steps)
+        assert not any(b in c for _, c in told for b in world.BACKGROUNDS)
+
+
 def test_nearest_scene_reads_back_renderings():
     scenes = world.all_scenes()
     jittered = [world.render(s, jitter=(1, 0)) for s in scenes[::7]]

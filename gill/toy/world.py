@@ -1,10 +1,11 @@
 """The toy world: captioned pictures of coloured shapes, and VIST-format stories about them.
 
 A scene is one shape with a colour, a size and a position on a background. Captions come from a small
-grammar ("a large red circle on the left on gray") and say everything the picture shows. A story follows one object through 5 steps; later captions
-refer back to it ("it moves to the right", "it turns blue"), so its last picture can only be drawn from
-the whole story. Compositions (colour, shape) are split so that some test compositions never appear in
-the retrieval corpus. Everything is deterministic given a seed.
+grammar ("a large red circle on the left on gray") and say everything the picture shows. A story follows
+one object through 5 steps; later captions refer back to it ("it moves to the right", "it turns blue"), so
+its last picture can only be drawn from the whole story, and as GILL is given stories their first caption
+leaves the background to the pictures (``unsaid_background``). Compositions (colour, shape) are split so
+that some test compositions never appear in the retrieval corpus. Everything is deterministic given a seed.
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ def story(rng: random.Random, compositions: set[tuple[str, str]]) -> list[tuple[
             steps.append((nxt, caption))
         if len(steps) == 5:
             return steps
+
+
+def unsaid_background(steps: list[tuple[Scene, str]]) -> list[tuple[Scene, str]]:
+    """The story with its first caption not saying the background ("a large red circle on the left"), which
+    no later step changes: only its pictures show it, as VIST's captions leave much of their pictures
+    unsaid. GILL's stories (training and evaluation) are told so: with every scene said in words, a story's
+    pictures could add nothing to its captions, and "5 captions + 4 images >= 5 captions" could only tie."""
+    (scene, caption), rest = steps[0], steps[1:]
+    return [(scene, caption.removesuffix(f" on {scene.background}")), *rest]
 
 
 def distinct_stories(rng: random.Random, compositions: set[tuple[str, str]], n: int,

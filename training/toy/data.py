@@ -38,7 +38,7 @@ def training_samples(plan: Plan, rng: random.Random, train_comp: set) -> list[di
             text = f"{s.caption()}." if k % 2 == 0 else f"Q: {world.describe(s, rng)}\nA: {s.caption()}."
             samples.append({"__key__": f"{s.key}-{k}", "png": _png(s, jitter), "txt": text, "sd.txt": s.caption()})
     for n in range(plan.train_stories):
-        steps = world.story(rng, train_comp)
+        steps = world.unsaid_background(world.story(rng, train_comp))
         captions = [f"{c}." for _, c in steps]
         last = steps[-1][0]
         # the story as one text (the "5 captions" setting), and interleaved with its pictures (5 + 4)
@@ -92,7 +92,7 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
     # reports incomparable)
     held_out = random.Random(seed + 2)
     for split, n, comps in (("val", plan.val_stories, train_comp), ("test", plan.test_stories, train_comp | test_comp)):
-        stories = world.distinct_stories(held_out, comps, n)
+        stories = [world.unsaid_background(steps) for steps in world.distinct_stories(held_out, comps, n)]
         ann, photos = world.vist_annotations(stories)
         folder = data / f"{split}-images"
         folder.mkdir(exist_ok=True)
@@ -126,7 +126,7 @@ def decision_annotations(plan: Plan, rng: random.Random, train_comp: set, test_c
         body.append(f"{s.caption()}.\t{label[s.composition in train_comp]}")  # as GILL's captions are typed
         body.append(f"Q: {world.describe(s, rng)} A: {s.caption()}.\t{label[s.composition in train_comp]}")
     for _ in range(plan.decision_stories):  # the decision is also taken after a whole story
-        steps = world.story(rng, train_comp | test_comp)
+        steps = world.unsaid_background(world.story(rng, train_comp | test_comp))
         body.append(f"{' '.join(c + '.' for _, c in steps)}\t{label[steps[-1][0].composition in train_comp]}")
     rng.shuffle(body)
     return "\n".join(["Prompt\tDecision", *body]) + "\n"
