@@ -223,27 +223,23 @@ def small_build(tmp_path_factory):
     return out, json.loads((out / "report" / "report.json").read_text())
 
 
-# The reduced build's bounds (`python -m training.toy --out OUT --small --backbones toy --seed N`). v2.7 (the
-# [IMG] input rows free), seeds 0 / 1 / 2: seeds 0 and 1 beside each other and a GILL-only full build (1708 s and
-# 1650 s for GILL), seed 2 beside that build (390 s): CLIP similarity on the 24 test stories, 5 captions + 4
-# pictures / 5 captions / last caption 0.79 / 0.81 / 0.04, 0.87 / 0.93 / 0.21, 0.91 / 0.90 / 0.27; single
-# captions colour 0.93 / 0.97 / 0.97, colour and shape 0.86 / 0.90 / 0.88; story retrieval R@1 (5 captions + 4
-# pictures) 0.79 / 0.88 / 0.75; exact caption retrieval R@1 1.00 each (R@5 1.00); the trained head on the
-# refit check's held-out scenes 1.00 each against a refit from [IMG0] 0.96 / 0.89 / 0.95; decision balanced
-# accuracy on test stories 0.95 / 1.00 / 0.97, held out 0.95 / 0.94 / 0.91; chat pictures of the asked colour
-# 4 each (of 4). v2.6 (rows held at the LM rows' norm), seeds 0 / 1 / 2: 0.75 / 0.78 / 0.26, 0.87 / 0.87 / 0.22,
-# 0.78 / 0.81 / 0.14; colour 0.83 / 0.88 / 0.90, colour and shape 0.68 / 0.81 / 0.75; story R@1 0.67 / 0.50 /
-# 0.38; R@5 1.00 each; decision 0.88 / 0.86 / 0.93, held out 0.86 / 0.90 / 0.88; chat pictures 2 / 1 / 3. Each
-# bound sits below the lowest with a margin, above chance; the full build's figures are in the README. Since
-# the report draws every scene's single caption (216, not every third), seeds 0 / 1 / 2 re-reported on the same
-# weights: colour 0.91 / 0.95 / 0.95, colour and shape 0.77 / 0.89 / 0.86 (unseen compositions, no bound: 0.42 /
-# 0.77 / 0.67 of 48), exact retrieval R@1 0.98 / 1.00 / 0.99 of all 168 corpus scenes; a fourth run (seed 0 with
-# the trainer drawing one extra adapter's random numbers first, so another draw) 0.85, 0.75 and 0.98. Whether
-# the pictures help is within the noise of 24 stories here (5 captions + 4 pictures minus 5 captions: -0.02 /
-# -0.06 / +0.01, the fourth run above -0.09; v2.6 -0.03 / 0.00 / -0.03; each setting's 95% interval is +-0.05 to +-0.15): PICTURES_NOISE
-# bounds how far below it may fall, and the full build's report checks the order itself (60 stories).
-COLOUR, BOTH, CONTEXT_R1, EXACT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.75, 0.65, 0.5, 0.9, 0.9, 0.8, 0.8, 2
-PICTURES_NOISE, CONTEXT_MARGIN = 0.1, 0.4
+# The reduced build's bounds (`python -m training.toy --out OUT --small --backbones toy --seed N`). v2.8 (GILL's
+# stories leave the background to their pictures: world.unsaid_background), seeds 0 / 1 / 2, seed 0 beside the full
+# build, seeds 1 and 2 beside each other and that build's eval: CLIP similarity on the 24 test stories, 5 captions
+# + 4 pictures / 5 captions / last caption 0.77 / 0.64 / 0.16, 0.86 / 0.68 / 0.26, 0.84 / 0.69 / 0.24 (the
+# pictures now tell what the captions do not: +0.13 / +0.18 / +0.15); single captions colour 0.90 / 0.94 / 0.92,
+# colour and shape 0.77 / 0.85 / 0.81 (unseen compositions, no bound: 0.52 / 0.69 / 0.50 of 48); story retrieval
+# R@1 (5 captions + 4 pictures) 0.79 / 0.83 / 0.88 (5 captions alone 0.54 / 0.62 / 0.58); exact caption retrieval
+# R@1 0.99 / 1.00 / 0.99 of 168 (R@5 1.00); decision balanced accuracy on test stories 0.90 / 0.78 / 0.95, held
+# out 0.91 / 0.92 / 0.88; chat turns on topic 5 each, pictures of the asked colour 1 / 3 / 3; changes in a chat
+# named 0.78 / 0.86 / 0.86, shown 0.53 / 0.67 / 0.53. v2.7 (every caption said the background), seeds 0 / 1 /
+# 2: 0.79 / 0.81 / 0.04, 0.87 / 0.93 / 0.21, 0.91 / 0.90 / 0.27 (the pictures' difference within the noise of
+# 24 stories: -0.02 / -0.06 / +0.01); colour 0.91 / 0.95 / 0.95, colour and shape 0.77 / 0.89 / 0.86; story R@1
+# 0.79 / 0.88 / 0.75; decision 0.95 / 1.00 / 0.97, held out 0.95 / 0.94 / 0.91; chat pictures 4 each. Each bound
+# sits below the lowest with a margin, above chance (a test story is 1/24 of its figures); the full build's
+# figures are in the README.
+COLOUR, BOTH, CONTEXT_R1, EXACT_R1, EXACT_R5, DECIDE_STORIES, DECIDE_HELD_OUT, CHAT_PICTURES = 0.75, 0.65, 0.5, 0.9, 0.9, 0.7, 0.8, 1
+PICTURES_GAIN, CONTEXT_MARGIN = 0.05, 0.3
 CHANGE_NAMED, CHANGE_SHOWN = 0.5, 0.3
 
 
@@ -252,10 +248,10 @@ def test_small_build_learns_to_retrieve_and_generate_and_context_helps(small_bui
     out, report = small_build
     gen, ret, captions = report["generation"], report["retrieval"], report["captions"]
     sim = {k: v["clip_similarity"] for k, v in gen.items() if "clip_similarity" in v}
-    # generation on the test stories: the whole story beats its last caption by far, and its pictures do
-    # not hurt beyond the noise of 24 stories
-    assert sim["gill/5-captions-4-images"] >= sim["gill/5-captions"] - PICTURES_NOISE, sim
-    assert min(sim["gill/5-captions-4-images"], sim["gill/5-captions"]) >= sim["gill/1-caption"] + CONTEXT_MARGIN, sim
+    # generation on the test stories: the whole story beats its last caption by far, and its pictures, which
+    # show the background its captions leave unsaid, help
+    assert sim["gill/5-captions-4-images"] >= sim["gill/5-captions"] + PICTURES_GAIN, sim
+    assert sim["gill/5-captions"] >= sim["gill/1-caption"] + CONTEXT_MARGIN, sim
     # single captions drawn right (chance: colour 0.17, both 0.06)
     drawn = captions["generation"]
     assert drawn["colour"] >= COLOUR and drawn["colour_and_shape"] >= BOTH, drawn
@@ -275,18 +271,19 @@ def test_small_build_learns_to_decide_and_chats_with_pictures(small_build):
     chat = report["chat"]
     assert chat["on_topic_turns"] >= 4 and chat["images_of_the_asked_colour"] >= CHAT_PICTURES, chat["turns"]
     # whether the frozen LM follows the test stories: from their text as the lm stage's check found (the
-    # shipped LM), and through GILL's visual prefixes where the pictures are (no bound: measured, the cause
-    # of the pictures' cost in the full build's report)
+    # shipped LM; all but the background, which the captions leave unsaid: v2.8 seeds 0 / 1 / 2 0.96 / 0.88 /
+    # 0.96, its text never began a story without one), and through GILL's visual prefixes where the pictures
+    # are (no bound: measured)
     followed = report["stories_followed"]
-    assert followed["n"] == 24 and followed["text"] >= 0.9 and 0 <= followed["pictures"] <= 1, followed
+    assert followed["n"] == 24 and followed["text"] >= 0.8 and 0 <= followed["pictures"] <= 1, followed
     # the retrieval head gets what a linear refit from the same [IMG0] states gets (with the [IMG] input rows
     # held at the LM rows' norm, an LM of another seed left it at 0.32 against 0.71: README)
     refit = report["captions"]["retrieval_refit"]
     assert refit["held_out"] == 56 and refit["trained_head_R@1_held_out_scenes"] >= refit["refit_img0_R@1"] - 0.1, refit
     # changes in a chat ("it turns yellow." after a scene), as the app runs them: the answer names the changed
     # scene and its picture shows what the answer says, well above chance (about 1/18 for the picture) though
-    # far from always (v2.7, seeds 0 / 1 / 2: 0.72 / 0.75 / 0.64 and 0.44 / 0.56 / 0.47; the shipped model 0.64
-    # and 0.42; v2.6 0.25 for the picture)
+    # far from always (v2.8, seeds 0 / 1 / 2: 0.78 / 0.86 / 0.86 and 0.53 / 0.67 / 0.53; v2.7 0.72 / 0.75 / 0.64
+    # and 0.44 / 0.56 / 0.47; the shipped model 0.81 and 0.58; v2.6 0.25 for the picture)
     changes = report["chat_changes"]
     assert changes["n"] == 36 and all(0 <= v <= 1 for how in ("with_pictures", "text_only") for v in changes[how].values())
     said = changes["with_pictures"]

@@ -192,10 +192,11 @@ def chat_changes(gill, n: int = 36) -> dict:
 def stories_followed(gill, stories: list[list[tuple[str, world.Scene]]]) -> dict:
     """Whether the frozen LM follows a story to its end, as GILL gives it the story's text alone and with its
     pictures between the captions (the "5 captions + 4 images" input): how often the greedy words after
-    '<story> there are photos of it. now it is' (the LM's own text after a story) are its last scene's caption."""
+    '<story> there are photos of it. now it is' (the LM's own text after a story) are its last scene's caption,
+    up to what the captions tell (GILL's stories leave the background to their pictures)."""
     from gill.pipeline import Text
 
-    ends = [steps[-1][1].caption() for steps in stories]
+    ends = [steps[-1][1].caption().removesuffix(f" on {steps[-1][1].background}") for steps in stories]
     inputs = {"text": [[world.ask_story_end(" ".join(c for c, _ in steps))] for steps in stories],
               "pictures": [[x for c, s in steps[:-1] for x in (c, world.render(s))] + [world.ask_story_end(steps[-1][0])]
                            for steps in stories]}
@@ -362,8 +363,9 @@ def report_markdown(r: dict) -> str:
                  f"{ch['colour_and_shape']:.2f} | |")
     if "stories_followed" in r:
         f = r["stories_followed"]
-        lines += ["", f"The frozen LM says where a test story ends (greedy, after \"there are photos of it. now it is\") in "
-                  f"{f['text']:.2f} of them from their text, {f['pictures']:.2f} with their pictures between the captions."]
+        lines += ["", f"The frozen LM says where a test story ends (greedy, after \"there are photos of it. now it is\"; all "
+                  f"but the background, which the captions leave to the pictures) in {f['text']:.2f} of them from their "
+                  f"text, {f['pictures']:.2f} with their pictures between the captions."]
     lines += ["", f"## Retrieval (the story's last picture among {r['retrieval']['gallery_size']}, context masked)", "",
               "| setting | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
     for name, e in r["retrieval"].items():
