@@ -204,7 +204,7 @@ class Run:
     trainable: list
     optimizer: Any
     scheduler: Any
-    emb_norm: float
+    emb_norm: float | None  # what the [IMG] input rows are rescaled to after each step; None: left as trained
     out_norm: float | None  # what untied [IMG] output rows are rescaled to; None: left as trained
     concat_rng: torch.Generator
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "position": 0, "best": -1.0, "skipped": {},
@@ -256,10 +256,12 @@ def setup(argv: list[str] | None = None) -> Run:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    emb_norm = mean_row_norm(model.lm.get_input_embeddings().weight)
+    # (frozen rows, --train-only, stay as loaded)
+    renorm = cfg.renorm_img_embeddings and model.adapter.img_embeddings.requires_grad
+    emb_norm = mean_row_norm(model.lm.get_input_embeddings().weight) if renorm else None
     out_emb = model.lm.get_output_embeddings()
     out_norm = mean_row_norm(out_emb.weight) if out_emb is not None and cfg.renorm_img_output else None
-    if cfg.renorm_img_embeddings and model.adapter.img_embeddings.requires_grad:
+    if emb_norm is not None:
         renorm_img_embeddings(model, emb_norm, out_norm)
     if world > 1:
         frozen = [n for n, p in step_module.named_parameters() if not p.requires_grad]
@@ -399,7 +401,7 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     run.bad_in_a_row = 0
     run.optimizer.step()
     run.scheduler.step()
-    if cfg.renorm_img_embeddings and model.adapter.img_embeddings.requires_grad:  # (frozen rows stay as trained)
+    if run.emb_norm is not None:
         renorm_img_embeddings(model, run.emb_norm, run.out_norm)
     run.state["step"] += 1
     return logged

@@ -36,9 +36,10 @@ class Scene:
     def composition(self) -> tuple[str, str]:
         return self.color, self.shape
 
-    def caption(self) -> str:
+    def caption(self, background: bool = True) -> str:
+        """The scene in words, "a large red circle on the left on white" ("... on the left": no ``background``)."""
         where = "in the middle" if self.position == "middle" else f"on the {self.position}"
-        return f"a {self.size} {self.color} {self.shape} {where} on {self.background}"
+        return f"a {self.size} {self.color} {self.shape} {where}" + (f" on {self.background}" if background else "")
 
     @property
     def key(self) -> str:
@@ -156,8 +157,8 @@ def unsaid_background(steps: list[tuple[Scene, str]]) -> list[tuple[Scene, str]]
     no later step changes: only its pictures show it, as VIST's captions leave much of their pictures
     unsaid. GILL's stories (training and evaluation) are told so: with every scene said in words, a story's
     pictures could add nothing to its captions, and "5 captions + 4 images >= 5 captions" could only tie."""
-    (scene, caption), rest = steps[0], steps[1:]
-    return [(scene, caption.removesuffix(f" on {scene.background}")), *rest]
+    scene, rest = steps[0][0], steps[1:]
+    return [(scene, scene.caption(background=False)), *rest]
 
 
 def distinct_stories(rng: random.Random, compositions: set[tuple[str, str]], n: int,

@@ -196,7 +196,7 @@ def stories_followed(gill, stories: list[list[tuple[str, world.Scene]]]) -> dict
     up to what the captions tell (GILL's stories leave the background to their pictures)."""
     from gill.pipeline import Text
 
-    ends = [steps[-1][1].caption().removesuffix(f" on {steps[-1][1].background}") for steps in stories]
+    ends = [steps[-1][1].caption(background=False) for steps in stories]
     inputs = {"text": [[world.ask_story_end(" ".join(c for c, _ in steps))] for steps in stories],
               "pictures": [[x for c, s in steps[:-1] for x in (c, world.render(s))] + [world.ask_story_end(steps[-1][0])]
                            for steps in stories]}
