@@ -87,7 +87,7 @@ def test_app_cli_and_eval_get_the_same_settings_from_the_same_resolver(toy):
     }
     assert len({(s.steps, s.guidance_scale, s.seed, s.img_scale_factor, s.scheduler) for s in got.values()}) == 1, got
     assert got["cli"] == toy.run_settings()
-    assert (got["cli"].steps, got["cli"].guidance_scale, got["cli"].img_scale_factor) == (25, 4.0, 1.0)
+    assert (got["cli"].steps, got["cli"].guidance_scale, got["cli"].img_scale_factor) == (25, 4.0, 1.1)  # the toy's (TOY_RUN)
     assert got["eval"].scorer == f"hf:{toy_metric_dir()}"  # the toy's own metric model, found beside it
     flagged = {
         "app": app_settings(toy, app_parser().parse_args(["--steps", "7", "--seed", "3"])),

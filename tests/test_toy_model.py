@@ -100,6 +100,19 @@ def test_chat_answers_a_caption_with_a_picture_of_it(toy):
     assert right >= 6, right  # of 8 pictures
 
 
+def test_the_scripted_chat_shows_a_picture_on_every_turn_that_asks_for_one(toy):
+    """The report's 5-turn chat as the app runs it, the model's own settings: a picture after each scene
+    and change, none after "what shape is it?", and never the LM's own word for a picture's place in an
+    answer (at image factor 1.0 the move "it moves to the middle." got " (picture)" instead of [IMG0])."""
+    from training.toy.report import CHAT_SCRIPT, chat
+
+    got = chat(toy)
+    shown = [len(t["image_colours"]) for t in got["turns"]]
+    assert shown == [int(colour is not None) for _, colour in CHAT_SCRIPT], got["turns"]
+    assert not any("(picture)" in t["answer"] for t in got["turns"]), got["turns"]
+    assert got["on_topic_turns"] == 5 and got["images_of_the_asked_colour"] >= 3, got["turns"]
+
+
 # The shipped model (v2.7, [IMG] input rows free) measured 1.0 / 1.0 / 1.0 (retrieval; v2.6: 0.89 / 1.0 / 0.96;
 # v2.4: 0.89 / 1.0 / 0.95; v2.2: 0.91 / 1.0 / 0.93; v2.1: 0.34 / 0.93 / 0.82) and 0.92 / 0.88 (generation;
 # v2.6: 0.83 / 0.96; v2.4: 0.88 / 0.88; v2.3: 0.92 / 0.83; v2.2: 0.79 / 0.88); a balanced decision accuracy of

@@ -26,17 +26,15 @@ class CachedStates:
 @torch.no_grad()
 def collect_states(run, batches) -> CachedStates:
     """Every sample's [IMG] states from ``batches`` (global batches of training samples, one epoch)."""
-    from training.step import img_token_forward
+    from training.step import img_states
     from training.train import autocast, batch_text
 
     model, cfg = run.model, run.cfg
-    vision_dtype = next(model.vision.parameters()).dtype
     hidden, target, weight = [], [], []
     for samples, _ in batches:
         text, context = batch_text(run.tokenizer, samples, cfg, model.config)
         with autocast(cfg, run.device):
-            prefix = model.encode_images(context.to(run.device, vision_dtype)).prefix if context is not None else None
-            _, _, img_hidden = img_token_forward(model, text, False, run.device, prefix)
+            img_hidden = img_states(model, text, context, run.device)
         hidden.append(img_hidden.float().cpu())
         target.append(torch.stack([s.sd_embedding for s in samples]).float())
         weight.append(torch.tensor([s.mapper_weight for s in samples], dtype=torch.float32))

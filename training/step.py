@@ -179,6 +179,16 @@ def img_token_forward(model: GILLModel, text: TextBatch, concat: bool, device,
     return out, labels, out.hidden[rows, cols]
 
 
+def img_states(model: GILLModel, text: TextBatch, context: torch.Tensor | None, device) -> torch.Tensor:
+    """The [IMG] hidden states (B, n, d) of a batch as inference reads them (no caption concatenation), its
+    context pictures (interleaved samples' ``context`` pixels) encoded as their visual prefixes: what the
+    validation pass and the mapper's state cache read."""
+    prefix = None
+    if context is not None:
+        prefix = model.encode_images(context.to(device, next(model.vision.parameters()).dtype)).prefix
+    return img_token_forward(model, text, False, device, prefix)[2]
+
+
 @dataclass
 class StepLosses:
     total: torch.Tensor  # what is backpropagated (already scaled for data parallelism)

@@ -112,7 +112,7 @@ def batch_text(tokenizer, samples: list, cfg, model_config):
 def evaluate(model, tokenizer, batches, cfg, device) -> dict[str, float]:
     """Caption loss and text<->image recall@1/5/10 over a held-out set (full similarity matrix)."""
     from gill import losses
-    from training.step import caption_inputs, img_token_forward
+    from training.step import caption_inputs, img_states
 
     model.eval()
     texts, images, loss_sum, n_tok = [], [], 0.0, 0.0
@@ -129,8 +129,7 @@ def evaluate(model, tokenizer, batches, cfg, device) -> dict[str, float]:
             count = losses.num_targets(labels)
             loss_sum += losses.caption_loss(logits, labels, 1.0).item()
             n_tok += count.item()
-            prefix = model.encode_images(context.to(device, dtype)).prefix if context is not None else None
-            _, _, img_hidden = img_token_forward(model, text, False, device, prefix)
+            img_hidden = img_states(model, text, context, device)
             texts.append(model.text_retrieval_embeddings(img_hidden).float())
             images.append(image.retrieval.float())
     model.train()

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from gill.toy import world
-from training.toy.plan import TEXT_LEN, TOY_RUN, Plan, run
+from training.toy.plan import GILL_THREADS, TEXT_LEN, TOY_RUN, Plan, run
 
 
 def gill_config(out: Path) -> Path:
@@ -50,7 +50,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
         # the diffusion model's text encoder: from the clip stage (the diffusion model may still be training)
         encoder = out / "sd-text" if (out / "sd-text" / "text_encoder").is_dir() else model / "sd"
         run("-m", "training.precompute_sd_embeddings", "--sd", str(encoder), "--data", shards, "--out", str(out / "sd-emb"),
-            "--text-key", "sd.txt")
+            "--text-key", "sd.txt", threads=GILL_THREADS)
     config = gill_config(out)
     if not (out / "gill-run" / "final" / "gill.safetensors").exists():
         # [IMG] output rows of their own, not rescaled: the toy LM is sure of its next token (the end of an
@@ -71,7 +71,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             # see the README's toy section for the build's figures
             "--contrastive-queue", "512", "--weight-contrastive", "1", "--run-settings", json.dumps(TOY_RUN),
             "--training-data", "the toy world (gill/toy/world.py): synthetic captioned shapes, chats and 5-step "
-            "stories (interleaved with their pictures), built by python -m training.toy")
+            "stories (interleaved with their pictures), built by python -m training.toy", threads=GILL_THREADS)
     # the model directory: trained weights beside the backbones it names by relative path
     trained = out / "mapper-run" / "final" if plan.mapper_steps else out / "gill-run" / "final"
     if not (trained / "gill.safetensors").exists():
@@ -84,17 +84,17 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
         # seeds 0 / 1 / 2: 0.58 / 0.67 / 0.69 -> 0.67 / 0.77 / 0.71), story ends and chats mixed; the
         # README's toy section has the figures.
         run(*_train(model, out / "mapper-run", plan.mapper_steps, shards, out, seed),
-            "--train-only", "mapper", "--reinit", "mapper")
+            "--train-only", "mapper", "--reinit", "mapper", threads=GILL_THREADS)
     for name in ("config.json", "gill.safetensors"):
         (model / name).write_bytes((trained / name).read_bytes())
     if not (model / "index" / "manifest.json").exists():  # the corpus travels inside the index directory
         shutil.copytree(data / "corpus", model / "index" / "images", dirs_exist_ok=True)
         run("-m", "index.build", "--model", str(model), "--source", str(model / "index" / "images"),
-            "--out", str(model / "index"), "--no-progress")
+            "--out", str(model / "index"), "--no-progress", threads=GILL_THREADS)
     n = sum(1 for _ in open(data / "decisions.tsv")) - 1
     run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
         "--train-size", str(int(n * 0.7)), "--steps", "2000", "--lr", "1e-2", "--index", str(model / "index"),
-        "--standardize", "--balance-classes", "--seed", str(seed))
+        "--standardize", "--balance-classes", "--seed", str(seed), threads=GILL_THREADS)
 
 
 def stage_eval(out: Path, plan: Plan, seed: int) -> None:

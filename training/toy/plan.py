@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,9 +15,18 @@ ROOT = Path(__file__).resolve().parents[2]
 # colour and shape right from its own captions best at guidance 4.0 (0.97 of 40 seen compositions'
 # captions, 0.88 of 16 unseen ones; 0.85 / 0.94 at 2.0, 0.75 / 0.62 at SD's usual 7.5; v2.3's diffusion
 # model, which knew only the corpus's compositions, was best at 2.0), and it is scored by the world's own
-# metric model (beside the model). Its [IMG0] needs no image-frequency factor: GILL trains it without the
-# [IMG]-row renormalisation (gill_stage).
-TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.0, "scorer": "hf:../metric-clip"}
+# metric model (beside the model). Image factor 1.1 (the original's ret_scale_factor: [IMG0]'s logit x 1.1;
+# its demo's default is 1.3): at 1.0, after a chat answer that moves its object, [IMG0] lost to the LM's
+# own word for a picture's place, " (picture)", by ~1% of its logit in v2.8, v2.9 and two of three reduced
+# builds; 1.1 shows those pictures and left every other row of the report as it was, 1.2 already cost the
+# story-following row, 1.4 cut a chat answer short (README's toy section, the figures).
+TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer": "hf:../metric-clip"}
+# GILL's stage on one thread wherever it runs (alone, or beside the diffusion model in a build from
+# scratch): float sums then come out the same, so `--backbones toy` and a whole build train the same GILL
+# (v2.8, on two threads alone, did not; v2.9's, on one, is the whole build's byte for byte); a second thread
+# bought these small models nothing (GILL's stage: v2.8 499 s on two threads alone, 456 s on one beside the
+# diffusion model; v2.9 489 s on one beside a reduced build).
+GILL_THREADS = 1
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
 LM_LEN = 160  # the toy LM's positions in training (a chat of up to 5 turns)
@@ -51,10 +61,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(*cmd: str) -> None:
-    """A recipe as its own process (``python -m ...``), from the checkout's root."""
+def run(*cmd: str, threads: int | None = None) -> None:
+    """A recipe as its own process (``python -m ...``), from the checkout's root; ``threads``: its intra-op
+    threads (OMP/MKL), else what this process has."""
     log(" ".join(cmd))
-    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True, env=env)
 
 
 def schedule(optimizer, warmup: int, steps: int, floor: float = 0.05):
