@@ -21,12 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # builds; 1.1 shows those pictures and left every other row of the report as it was, 1.2 already cost the
 # story-following row, 1.4 cut a chat answer short (README's toy section, the figures).
 TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer": "hf:../metric-clip"}
-# GILL's stage on one thread wherever it runs (alone, or beside the diffusion model in a build from
-# scratch): float sums then come out the same, so `--backbones toy` and a whole build train the same GILL
-# (v2.8, on two threads alone, did not; v2.9's, on one, is the whole build's byte for byte); a second thread
-# bought these small models nothing (GILL's stage: v2.8 499 s on two threads alone, 456 s on one beside the
-# diffusion model; v2.9 489 s on one beside a reduced build).
-GILL_THREADS = 1
+# GILL's stage on two threads wherever it runs (alone, or beside the diffusion model in a build from scratch,
+# where the side-by-side runner gives each stage one): float sums then come out the same, so `--backbones toy`
+# and a whole build train the same GILL, byte for byte (until v2.8 the whole build's GILL, on one thread, was
+# another). Two, not one: alone, GILL's stage took 293 s on two threads (the shipped model's, v2.8 byte for byte)
+# and 489 s on one (beside a reduced build), the reduced build's 182 s against 272 s (its whole build 250 s
+# against 344 s); beside the diffusion model the two threads share its core.
+GILL_THREADS = 2
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
 LM_LEN = 160  # the toy LM's positions in training (a chat of up to 5 turns)
