@@ -24,9 +24,9 @@ TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer"
 # GILL's stage on two threads wherever it runs (alone, or beside the diffusion model in a build from scratch,
 # where the side-by-side runner gives each stage one): float sums then come out the same, so `--backbones toy`
 # and a whole build train the same GILL, byte for byte (until v2.8 the whole build's GILL, on one thread, was
-# another). Two, not one: alone, GILL's stage took 293 s on two threads (the shipped model's, v2.8 byte for byte)
-# and 489 s on one (beside a reduced build), the reduced build's 182 s against 272 s (its whole build 250 s
-# against 344 s); beside the diffusion model the two threads share its core.
+# another). Two, not one: alone, the reduced build's GILL stage took 220 s on two threads (passive waits, see
+# run) against 272 s on one, the full one 293 s (spinning) against ~490 s; the two threads share the cores
+# with the diffusion model's one in a build from scratch.
 GILL_THREADS = 2
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
@@ -64,9 +64,12 @@ def log(msg: str) -> None:
 
 def run(*cmd: str, threads: int | None = None) -> None:
     """A recipe as its own process (``python -m ...``), from the checkout's root; ``threads``: its intra-op
-    threads (OMP/MKL), else what this process has."""
+    threads (OMP/MKL), else what this process has. Pinned threads wait passively (``OMP_WAIT_POLICY``): more
+    threads than free cores, spinning, slowed a reduced build's GILL from 182 s to over 19 minutes beside
+    another; passive, 282-297 s beside another and 220 s alone (the same weights)."""
     log(" ".join(cmd))
-    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                                        "OMP_WAIT_POLICY": "PASSIVE"}
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True, env=env)
 
 
