@@ -25,8 +25,8 @@ TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer"
 # where the side-by-side runner gives each stage one): float sums then come out the same, so `--backbones toy`
 # and a whole build train the same GILL, byte for byte (until v2.8 the whole build's GILL, on one thread, was
 # another). Two, not one: alone, the reduced build's GILL stage took 220 s on two threads (passive waits, see
-# run) against 272 s on one, the full one 293 s (spinning) against ~490 s; the two threads share the cores
-# with the diffusion model's one in a build from scratch.
+# run) against 272 s on one, the full one 293 s (spinning) against ~490 s; in a build from scratch they share
+# the cores with the diffusion model's one thread (GILL 452 s, the whole build 865 s; v2.8, GILL on one: 859 s).
 GILL_THREADS = 2
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
