@@ -43,3 +43,19 @@ def int_in(low: int | None = None, high: int | None = None, *, above: bool = Fal
 def float_in(low: float | None = None, high: float | None = None, *, above: bool = False):
     """An argparse ``type=`` for finite numbers in [low, high] (``above``: low itself excluded)."""
     return _number_in(float, low, high, above)
+
+
+MAX_SEED = 2**32 - 1
+"""The largest seed any front end takes (numpy's and every torch generator's range alike)."""
+
+MAX_PORT = 65535
+
+
+def seed_arg():
+    """An argparse ``type=`` for seeds: an integer from 0 to ``MAX_SEED``."""
+    return int_in(0, MAX_SEED)
+
+
+def port_arg():
+    """An argparse ``type=`` for TCP ports: an integer from 1 to 65535."""
+    return int_in(1, MAX_PORT)

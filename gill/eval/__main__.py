@@ -15,11 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from gill.arguments import float_in, int_in
+from gill.arguments import MAX_SEED, float_in, int_in
 from gill.eval.protocol import PROTOCOLS
 
 MAX_STEPS = 1000  # the diffusion schedulers' training timesteps: more inference steps than these are refused
-MAX_SEED = 2**32 - 1
 MAX_ROUNDS = 10  # a VisDial dialog has 10 rounds
 
 def vist_settings(protocol) -> dict:
