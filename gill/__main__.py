@@ -7,22 +7,26 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line's parser (its ``generate`` subcommand's parser is ``.generate``)."""
+    """The command line's parser (its ``generate`` subcommand's parser is ``.generate``). Numbers out of range
+    and an --out that is a file are refused when the command line is parsed, naming the flag."""
+    from gill.arguments import MAX_SEED, float_in, int_in, out_dir_arg, seed_arg
+    from gill.settings import MAX_STEPS, SCHEDULERS
+
     parser = argparse.ArgumentParser(prog="python -m gill", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train and reload a tiny GILL on synthetic data (offline, CPU)")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    demo.add_argument("--out", default=None, help="model directory to write (default: a temporary one)")
+    demo.add_argument("--steps", type=int_in(1), default=60, help="optimizer steps")
+    demo.add_argument("--out", type=out_dir_arg(), default=None, help="model directory to write (default: a temporary one)")
     demo.add_argument("--lm", choices=["opt", "llama"], default="opt", help="tiny LM family")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed_arg(), default=0, help=f"0-{MAX_SEED}")
 
     conv = sub.add_parser("convert", help="convert the original release's files into a model directory")
     conv.add_argument("--model-args", required=True, help="original model_args.json")
     conv.add_argument("--checkpoint", required=True, help="original pretrained_ckpt.pth.tar")
     conv.add_argument("--decision", default=None, help="original decision_model.pth.tar (optional)")
-    conv.add_argument("--out", required=True, help="model directory to write")
+    conv.add_argument("--out", type=out_dir_arg(), required=True, help="model directory to write")
 
     info = sub.add_parser("info", help="print a model directory's config and weight counts")
     info.add_argument("model_dir")
@@ -33,20 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("items", nargs="*", help="text segments (in order with the --image options)")
     gen.add_argument("--image", action="append", default=[], help="an image file (repeatable, keeps its position)")
     gen.add_argument("--model", default="toy", help="model directory or preset (default: toy, the offline toy world)")
-    gen.add_argument("--out", default="gill-output", help="folder for the answer's images")
+    gen.add_argument("--out", type=out_dir_arg(), default="gill-output", help="folder for the answer's images")
     gen.add_argument("--policy", choices=["auto", "generate", "retrieve", "both"], default="auto")
     defaults = "default: the model's run settings, else the library's"
-    gen.add_argument("--max-new-tokens", type=int, default=None, help=defaults)
-    gen.add_argument("--temperature", type=float, default=None, help=f"0 is greedy ({defaults})")
-    gen.add_argument("--top-p", type=float, default=None, help=defaults)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--img-scale-factor", type=float, default=None,
-                     help=f"the original's image-frequency factor ({defaults})")
-    gen.add_argument("--steps", type=int, default=None, help=f"diffusion steps ({defaults})")
-    gen.add_argument("--guidance", type=float, default=None, help=f"classifier-free guidance scale ({defaults})")
-    gen.add_argument("--scheduler", default=None,
-                     help=f"diffusion scheduler: pndm, ddim, euler, euler_a, dpm++, lms ({defaults})")
-    gen.add_argument("--seed", type=int, default=None, help=defaults)
+    gen.add_argument("--max-new-tokens", type=int_in(1), default=None,
+                     help=f">= 1, at most the model's context less an [IMG] group ({defaults})")
+    gen.add_argument("--temperature", type=float_in(0), default=None, help=f">= 0; 0 is greedy ({defaults})")
+    gen.add_argument("--top-p", type=float_in(0, 1, above=True), default=None, help=f"in (0, 1] ({defaults})")
+    gen.add_argument("--top-k", type=int_in(0), default=0, help=">= 0; 0 keeps every token")
+    gen.add_argument("--img-scale-factor", type=float_in(0), default=None,
+                     help=f"the original's image-frequency factor, >= 0 ({defaults})")
+    gen.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None, help=f"diffusion steps, 1-{MAX_STEPS} ({defaults})")
+    gen.add_argument("--guidance", type=float_in(0), default=None,
+                     help=f"classifier-free guidance scale, >= 0 ({defaults})")
+    gen.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                     help=f"diffusion scheduler ({defaults})")
+    gen.add_argument("--seed", type=seed_arg(), default=None, help=f"0-{MAX_SEED} ({defaults})")
     gen.add_argument("--index", default=None, help="retrieval index directory (default: the model's own corpus)")
     gen.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args)
-    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ConfigError, OSError, ValueError) as e:  # OSError: FileNotFoundError, a full disk...
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -149,6 +155,10 @@ def _generate(args: argparse.Namespace) -> int:
     inputs = [Path(v) if kind == "image" else v for kind, v in args.ordered]
     if not inputs:
         print("error: give at least one text or --image", file=sys.stderr)
+        return 2
+    missing = [str(p) for p in inputs if isinstance(p, Path) and not p.is_file()]
+    if missing:  # said before the model loads
+        print(f"error: --image {missing[0]}: no such file", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device, index=args.index)

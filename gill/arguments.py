@@ -45,6 +45,30 @@ def float_in(low: float | None = None, high: float | None = None, *, above: bool
     return _number_in(float, low, high, above)
 
 
+def out_dir_arg():
+    """An argparse ``type=`` for an output folder that exists or can be made: refused when it, or a folder
+    above it, is a file (found when the command line is parsed, not after the work that fills it)."""
+    from pathlib import Path
+
+    def parse(text: str) -> str:
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"must be a folder, got {text!r}: {text.split('/')[0]!r} is no user's "
+                                             "home directory") from None
+        if path.exists() and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"must be a folder (existing or to be made), got {text!r}: it is a file")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise argparse.ArgumentTypeError(f"must be a folder, got {text!r}: {str(parent)!r} is a file")
+                break
+        return str(path)
+
+    parse.__name__ = "an output folder"
+    return parse
+
+
 MAX_SEED = 2**32 - 1
 """The largest seed any front end takes (numpy's and every torch generator's range alike)."""
 

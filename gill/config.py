@@ -192,6 +192,26 @@ def _from_dict(cls: type, data: dict[str, Any], source: str, path: str) -> Any:
 _POSITIVE = {"lm_hidden_size", "vision_hidden_size", "n_visual_tokens", "ret_emb_dim", "gen_seq_len", "gen_emb_dim",
              "hidden_dim", "num_heads", "ffn_dim", "num_img_tokens", "image_size", "vocab_size", "format_version"}
 
+# The largest value of each field that sizes an allocation, with what real models use: a config beyond it is
+# refused when it is read, before any tensor or image buffer is made (image_size 30000 would make each image
+# a 10 GB float buffer).
+LIMITS = {
+    "image_size": (1024, "CLIP 224 / 336, SigLIP 256 / 384 / 512, EVA 448"),
+    "n_visual_tokens": (256, "GILL 4, FROMAGe 1"),
+    "num_img_tokens": (256, "GILL 8"),
+    "gen_seq_len": (1024, "Stable Diffusion 77"),
+    "gen_emb_dim": (16384, "SD v1 768, SD v2 1024, SDXL 2048, T5-XXL 4096"),
+    "ret_emb_dim": (16384, "GILL 256"),
+    "lm_hidden_size": (65536, "OPT-6.7B 4096, the largest LMs 16384"),
+    "vision_hidden_size": (16384, "CLIP ViT-L 1024, ViT-bigG 1664"),
+    "hidden_dim": (16384, "GILL's mapper 512"),
+    "ffn_dim": (65536, "GILL's mapper 2048"),
+    "num_heads": (256, "GILL's mapper 4"),
+    "num_encoder_layers": (64, "GILL's mapper 4"),
+    "num_decoder_layers": (64, "GILL's mapper 4"),
+    "vocab_size": (2**24, "OPT 50274 with GILL's tokens, the largest vocabularies about 260000"),
+}
+
 
 def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -233,8 +253,10 @@ def _check_value(value: Any, hint: Any, where: str) -> None:
     name = where.rsplit(" ", 1)[-1].rsplit(".", 1)[-1]
     if isinstance(value, int) and not isinstance(value, bool):
         lowest = 1 if name in _POSITIVE else 0
-        if value < lowest:
-            raise ConfigError(f"{where} is {value}; expected an integer >= {lowest}")
+        highest, usual = LIMITS.get(name, (None, ""))
+        if value < lowest or (highest is not None and value > highest):
+            wanted = f"from {lowest} to {highest} ({usual})" if highest is not None else f">= {lowest}"
+            raise ConfigError(f"{where} is {value}; expected an integer {wanted}")
     if name == "dropout" and not 0 <= value < 1:
         raise ConfigError(f"{where} is {value}; expected a number in [0, 1)")
     if name == "img_token_ids" and any(v < 0 for v in value):

@@ -6,23 +6,18 @@ Works with ``StableDiffusionPipeline`` and any SD-family pipeline whose ``__call
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from gill.settings import RunSettings, fill_unset
+from gill.settings import SCHEDULERS, RunSettings, fill_unset
 
-# Scheduler names -> diffusers class names; built from the pipeline's own scheduler config.
-SCHEDULERS = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
+MAX_IMAGE_SIDE = 2048  # pixels: SD v1.5 draws 512, SDXL 1024; larger sides are refused before any latent is made
+MAX_TORCH_SEED = 2**64 - 1  # what a torch.Generator takes
 
 
 @dataclass
@@ -43,32 +38,48 @@ class DiffusionOptions:
         """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 8 or value % 8):
-                raise ValueError(f"diffusion options: {name} is {value!r}; expected a positive multiple of 8")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 8 or value % 8
+                                      or value > MAX_IMAGE_SIDE):
+                raise ValueError(f"diffusion options: {name} is {value!r}; expected a multiple of 8 from 8 to "
+                                 f"{MAX_IMAGE_SIDE}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"diffusion options: scheduler is {self.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
         return fill_unset(self, settings, "diffusion options")
 
 
 class DiffusionGenerator:
-    """Wraps a diffusers pipeline; one ``generate`` call renders every image slot of a batch."""
+    """Wraps a diffusers pipeline; one ``generate`` call renders every image slot of a batch.
+
+    A call's options are its own: a scheduler asked for by one call is put on the pipeline for that call
+    only and the pipeline's own is put back after it, so calls that leave ``scheduler`` unset always draw
+    with the pipeline's (the one it was loaded with, or one its owner set on ``pipe.scheduler``)."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
-        self._scheduler_name: str | None = None
         # a diffusers pipeline keeps per-call state (its scheduler's timesteps): one call at a time
         self._lock = threading.Lock()
 
-    def set_scheduler(self, name: str) -> None:
-        if name == self._scheduler_name:
-            return
+    def scheduler_for(self, name: str | None) -> Any:
+        """The scheduler a call with ``scheduler=name`` draws with (None: the pipeline's own): a fresh one
+        built from the pipeline's own scheduler config (milliseconds); the pipeline is not changed."""
+        own = self.pipe.scheduler
+        if name is None:
+            return own
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
         import diffusers
 
-        cls = getattr(diffusers, SCHEDULERS[name])
-        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
-        self._scheduler_name = name
+        return getattr(diffusers, SCHEDULERS[name]).from_config(own.config)
+
+    @contextlib.contextmanager
+    def _using(self, name: str | None) -> Iterator[None]:
+        """The pipeline draws with scheduler ``name`` inside the block; its own scheduler is back after it."""
+        own = self.pipe.scheduler
+        self.pipe.scheduler = self.scheduler_for(name)
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = own
 
     @torch.no_grad()
     def generate(
@@ -94,8 +105,6 @@ class DiffusionGenerator:
                   latents: torch.Tensor | None = None) -> list[Any]:
         if negative_prompt_embeds is None:
             negative_prompt_embeds = options.negative_prompt_embeds
-        if options.scheduler is not None:
-            self.set_scheduler(options.scheduler)
         device = getattr(self.pipe, "device", torch.device("cpu"))
         if latents is not None and seeds is not None:
             raise ValueError("give seeds or latents, not both")
@@ -107,6 +116,9 @@ class DiffusionGenerator:
         if seeds is not None:
             if len(seeds) != len(prompt_embeds):
                 raise ValueError(f"{len(seeds)} seeds for {len(prompt_embeds)} images")
+            bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_TORCH_SEED]
+            if bad:
+                raise ValueError(f"seeds: {bad[0]!r} is not an integer from 0 to {MAX_TORCH_SEED}")
             generator = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] == 1 < prompt_embeds.shape[0]:
             negative_prompt_embeds = negative_prompt_embeds.expand(prompt_embeds.shape[0], -1, -1)
@@ -125,7 +137,8 @@ class DiffusionGenerator:
             kwargs["height"] = options.height
         if options.width is not None:
             kwargs["width"] = options.width
-        return list(self.pipe(**kwargs).images)
+        with self._using(options.scheduler):
+            return list(self.pipe(**kwargs).images)
 
 
 def speed_up_pipeline(pipe: Any, *, channels_last: bool = True, compile: bool = False,

@@ -98,6 +98,17 @@ class ModelParts:
 # ---- names -> model directories -----------------------------------------------------------------------
 
 
+def expand_home(path: str | os.PathLike, what: str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; ``ModelNotFoundError`` naming ``what`` and the
+    path when that user has no home directory (pathlib says only "Could not determine home directory")."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise ModelNotFoundError(f"{what} {str(path)!r}: cannot expand {user!r}: no such user or home "
+                                 "directory") from None
+
+
 def _looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and " " not in name
@@ -118,7 +129,7 @@ def resolve_model_dir(name_or_dir: str | os.PathLike, hub: HubOptions | None = N
         return None
     if preset is not None and preset.kind == "release":
         return fetch_release(preset, hub)
-    path = Path(name).expanduser()
+    path = expand_home(name, "model")
     if path.is_dir():
         return path
     if path.exists():
@@ -277,7 +288,7 @@ def check_backbone_paths(config: Any, source: Path, with_diffusion: bool = True)
     loader mistakes it for a Hub id: "Repo id must be in the form ...")."""
     for name in ("lm", "vision", "tokenizer") + (("diffusion",) if with_diffusion else ()):
         value = getattr(config, name)
-        if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+        if value and _looks_like_path(value) and not expand_home(value, f"{source}: field {name}").exists():
             raise ModelNotFoundError(f"{source}: field {name} is {value!r}, a path that does not exist; give an "
                                      "existing folder (absolute, or relative to the model directory) or a Hub repo id")
 
@@ -328,7 +339,7 @@ def _attach_index(parts: ModelParts, index: Any, allow_mismatch: bool) -> None:
     if index is not None and not isinstance(index, (str, os.PathLike)):
         parts.index = index  # an index object, used as given
         return
-    path = Path(index).expanduser() if index is not None else None
+    path = expand_home(index, "index") if index is not None else None
     if path is None:
         own = parts.model_dir / "index" if parts.model_dir is not None else None
         if own is not None and (own / "manifest.json").is_file():

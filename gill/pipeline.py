@@ -341,7 +341,17 @@ class GILL:
         options = replace(options or DecodeOptions(), **overrides).with_settings(self.settings)
         if self.diffusion is None and self.retriever is None:
             options = replace(options, allow_images=False)
+        self._check_answer_length(options.max_new_tokens)
         return options
+
+    def _check_answer_length(self, max_new_tokens: int) -> None:
+        """Refuse, before anything runs, an answer that cannot fit the LM's positions whatever the prompt."""
+        limit, n = self.max_positions, len(self.img_tokens.ids)
+        if limit is None or max_new_tokens <= limit - n:  # room left for a prompt of one position
+            return
+        raise ValueError(f"max_new_tokens is {max_new_tokens}, more than this model's context allows: its LM reads "
+                         f"{limit} positions for prompt and answer together (an [IMG] group takes {n}); give "
+                         f"max_new_tokens <= {limit - n}")
 
     def _seed_and_diffusion(self, seed: int | None, diffusion: DiffusionOptions | None) -> tuple[int, DiffusionOptions]:
         """``seed`` (else the diffusion options', else the model's, else the library's) seeds decoding and the

@@ -18,6 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gill.arguments import MAX_SEED
+
+MAX_STEPS = 1000  # the diffusion schedulers' training timesteps: more inference steps than these are refused
+
+# Scheduler names -> diffusers class names (``gill.diffusion`` builds them from the pipeline's own config).
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
 
 @dataclass
 class RunSettings:
@@ -25,7 +39,7 @@ class RunSettings:
 
     steps: int | None = None  # diffusion steps
     guidance_scale: float | None = None  # classifier-free guidance
-    scheduler: str | None = None  # a name of gill.diffusion.SCHEDULERS; unset everywhere: the pipeline's own
+    scheduler: str | None = None  # a name of SCHEDULERS; unset everywhere: the pipeline's own
     img_scale_factor: float | None = None  # the original's image-frequency factor on the [IMG0] logit
     top_p: float | None = None
     temperature: float | None = None  # 0 is greedy
@@ -45,20 +59,20 @@ class RunSettings:
     def validated(self, source: str = "run settings") -> RunSettings:
         """Raise ``ValueError`` naming the field for a value no run can use."""
         checks = {
-            "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_STEPS,
             "guidance_scale": lambda v: _number(v) and v >= 0,
             "img_scale_factor": lambda v: _number(v) and v >= 0,
             "top_p": lambda v: _number(v) and 0 < v <= 1,
             "temperature": lambda v: _number(v) and v >= 0,
             "max_new_tokens": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-            "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-            "scheduler": lambda v: isinstance(v, str) and bool(v),
+            "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
+            "scheduler": lambda v: isinstance(v, str) and v in SCHEDULERS,
             "scorer": lambda v: isinstance(v, str) and bool(v),
         }
         wanted = {
-            "steps": "an integer >= 1", "guidance_scale": "a number >= 0", "img_scale_factor": "a number >= 0",
+            "steps": f"an integer from 1 to {MAX_STEPS}", "guidance_scale": "a number >= 0", "img_scale_factor": "a number >= 0",
             "top_p": "a number in (0, 1]", "temperature": "a number >= 0", "max_new_tokens": "an integer >= 1",
-            "seed": "an integer >= 0", "scheduler": "a scheduler name", "scorer": "a scorer spec",
+            "seed": f"an integer from 0 to {MAX_SEED}", "scheduler": f"one of {sorted(SCHEDULERS)}", "scorer": "a scorer spec",
         }
         for name, ok in checks.items():
             value = getattr(self, name)

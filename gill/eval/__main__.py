@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from gill.arguments import MAX_SEED, float_in, int_in
+from gill.arguments import MAX_SEED, float_in, int_in, out_dir_arg
 from gill.eval.protocol import PROTOCOLS
-
-MAX_STEPS = 1000  # the diffusion schedulers' training timesteps: more inference steps than these are refused
+from gill.settings import MAX_STEPS, SCHEDULERS
 MAX_ROUNDS = 10  # a VisDial dialog has 10 rounds
 
 def vist_settings(protocol) -> dict:
@@ -69,14 +68,14 @@ def common(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or preset (default: {DEFAULT_MODEL})")
     p.add_argument("--images", required=True, help="folder of the dataset's images")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=out_dir_arg(), required=True, help="output folder (made if missing; a rerun resumes it)")
     p.add_argument("--settings", nargs="+", default=None, help="subset of settings (default: all)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain Stable Diffusion settings")
     p.add_argument("--limit", type=int_in(1), default=None, help="first N (usable) examples only")
     own = "default: the model's run settings, else the library's"
     p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None, help=f"diffusion steps, 1-{MAX_STEPS} ({own}: 50)")
     p.add_argument("--guidance", type=float_in(0), default=None, help=f"classifier-free guidance, >= 0 ({own}: 7.5)")
-    p.add_argument("--scheduler", default=None, help=f"diffusion scheduler ({own}: the pipeline's)")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help=f"diffusion scheduler ({own}: the pipeline's)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=None,
                    help=f"base seed, 0-{MAX_SEED} ({own}: 42, as the original)")
     p.add_argument("--batch-size", type=int_in(1), default=8, help="examples per forward (default: 8)")
@@ -116,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"dialogue rounds before the image, each 1-{MAX_ROUNDS} (default: 1 5 10)")
     common(visdial)
     rescore = sub.add_parser("score", help="re-score a finished output directory")
-    rescore.add_argument("out")
+    rescore.add_argument("out", type=out_dir_arg(), help="a finished output folder")
     rescore.add_argument("--task", choices=["vist", "visdial"], required=True)
     rescore.add_argument("--scorer", type=scorer_spec, default=None)
     rescore.add_argument("--lpips", action="store_true")
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet(args.verbose)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: FileNotFoundError, a full disk...
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -162,6 +161,30 @@ def check_resumable(path: Path, state: dict) -> None:
     if changed:
         raise ValueError(f"{path.parent} holds a run made with other settings ({'; '.join(changed)}); its outputs "
                          "cannot be resumed with these: give another --out, or the same settings")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; ``ValueError`` (``FileNotFoundError``) naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (not {what} file)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as {what} file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}")
+    return data
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The dataset's files and folder, checked before anything loads, naming the flag."""
+    images = Path(args.images)
+    if not images.is_dir():
+        raise ValueError(f"--images {args.images}: {'a file, not a folder' if images.exists() else 'no such folder'}; "
+                         "give the folder of the dataset's images")
+    flag, path = ("--annotations", args.annotations) if args.command == "vist" else ("--dialogs", args.dialogs)
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: {'a folder, not a file' if Path(path).is_dir() else 'no such file'}")
 
 
 def compare_with(args: argparse.Namespace) -> str:
@@ -198,12 +221,18 @@ def _run(args: argparse.Namespace, shard) -> int:
 
     out = Path(args.out)
     if args.command == "score":
-        state = json.loads((out / "run.json").read_text())
-        protocol = PROTOCOLS[state.get("protocol", {}).get("name", "clean")]
+        state = read_json_object(out / "run.json", "a finished output folder's run")
+        recorded = state.get("protocol") if isinstance(state.get("protocol"), dict) else {}
+        name = recorded.get("name", "clean")
+        if name not in PROTOCOLS:
+            raise ValueError(f"{out / 'run.json'}: protocol {name!r} is none of {sorted(PROTOCOLS)}")
+        protocol = PROTOCOLS[name]
+        if not (args.scorer or state.get("scorer")):
+            raise ValueError(f"{out / 'run.json'} names no scorer; give --scorer")
         scorer = ClipScorer(args.scorer or state["scorer"], args.device)
-        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+        summary = read_json_object(out / "summary.json", "summary") if (out / "summary.json").is_file() else {}
         if "retrieval" not in summary and (out / "retrieval.json").is_file():
-            summary["retrieval"] = json.loads((out / "retrieval.json").read_text())
+            summary["retrieval"] = read_json_object(out / "retrieval.json", "retrieval")
         score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=summary.get("retrieval"),
               prepare_target=protocol.prepare_vist_image() if args.task == "vist" else None, protocol=protocol,
               extra={k: state[k] for k in ("model", "skipped", "context_dir", "protocol", "run", "compare_with")
@@ -216,6 +245,7 @@ def _run(args: argparse.Namespace, shard) -> int:
     from gill.eval.seeds import PerExampleSeeds, SeedStream, pipeline_latent_shape
     from gill.pipeline import GILL
 
+    check_inputs(args)
     protocol = PROTOCOLS[args.protocol]
     args.task = args.command
     prepare = None

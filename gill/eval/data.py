@@ -138,6 +138,16 @@ def verify_images(dataset: Dataset, images_of, workers: int | None = None) -> No
     dataset.examples = kept
 
 
+def images_dir(images: str | Path) -> Path:
+    """The dataset's image folder; ``NotADirectoryError`` naming it when it is a file or missing (every
+    example would otherwise be skipped as missing its images)."""
+    images = Path(images)
+    if not images.is_dir():
+        raise NotADirectoryError(f"{images}: {'a file, not a folder' if images.exists() else 'no such folder'}; "
+                                 "the images must be a folder")
+    return images
+
+
 def image_folder(annotations: Path, images: Path) -> Path:
     """The folder holding a split's images: ``images`` itself (GILL's ``sis/val_images/<id>.png``), or its
     subfolder named after the split (VIST's official ``images/val/<id>.jpg``, for ``val.story-in-sequence.json``)."""
@@ -167,7 +177,7 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
     if story_order not in ("annotated", "file"):
         raise ValueError(f"story_order is {story_order!r}; expected 'annotated' or 'file'")
     annotations = Path(annotations)
-    images = image_folder(annotations, Path(images))
+    images = image_folder(annotations, images_dir(images))
     data = _read_json(annotations, "VIST annotations")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{annotations}: not a VIST SIS file (no 'annotations' list)")
@@ -271,6 +281,16 @@ def _add_whole_gallery(out: Dataset, stories: dict[str, list[dict]], images: Pat
     out.gallery.update(extra)
 
 
+def _entry(table: list, index: Any, what: str) -> Any:
+    """``table[index]`` for an index from 0 to len - 1; ``IndexError`` naming it otherwise (a negative index
+    would read from the end of the file's list: -1 its last question)."""
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"{what} index {index!r} is not an integer")
+    if not 0 <= index < len(table):
+        raise IndexError(f"{what} index {index} is out of range: the file has {len(table)} {what}s (0 to {len(table) - 1})")
+    return table[index]
+
+
 def load_visdial(dialogs: str | Path, images: str | Path, image_name: str = "VisualDialog_val2018_{:012d}.jpg",
                  *, verify: bool = True, lines: str = "tidy") -> Dataset:
     """visdial_1.0_val.json -> one example per dialog: 10 rounds of ``Q: question?`` / ``A: answer``
@@ -278,12 +298,12 @@ def load_visdial(dialogs: str | Path, images: str | Path, image_name: str = "Vis
 
     A dialog is skipped when its image is missing or unreadable, when an entry is malformed, and when two
     dialogs share an image id (the example id): all of them are skipped."""
-    dialogs, images = Path(dialogs), Path(images)
+    dialogs, images = Path(dialogs), images_dir(images)
     raw = _read_json(dialogs, "VisDial dialogs")
     try:
         data = raw["data"]
         questions, answers, entries = data["questions"], data["answers"], data["dialogs"]
-        if not isinstance(entries, list):
+        if not all(isinstance(x, list) for x in (questions, answers, entries)):
             raise TypeError
     except (KeyError, TypeError):
         raise ValueError(f"{dialogs}: not a VisDial file (no data.questions, data.answers and data.dialogs)") from None
@@ -297,7 +317,8 @@ def load_visdial(dialogs: str | Path, images: str | Path, image_name: str = "Vis
             image_id = int(image_id)
             text = []
             for turn in d["dialog"]:
-                q, a = questions[turn["question"]], answers[turn["answer"]] if "answer" in turn else ""
+                q = _entry(questions, turn["question"], "question")
+                a = _entry(answers, turn["answer"], "answer") if "answer" in turn else ""
                 if not isinstance(q, str) or not isinstance(a, str):
                     raise TypeError("a question or answer is not a string")
                 if lines != "raw":
