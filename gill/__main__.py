@@ -156,10 +156,6 @@ def _generate(args: argparse.Namespace) -> int:
     if not inputs:
         print("error: give at least one text or --image", file=sys.stderr)
         return 2
-    missing = [str(p) for p in inputs if isinstance(p, Path) and not p.is_file()]
-    if missing:  # said before the model loads
-        print(f"error: --image {missing[0]}: no such file", file=sys.stderr)
-        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device, index=args.index)
     s = settings_for(gill, args)

@@ -72,14 +72,16 @@ class DiffusionGenerator:
         return getattr(diffusers, SCHEDULERS[name]).from_config(own.config)
 
     @contextlib.contextmanager
-    def _using(self, name: str | None) -> Iterator[None]:
-        """The pipeline draws with scheduler ``name`` inside the block; its own scheduler is back after it."""
-        own = self.pipe.scheduler
-        self.pipe.scheduler = self.scheduler_for(name)
-        try:
-            yield
-        finally:
-            self.pipe.scheduler = own
+    def scheduled(self, name: str | None) -> Iterator[Any]:
+        """The pipeline, to itself (one call at a time) and drawing with scheduler ``name`` (None: its own)
+        inside the block; its own scheduler is back after it. For callers that drive ``pipe`` directly."""
+        with self._lock:
+            own = self.pipe.scheduler
+            self.pipe.scheduler = self.scheduler_for(name)
+            try:
+                yield self.pipe
+            finally:
+                self.pipe.scheduler = own
 
     @torch.no_grad()
     def generate(
@@ -97,7 +99,7 @@ class DiffusionGenerator:
         # unset steps/guidance: the library's defaults; an unset seed stays unseeded here
         seed = (options or DiffusionOptions()).seed
         options = replace((options or DiffusionOptions()).with_settings(RunSettings()), seed=seed)
-        with self._lock:
+        with self.scheduled(options.scheduler):
             return self._generate(prompt_embeds, options, negative_prompt_embeds, seeds, latents)
 
     def _generate(self, prompt_embeds: torch.Tensor, options: DiffusionOptions,
@@ -137,8 +139,7 @@ class DiffusionGenerator:
             kwargs["height"] = options.height
         if options.width is not None:
             kwargs["width"] = options.width
-        with self._using(options.scheduler):
-            return list(self.pipe(**kwargs).images)
+        return list(self.pipe(**kwargs).images)
 
 
 def speed_up_pipeline(pipe: Any, *, channels_last: bool = True, compile: bool = False,

@@ -250,8 +250,9 @@ def test_generate_command_names_a_home_that_does_not_exist_and_a_missing_image(t
 
     assert main(["generate", "--model", "~nouser-gill-test/m", "--out", str(tmp_path / "o"), "hi"]) == 1
     _one_line(capsys, "~nouser-gill-test/m", "no such user")
-    assert main(["generate", "--image", str(tmp_path / "gone.png"), "--out", str(tmp_path / "o"), "hi"]) == 2
-    _one_line(capsys, "--image", "gone.png")
+    assert main(["generate", "--model", "tiny-random", "--image", str(tmp_path / "gone.png"), "--out",
+                 str(tmp_path / "o"), "hi"]) == 1
+    _one_line(capsys, "gone.png", "no such image file")
 
 
 def test_the_next_generate_run_works(tmp_path, capsys):
@@ -341,3 +342,33 @@ def test_eval_seed_and_scheduler_are_checked_at_parse_time(tmp_path, no_model, c
             main(_eval_args(tmp_path) + [flag, value])
         assert e.value.code == 2
         _one_line(capsys, f"argument {flag}", wanted)
+
+
+def test_eval_draws_gill_and_the_plain_sd_baseline_with_the_asked_scheduler_and_leaves_none_behind(tmp_path, monkeypatch):
+    from gill.eval.__main__ import main
+
+    seen = []
+    real_from_pretrained = GILL.from_pretrained.__func__
+
+    def load(cls, *a, **k):
+        g = real_from_pretrained(cls, *a, **k)
+        pipe = g.diffusion.pipe
+        real_call = type(pipe).__call__
+
+        def spy(self, **kwargs):
+            seen.append(("gill" if "prompt_embeds" in kwargs else "sd", type(self.scheduler).__name__))
+            return real_call(self, **kwargs)
+
+        monkeypatch.setattr(type(pipe), "__call__", spy)
+        seen.append(("loaded", g))
+        return g
+
+    monkeypatch.setattr(GILL, "from_pretrained", classmethod(load))
+    dialogs, images = _visdial(tmp_path, 0)
+    assert main(["visdial", "--model", "tiny-random", "--dialogs", str(dialogs), "--images", str(images), "--out",
+                 str(tmp_path / "out"), "--steps", "1", "--rounds", "1", "--no-score", "--scheduler", "euler",
+                 "--settings", "sd/1-round", "gill/1-round"]) == 0
+    (_, g), *draws = seen
+    assert {mode for mode, _ in draws} == {"sd", "gill"}
+    assert all(name == "EulerDiscreteScheduler" for _, name in draws), draws
+    assert type(g.diffusion.pipe.scheduler).__name__ == "PNDMScheduler"

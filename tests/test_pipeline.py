@@ -215,7 +215,7 @@ def test_diffusion_options_reach_the_pipeline(gill, monkeypatch):
     real_call = type(pipe).__call__
 
     def spy(self, **kwargs):
-        seen.update(kwargs)
+        seen.update(kwargs, scheduler=type(self.scheduler).__name__)
         return real_call(self, **kwargs)
 
     monkeypatch.setattr(type(pipe), "__call__", spy)
@@ -226,7 +226,8 @@ def test_diffusion_options_reach_the_pipeline(gill, monkeypatch):
     assert n >= 1
     assert seen["num_inference_steps"] == 3 and seen["guidance_scale"] == 2.0
     assert seen["prompt_embeds"].shape == (n, 5, 24) and seen["negative_prompt_embeds"].shape == (n, 5, 24)
-    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert seen["scheduler"] == "DDIMScheduler"  # for this call: the pipeline keeps its own (no call's choice sticks)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     assert [g.initial_seed() for g in seen["generator"]] == list(range(5, 5 + n))
     with pytest.raises(ValueError, match="scheduler is 'fast'; choose one of"):
         gill.generate_interleaved(CONVERSATIONS[0], max_new_tokens=12, policy="generate",

@@ -192,8 +192,8 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
             for x, r in zip(extra, slots.retrieval.float().cpu()):
                 x["retrieval_embedding"] = [round(v, 6) for v in r.tolist()]
         else:
-            images = generate_from_text(gill.diffusion.pipe, inputs, diffusion, plan.seeds, truncate_left,
-                                        latents=plan.latents)
+            with gill.diffusion.scheduled(diffusion.scheduler) as pipe:  # the scheduler GILL's settings draw with
+                images = generate_from_text(pipe, inputs, diffusion, plan.seeds, truncate_left, latents=plan.latents)
         with open(own, "a", encoding="utf-8") as f:
             for (e, described, _, _), label, image, x in zip(ready, plan.labels, images, extra):
                 rel = f"images/{output_name(e.id)}.png"
