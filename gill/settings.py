@@ -33,9 +33,10 @@ SCHEDULERS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSettings:
-    """Run settings; ``None`` means "not set here" (the next layer down decides)."""
+    """Run settings; ``None`` means "not set here" (the next layer down decides). Frozen: settings are
+    shared (``LIBRARY_DEFAULTS``, a model's own, a front end's) and a run derives new ones, never edits them."""
 
     steps: int | None = None  # diffusion steps
     guidance_scale: float | None = None  # classifier-free guidance

@@ -372,3 +372,12 @@ def test_eval_draws_gill_and_the_plain_sd_baseline_with_the_asked_scheduler_and_
     assert {mode for mode, _ in draws} == {"sd", "gill"}
     assert all(name == "EulerDiscreteScheduler" for _, name in draws), draws
     assert type(g.diffusion.pipe.scheduler).__name__ == "PNDMScheduler"
+
+
+def test_shared_run_settings_cannot_be_edited_in_place(gill):
+    from gill.settings import LIBRARY_DEFAULTS
+
+    for settings in (LIBRARY_DEFAULTS, gill.settings):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            settings.scheduler = "euler"
+    assert LIBRARY_DEFAULTS.scheduler is None and gill.run_settings().scheduler is None
