@@ -1,0 +1,100 @@
+"""Hostile or broken inputs to the training recipes: sources that reach outside, files that are not files,
+numbers out of range, interrupted checkpoint saves, and backbone folders that ask for pickles or remote code."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32  # the bytes are packed as they are; only training decodes them
+
+
+def make_shards(*args, timeout=60):
+    """``python -m training.make_shards`` in a subprocess (a hang is a failure, not a stuck test run)."""
+    return subprocess.run([sys.executable, "-m", "training.make_shards", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def packed(out: Path) -> dict[str, bytes]:
+    """Member name -> bytes over every shard in ``out``."""
+    members = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                members[f"{shard.name}/{m.name}"] = tar.extractfile(m).read()
+    return members
+
+
+# ---- make_shards: what a source may make it read -------------------------------------------------------
+
+
+def test_make_shards_refuses_and_counts_table_rows_outside_the_table(tmp_path):
+    secret = tmp_path / "outside" / "private.png"
+    secret.parent.mkdir()
+    secret.write_bytes(PNG + b"SECRET")
+    table_dir = tmp_path / "data" / "tables"
+    table_dir.mkdir(parents=True)
+    (table_dir / "ok.png").write_bytes(PNG)
+    (table_dir / "linked.png").symlink_to(secret)
+    table = table_dir / "t.tsv"
+    table.write_text("path\tcaption\nok.png\ta good one\n../../outside/private.png\ta secret\n"
+                     "/etc/passwd\tnot an image\nlinked.png\ta link out\n" + f"{secret}\tabsolute\n", encoding="utf-8")
+    out = tmp_path / "shards"
+    r = make_shards("--source", table, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    data = packed(out)
+    assert not any(b"SECRET" in v for v in data.values())
+    assert sum(name.endswith(".png") for name in data) == 1
+    assert "1 samples" in r.stdout and "4 skipped" in r.stdout
+    assert "'points outside the source': 3" in r.stdout and "not an image file name" in r.stdout
+    assert "'../../outside/private.png': points outside the source" in r.stderr
+
+
+def test_make_shards_counts_fifos_folders_and_links_out_of_a_folder_without_hanging(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    (src / "a.png").write_bytes(PNG)
+    (src / "a.txt").write_text("a caption", encoding="utf-8")
+    os.mkfifo(src / "f.png")  # reading it would wait forever for a writer
+    (src / "d.png").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.png").write_bytes(PNG + b"SECRET")
+    (src / "linked.png").symlink_to(outside / "private.png")
+    (src / "linked-folder").symlink_to(outside, target_is_directory=True)
+    out = tmp_path / "shards"
+    r = make_shards("--source", src, "--out", out, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    data = packed(out)
+    assert not any(b"SECRET" in v for v in data.values())
+    assert [v for k, v in data.items() if k.endswith(".txt")] == [b"a caption"]
+    assert "1 samples" in r.stdout and "3 skipped" in r.stdout
+    assert "not a regular file" in r.stdout and "a folder, not a file" in r.stdout
+    assert "points outside the source" in r.stdout
+
+
+def test_make_shards_files_over_the_byte_bound_are_counted_not_read(tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    with open(src / "huge.png", "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: 3 GB claimed, nothing on disk
+    (src / "small.png").write_bytes(PNG)
+    out = tmp_path / "shards"
+    r = make_shards("--source", src, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "1 samples" in r.stdout and "larger than 67108864 bytes" in r.stdout
+
+
+@pytest.mark.parametrize("flag", ["--per-shard", "--max-bytes"])
+def test_make_shards_counts_are_range_checked_when_parsed(flag, tmp_path, capsys):
+    from training.make_shards import parse
+
+    with pytest.raises(SystemExit):
+        parse(["--source", str(tmp_path), "--out", str(tmp_path / "o"), flag, "0"])
+    assert f"argument {flag}: must be an integer >= 1, got '0'" in capsys.readouterr().err
