@@ -98,3 +98,38 @@ def test_make_shards_counts_are_range_checked_when_parsed(flag, tmp_path, capsys
     with pytest.raises(SystemExit):
         parse(["--source", str(tmp_path), "--out", str(tmp_path / "o"), flag, "0"])
     assert f"argument {flag}: must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+# ---- numbers on the command line ---------------------------------------------------------------------
+
+TRAIN = ["--model", "m", "--data", "d", "--sd-embeddings", "s", "--out", "o"]
+
+
+@pytest.mark.parametrize("module, base, flag, value, wanted", [
+    ("training.train", TRAIN, "--seed", str(2**64), "an integer from 0 to 4294967295"),
+    ("training.train", TRAIN, "--seed", "-1", "an integer from 0 to 4294967295"),
+    ("training.train", TRAIN, "--grad-accum", "0", "an integer >= 1"),
+    ("training.train", TRAIN, "--steps", "-3", "an integer >= 1"),
+    ("training.train", TRAIN, "--batch-size", "-8", "an integer >= 1"),
+    ("training.train_decision", ["--model", "m", "--annotations", "a"], "--seed", str(2**64), "an integer from 0 to 4294967295"),
+    ("training.train_decision", ["--model", "m", "--annotations", "a"], "--steps", "0", "an integer >= 1"),
+    ("training.train_decision", ["--model", "m", "--annotations", "a"], "--train-size", "0", "an integer >= 1"),
+    ("training.train_decision", ["--model", "m", "--annotations", "a"], "--lr", "0", "a number > 0"),
+    ("training.precompute_sd_embeddings", ["--sd", "s", "--data", "d", "--out", "o"], "--batch-size", "0", "an integer >= 1"),
+])
+def test_seeds_and_counts_are_range_checked_when_parsed(module, base, flag, value, wanted, capsys):
+    import importlib
+
+    parse = importlib.import_module(module).parse
+    with pytest.raises(SystemExit) as e:
+        parse([*base, flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be {wanted}, got '{value}'" in capsys.readouterr().err
+
+
+def test_the_toy_builds_seed_is_range_checked(tmp_path, capsys):
+    from training.toy.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "o"), "--seed", str(2**64)])
+    assert "argument --seed: must be an integer from 0 to 4294967295" in capsys.readouterr().err

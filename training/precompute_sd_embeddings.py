@@ -50,7 +50,9 @@ def captions_of(url: str, text_key: str = "txt") -> list[tuple[str, str]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None):
+    from gill.arguments import int_in
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd", required=True, help="Stable Diffusion repository id or path, or tiny-random")
     p.add_argument("--data", required=True, help="shards (brace pattern; '::' joins several)")
@@ -58,10 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-key", default="txt",
                    help="the sample field whose text is encoded (default txt, the caption GILL reads); another "
                         "field, e.g. sd.txt, when the picture's own description differs from the training text")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int_in(1), default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
 
     from safetensors.torch import save_file
 
