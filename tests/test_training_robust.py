@@ -133,3 +133,87 @@ def test_the_toy_builds_seed_is_range_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "o"), "--seed", str(2**64)])
     assert "argument --seed: must be an integer from 0 to 4294967295" in capsys.readouterr().err
+
+
+# ---- checkpoints: interrupted saves and another model ----------------------------------------------------
+
+
+def _args(out, *extra):
+    """training.train arguments for the tiny model; the data is not read by setup or save."""
+    return ["--model", "tiny-random", "--recipe", "tiny", "--data", "unused-{0..1}.tar", "--sd-embeddings", "unused",
+            "--out", str(out), "--no-progress", "--no-tensorboard", *map(str, extra)]
+
+
+def _saved_at(out, step):
+    from training.train import save, setup
+
+    run = setup(_args(out))
+    run.state["step"] = step
+    return save(run)
+
+
+def test_a_stale_temporary_checkpoint_is_removed_and_the_good_one_resumed(tmp_path):
+    from training.train import setup
+
+    out = tmp_path / "run"
+    good = _saved_at(out, 4)
+    stale = [out / "checkpoints" / ".step-0000008.4242.0123abcd.tmp", out / ".best.4242.0123abcd.tmp"]
+    for path in stale:  # what a kill during a save left: half a checkpoint
+        path.mkdir(parents=True)
+        (path / "gill.safetensors").write_bytes(b"half")
+    (out / ".history.json.x1y2z3.tmp").write_text("[", encoding="utf-8")
+    run = setup(_args(out, "--resume"))
+    assert run.state["step"] == 4 and good.is_dir()
+    assert not [p for p in out.rglob(".*") if p.name.endswith(".tmp")]
+
+
+DRIVER = """
+import os, signal, sys, time, torch
+import training.train as T
+real = torch.save
+def save_then_killed(obj, f, *a, **k):
+    real(obj, f, *a, **k)
+    if "step-0000008" in str(f):  # the second checkpoint, half written
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+torch.save = save_then_killed
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    paths = make_dataset(root / "shards", n_train=16, n_val=4)
+    r = subprocess.run([sys.executable, "-m", "training.precompute_sd_embeddings", "--sd", "tiny-random", "--data",
+                        paths["train"], "--out", str(root / "sd")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return paths["train"], str(root / "sd")
+
+
+def test_sigterm_during_a_checkpoint_save_leaves_no_temporary_directory(shards, tmp_path):
+    data, sd = shards
+    out = tmp_path / "run"
+    args = ["--model", "tiny-random", "--recipe", "tiny", "--data", data, "--sd-embeddings", sd, "--out", str(out),
+            "--no-progress", "--no-tensorboard", "--steps", "8", "--save-every", "4", "--batch-size", "4"]
+    r = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "terminated" in r.stderr and "--resume" in r.stderr
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-0000004"]  # the complete one; nothing half-written beside it
+
+
+def test_resume_with_another_model_names_both_and_deletes_nothing(tmp_path):
+    from training.train import TrainingError, setup
+
+    out = tmp_path / "run"
+    good = _saved_at(out, 4)
+    with pytest.raises(TrainingError) as e:
+        setup([*_args(out, "--resume"), "--model", "toy"])
+    text = str(e.value)
+    assert f"the checkpoints in {out / 'checkpoints'} were trained from model 'tiny-random' and this run names 'toy'" in text
+    assert "pass the same --model" in text and "another --out" in text
+    assert "unusable" not in text and "remove" not in text
+    assert (good / "gill.safetensors").is_file()
