@@ -169,8 +169,12 @@ def test_pickles_that_call_code_are_refused(tmp_path):
     path = tmp_path / "evil.pth.tar"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": _Evil()}, f, protocol=2)
-    with pytest.raises(CheckpointError, match="evil.pth.tar: cannot be read as a weights-only"):
+    with pytest.raises(CheckpointError, match="evil.pth.tar: cannot be read as a weights-only") as e:
         torch_load(path)
+    # one line, saying why and what to do; never torch's advice to load it with weights_only=False
+    text = str(e.value)
+    assert "\n" not in text and "refused for safety" in text and "convert the file to safetensors" in text
+    assert "weights_only" not in text and "GLOBAL" in text
 
 
 def test_missing_state_dict_entry_is_named(tmp_path):

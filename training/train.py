@@ -351,12 +351,12 @@ class OtherModel(ValueError):
 def verified_checkpoint(path: Path, run: Run) -> dict:
     """A checkpoint's trainer state, after checking its weights against the model (raises naming the file;
     ``OtherModel`` where the weights do not fit because the checkpoint was trained from another model)."""
-    from gill.checkpoint import check_state_dict, expected_shapes, load_safetensors
+    from gill.checkpoint import check_state_dict, expected_shapes, load_safetensors, load_problem
 
     try:
         saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, missing, foreign: say which file and why
-        raise ValueError(f"{path / 'trainer_state.pt'}: cannot be read ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated, missing, foreign: say which file and why (one line)
+        raise ValueError(f"{path / 'trainer_state.pt'}: cannot be read ({load_problem(e)})") from None
     if not isinstance(saved, dict):
         raise ValueError(f"{path / 'trainer_state.pt'}: holds a {type(saved).__name__}, not a trainer state")
     missing = {"optimizer", "scheduler", "concat_rng", "torch_rng", "step"} - set(saved)
