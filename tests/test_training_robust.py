@@ -217,3 +217,31 @@ def test_resume_with_another_model_names_both_and_deletes_nothing(tmp_path):
     assert "pass the same --model" in text and "another --out" in text
     assert "unusable" not in text and "remove" not in text
     assert (good / "gill.safetensors").is_file()
+
+
+# ---- one key twice in a shard ------------------------------------------------------------------------------
+
+
+def test_a_key_twice_in_a_shard_trains_on_neither_and_is_counted(tmp_path):
+    """Two samples of one key (not adjacent) would share one embedding entry: one of them would learn the
+    other's diffusion target. Neither is trained on; both are counted."""
+    from collections import Counter
+
+    from gill.backbones import image_processor
+    from gill.config import PreprocessConfig
+    from synthetic import draw, write_shard
+    from training.data import ShardStream, global_batches
+
+    shard = tmp_path / "s.tar"
+    write_shard(shard, [("a", draw("red", "circle"), "a red circle"), ("b", draw("blue", "square"), "a blue square"),
+                        ("a", draw("green", "triangle"), "a green triangle")])
+    r = subprocess.run([sys.executable, "-m", "training.precompute_sd_embeddings", "--sd", "tiny-random", "--data",
+                        str(shard), "--out", str(tmp_path / "sd")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "1 key(s) appear more than once (a)" in r.stderr and "1 repeated key(s)" in r.stdout
+    stream = ShardStream([str(shard)], image_processor(PreprocessConfig(image_size=32)), str(tmp_path / "sd"),
+                         shuffle_buffer=0)
+    counts = Counter()
+    kept = [s.caption for batch, _ in global_batches(iter(stream), 1, counts, drop_last=False) for s in batch]
+    assert kept == ["a blue square"]
+    assert counts == {"missing diffusion embedding": 1, "duplicate key": 1}
