@@ -65,16 +65,20 @@ def test_make_shards_counts_fifos_folders_and_links_out_of_a_folder_without_hang
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "private.png").write_bytes(PNG + b"SECRET")
+    (outside / "secret.txt").write_text("SECRET", encoding="utf-8")
     (src / "linked.png").symlink_to(outside / "private.png")
     (src / "linked-folder").symlink_to(outside, target_is_directory=True)
+    (src / "b.png").write_bytes(PNG)
+    (src / "b.txt").symlink_to(outside / "secret.txt")  # a caption that is a link out: left out
     out = tmp_path / "shards"
     r = make_shards("--source", src, "--out", out, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     data = packed(out)
     assert not any(b"SECRET" in v for v in data.values())
-    assert [v for k, v in data.items() if k.endswith(".txt")] == [b"a caption"]
-    assert "1 samples" in r.stdout and "3 skipped" in r.stdout
+    assert [v for k, v in data.items() if k.endswith(".txt")] == [b"a caption", b""]
+    assert "b.txt: caption left out (points outside the source)" in r.stderr
+    assert "2 samples" in r.stdout and "3 skipped" in r.stdout
     assert "not a regular file" in r.stdout and "a folder, not a file" in r.stdout
     assert "points outside the source" in r.stdout
 

@@ -28,6 +28,7 @@ from gill.arguments import int_in
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 MAX_BYTES = 64 * 2**20  # an image file larger than this is skipped (64 MiB: no photo is, a disk image might be)
+MAX_CAPTION_BYTES = 2**20  # a NAME.txt caption larger than this is left out (the sample gets no caption)
 
 
 @dataclass
@@ -45,16 +46,21 @@ class SourceError(ValueError):
     """A source that cannot be read at all (no such folder, a table without a path column)."""
 
 
-def caption_of(image: Path) -> str:
-    """The caption beside an image (``NAME.txt``); one that is not UTF-8 is reported and left empty, so
-    training counts the sample as "empty caption" instead of the whole conversion failing."""
-    path = image.with_suffix(".txt")
-    if not path.is_file():
+def caption_of(root: Path, image_name: str, allow_outside: bool = False) -> str:
+    """The caption beside an image (``NAME.txt``, under the same rules as images: inside the source, a
+    regular file, at most ``MAX_CAPTION_BYTES``). One that breaks them or is not UTF-8 is reported and left
+    empty, so training counts the sample as "empty caption" instead of the whole conversion failing."""
+    name = str(Path(image_name).with_suffix(".txt"))
+    if not os.path.lexists(root / name):
         return ""
+    path, problem = _contained(root, name, allow_outside)
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (UnicodeDecodeError, OSError) as e:
-        print(f"warning: {path}: caption not readable as UTF-8 text ({e}); the sample gets no caption", file=sys.stderr)
+        if problem is not None:
+            raise ValueError(problem)
+        return read_regular_file(path, MAX_CAPTION_BYTES).decode("utf-8").strip()
+    except (ValueError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        print(f"warning: {root / name}: caption left out ({reason}); the sample gets no caption", file=sys.stderr)
         return ""
 
 
@@ -80,7 +86,7 @@ def folder_entries(root: Path, allow_outside: bool = False) -> list[Entry]:
     out = []
     for name in sorted(names):
         path, problem = _contained(root, name, allow_outside)
-        out.append(Entry(name, path, caption_of(root / name) if problem is None else "", problem))
+        out.append(Entry(name, path, caption_of(root, name, allow_outside) if problem is None else "", problem))
     return out
 
 
@@ -114,10 +120,12 @@ def entries(source: Path, allow_outside: bool = False) -> list[Entry]:
         return folder_entries(source, allow_outside)
     if source.is_file():
         return table_entries(source, allow_outside)
+    if source.exists():
+        raise SourceError(f"{source}: not a folder or a table file (a FIFO, socket or device?)")
     raise SourceError(f"{source}: no such folder or table")
 
 
-def read_image_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
+def read_regular_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; raises ValueError with a short reason for
     anything else. The file is opened without blocking and its type checked on the open file, so a FIFO
     (which would wait forever for a writer) or a device is refused, whatever it is named."""
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             problem = item.problem
             if problem is None:
                 try:
-                    data = read_image_file(item.path, args.max_bytes)
+                    data = read_regular_file(item.path, args.max_bytes)
                 except ValueError as e:
                     problem = str(e)
             if problem is not None:
