@@ -209,13 +209,14 @@ def test_sigterm_during_a_checkpoint_save_leaves_no_temporary_directory(shards, 
     assert names == ["step-0000004"]  # the complete one; nothing half-written beside it
 
 
-def test_resume_with_another_model_names_both_and_deletes_nothing(tmp_path):
+def test_resume_with_another_model_names_both_and_deletes_nothing(tmp_path, caplog):
     from training.train import TrainingError, setup
 
     out = tmp_path / "run"
     good = _saved_at(out, 4)
-    with pytest.raises(TrainingError) as e:
+    with pytest.raises(TrainingError) as e, caplog.at_level("INFO"):
         setup([*_args(out, "--resume"), "--model", "toy"])
+    assert "unusable" not in caplog.text
     text = str(e.value)
     assert f"the checkpoints in {out / 'checkpoints'} were trained from model 'tiny-random' and this run names 'toy'" in text
     assert "pass the same --model" in text and "another --out" in text

@@ -103,7 +103,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def exit_on_sigterm(what: str = "training"):
+def exit_on_sigterm():
     """While inside: SIGTERM (what ``kill``, a job scheduler and torchrun send) raises SystemExit(143)
     instead of ending the process on the spot, so ``finally`` blocks run and a checkpoint being written
     removes its temporary directory (the last complete checkpoint stays). Outside the main thread, where
@@ -116,8 +116,8 @@ def exit_on_sigterm(what: str = "training"):
         return
 
     def stop(signum, frame):
-        LOG.warning("%s: terminated (signal %d); what was being written is removed, the last complete checkpoint "
-                    "is kept (--resume continues from it)", what, signum)
+        LOG.warning("training terminated (signal %d); what was being written is removed, the last complete "
+                    "checkpoint is kept (--resume continues from it)", signum)
         raise SystemExit(128 + signum)
 
     before = signal.signal(signal.SIGTERM, stop)
@@ -394,7 +394,10 @@ def resume(run: Run) -> Path | None:
             problems.append(str(e))
             if isinstance(e, OtherModel):
                 other_models.append(e.trained_from)
-            LOG.warning("checkpoint %s is unusable (%s); trying the one before", path.name, e)
+                LOG.warning("checkpoint %s was trained from model %r, not this run's %r; trying the one before",
+                            path.name, e.trained_from, run.args.model)
+            else:
+                LOG.warning("checkpoint %s is unusable (%s); trying the one before", path.name, e)
             continue
         load_strict(run.model.adapter, saved.pop("weights"), str(path))
         run.optimizer.load_state_dict(saved.pop("optimizer"))
