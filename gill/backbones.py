@@ -6,8 +6,12 @@ move the modules themselves. transformers is imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+import os
+import pickle
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,22 +37,60 @@ class Backbones:
 # ---- loading real backbones ------------------------------------------------------------------------
 
 
+class BackboneError(ValueError):
+    """A backbone folder or repo that is refused (pickled weights, code of its own); one line naming it."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _pickle_files(name_or_path: str, subfolder: str = "") -> str:
+    """The pickled weight files in a local backbone folder (for the message), else the folder or repo."""
+    folder = Path(os.path.expanduser(name_or_path)) / subfolder
+    found = sorted(p for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    return ", ".join(str(p) for p in found) or f"{name_or_path} ({subfolder or 'its'} .bin weights)"
+
+
+@contextlib.contextmanager
+def _refusing_unsafe(name_or_path: str, subfolder: str = "") -> Iterator[None]:
+    """Loading a backbone: weights are only read as tensors (transformers' torch.load is weights-only) and
+    no code of the model's own runs (``trust_remote_code=False``: refused at once, never an interactive
+    "run custom code? [y/N]" question). Either refusal becomes one ``BackboneError`` line naming the files
+    and what to do, instead of torch's or transformers' advice to turn the protection off."""
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise BackboneError(f"{_pickle_files(name_or_path, subfolder)}: pickled weights that hold more than tensors "
+                            "are refused for safety (unpickling them can run code); convert them to safetensors "
+                            "(model.safetensors) where you trust the file, then load the folder again") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        where = Path(os.path.expanduser(name_or_path)) / subfolder
+        raise BackboneError(f"{where}: the model needs code of its own (auto_map in its config.json), and gill never "
+                            "runs code from a model folder or repo; use a model that transformers itself supports "
+                            "(a config.json without auto_map)") from None
+
+
 def load_tokenizer(name_or_path: str, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    with _refusing_unsafe(name_or_path, kwargs.get("subfolder", "")):
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs, trust_remote_code=False)
 
 
 def load_lm(name_or_path: str, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    with _refusing_unsafe(name_or_path, kwargs.get("subfolder", "")):
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs, trust_remote_code=False)
 
 
 def load_vision(name_or_path: str, torch_dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     from transformers import CLIPVisionModel
 
-    return CLIPVisionModel.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    with _refusing_unsafe(name_or_path, kwargs.get("subfolder", "")):
+        return CLIPVisionModel.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs, trust_remote_code=False)
 
 
 def image_processor(preprocess: PreprocessConfig) -> Any:
@@ -225,7 +267,9 @@ def load_diffusion(name_or_path: str, torch_dtype: torch.dtype | None = None, **
     """A diffusers pipeline (Stable Diffusion or another that takes ``prompt_embeds``)."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=torch_dtype, **kwargs)
+    with _refusing_unsafe(name_or_path):
+        return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=torch_dtype, **kwargs,
+                                                 trust_remote_code=False)
 
 
 def tiny_stable_diffusion(cross_attention_dim: int, seq_len: int, image_size: int = 32, seed: int = 0) -> Any:
@@ -264,6 +308,9 @@ def load_sd_text_encoder(name_or_path: str, torch_dtype: torch.dtype | None = No
     ``text_encoder/`` subfolders): what GILL's mapper learns to imitate."""
     from transformers import AutoTokenizer, CLIPTextModel
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs)
-    encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=torch_dtype, **kwargs)
+    with _refusing_unsafe(name_or_path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs, trust_remote_code=False)
+    with _refusing_unsafe(name_or_path, "text_encoder"):
+        encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", dtype=torch_dtype, **kwargs,
+                                                trust_remote_code=False)
     return tokenizer, encoder.eval()

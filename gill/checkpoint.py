@@ -90,8 +90,24 @@ def torch_load(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors have many types; say which file failed and why
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({e})") from e
+    except Exception as e:  # unpickling errors have many types; say which file failed and why, in one line
+        detail = load_problem(e)
+        unsafe = "pickled objects other than tensors and plain containers are refused for safety (loading them " \
+                 "can run code): convert the file to safetensors where you trust it; " if "global" in detail else ""
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint: {unsafe}{detail}") from None
+
+
+def load_problem(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line and without torch's advice to turn
+    ``weights_only`` off (the one thing a file from elsewhere must never get)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip().split(". Please")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines and isinstance(error, EOFError):
+        lines = ["the file ends early (empty or truncated)"]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def save_safetensors(state: StateDict, path: str | os.PathLike) -> None:

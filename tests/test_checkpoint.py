@@ -1,6 +1,7 @@
 import json
 import pickle
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,8 +170,12 @@ def test_pickles_that_call_code_are_refused(tmp_path):
     path = tmp_path / "evil.pth.tar"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": _Evil()}, f, protocol=2)
-    with pytest.raises(CheckpointError, match="evil.pth.tar: cannot be read as a weights-only"):
+    with pytest.raises(CheckpointError, match="evil.pth.tar: cannot be read as a weights-only") as e:
         torch_load(path)
+    # one line, saying why and what to do; never torch's advice to load it with weights_only=False
+    text = str(e.value)
+    assert "\n" not in text and "refused for safety" in text and "convert the file to safetensors" in text
+    assert "weights_only" not in text and "GLOBAL" in text
 
 
 def test_missing_state_dict_entry_is_named(tmp_path):
@@ -278,3 +283,30 @@ def test_a_model_directory_is_replaced_as_a_whole(tmp_path, tiny_opt, monkeypatc
         save_model(out, model, DecisionHead.from_config(model.config))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
+
+
+def test_a_model_whose_backbone_folder_holds_a_pickle_is_refused_in_one_line_by_the_cli(tmp_path, tiny_opt):
+    """``python -m gill generate`` on a model directory whose LM folder holds a pickled pytorch_model.bin:
+    one line naming the file and the config field, no traceback, no advice to load it unsafely."""
+    import subprocess
+    import sys
+
+    backbones, _ = tiny_opt
+    out, _ = _saved(tmp_path, tiny_opt)
+    lm = tmp_path / "lm"
+    backbones.lm.save_pretrained(lm)
+    backbones.tokenizer.save_pretrained(lm)
+    (lm / "model.safetensors").unlink()
+    torch.save({**backbones.lm.state_dict(), "extra": _Evil()}, lm / "pytorch_model.bin")
+    backbones.vision.save_pretrained(tmp_path / "vision")
+    data = json.loads((out / "config.json").read_text())
+    data.update(lm=str(lm), vision=str(tmp_path / "vision"), tokenizer=str(lm), diffusion=None)
+    (out / "config.json").write_text(json.dumps(data))
+    r = subprocess.run([sys.executable, "-m", "gill", "generate", "--model", str(out), "a red square"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr and "weights_only" not in r.stderr
+    assert str(lm / "pytorch_model.bin") in errors[0] and "refused for safety" in errors[0]
+    assert "pwned" not in r.stdout

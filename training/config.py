@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from gill.arguments import float_in, int_in
+from gill.arguments import float_in, int_in, seed_arg
 from gill.losses import LossWeights
 
 
@@ -81,7 +81,7 @@ _RANGES = {
     "warmup_steps": int_in(0), "decay_every": int_in(1), "decay_gamma": float_in(0, above=True),
     "grad_clip": float_in(0, above=True), "max_bad_steps": int_in(1), "max_len": int_in(2),
     "concat_prob": float_in(0, 1), "val_every": int_in(1), "val_batches": int_in(0), "log_every": int_in(1),
-    "save_every": int_in(1), "keep_last": int_in(1), "seed": int_in(0), "num_workers": int_in(0),
+    "save_every": int_in(1), "keep_last": int_in(1), "seed": seed_arg(), "num_workers": int_in(0),
     "shuffle_buffer": int_in(0), "contrastive_queue": int_in(0), "queue_duplicate_cos": float_in(-1, 1),
     "mapper_input_noise": float_in(0),
 }

@@ -22,7 +22,9 @@ The stream is deterministic: shard order is shuffled per epoch with a seeded gen
 a seeded shuffle buffer. Every rank reads the same stream and takes its slice of each global batch, so a
 run's batches do not depend on the number of processes (and a resumed run skips exactly the samples it
 had consumed, without decoding them). Bad samples (corrupt image, empty caption, missing embedding) come
-out as ``Sample`` with ``error`` set, so the loop can count them; they never reach a batch.
+out as ``Sample`` with ``error`` set, so the loop can count them; they never reach a batch. A key met a
+second time in one shard is counted as a duplicate (``precompute_sd_embeddings`` gives a repeated key no
+embedding, so its first sample is counted as missing one: no sample trains on another's target).
 """
 
 from __future__ import annotations
@@ -134,9 +136,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         for i in order:
             url = self.shards[i]
             errors: list[str] = []
+            seen: set[str] = set()
             try:
                 for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=_all, workersplitter=_all,
                                              handler=lambda e: errors.append(repr(e)) or True):
+                    key = sample.get("__key__")
+                    if key in seen:  # a second sample of one key: which target is whose cannot be told
+                        sample = {"__key__": key, "__error__": f"duplicate key: {key} appears again in {shard_name(url)}"}
+                    seen.add(key)
                     yield url, sample
             except Exception as e:  # an unopenable shard is counted, not fatal
                 errors.append(repr(e))

@@ -3,6 +3,11 @@ NAME.jpg) or a TSV/CSV table with ``path`` (or ``image``) and ``caption`` column
 
     python -m training.make_shards --source my_images/ --out shards/ --per-shard 10000
 
+Files stay inside the source: a table row whose path leaves the table's folder (``../x.png``, an absolute
+path, a link out) and a link in a folder that points out of it are refused, unless ``--allow-outside``.
+Only regular files are read (a FIFO, a device or a folder named ``x.png`` is not), each up to
+``--max-bytes``. Every row or file left out is counted with its reason and reported at the end.
+
 For CC3M, img2dataset writes such shards directly (``--output_format webdataset``; its ``KEY.txt`` holds
 the caption): point ``training.precompute_sd_embeddings`` and ``training.train`` at them.
 """
@@ -11,53 +16,188 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
+import stat
 import sys
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from gill._io import inside
+from gill.arguments import int_in
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+MAX_BYTES = 64 * 2**20  # an image file larger than this is skipped (64 MiB: no photo is, a disk image might be)
+MAX_CAPTION_BYTES = 2**20  # a NAME.txt caption larger than this is left out (the sample gets no caption)
 
 
-def caption_of(image: Path) -> str:
-    """The caption beside an image (``NAME.txt``); one that is not UTF-8 is reported and left empty, so
-    training counts the sample as "empty caption" instead of the whole conversion failing."""
-    path = image.with_suffix(".txt")
-    if not path.is_file():
+@dataclass
+class Entry:
+    """One row of a table or file of a folder: ``name`` as the source gives it; ``path`` to read, or
+    ``problem`` (the counted reason it is left out)."""
+
+    name: str
+    path: Path | None
+    caption: str = ""
+    problem: str | None = None
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (no such folder, a table without a path column)."""
+
+
+def caption_of(root: Path, image_name: str, allow_outside: bool = False) -> str:
+    """The caption beside an image (``NAME.txt``, under the same rules as images: inside the source, a
+    regular file, at most ``MAX_CAPTION_BYTES``). One that breaks them or is not UTF-8 is reported and left
+    empty, so training counts the sample as "empty caption" instead of the whole conversion failing."""
+    name = str(Path(image_name).with_suffix(".txt"))
+    if not os.path.lexists(root / name):
         return ""
+    path, problem = _contained(root, name, allow_outside)
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (UnicodeDecodeError, OSError) as e:
-        print(f"warning: {path}: caption not readable as UTF-8 text ({e}); the sample gets no caption", file=sys.stderr)
+        if problem is not None:
+            raise ValueError(problem)
+        return read_regular_file(path, MAX_CAPTION_BYTES).decode("utf-8").strip()
+    except (ValueError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        print(f"warning: {root / name}: caption left out ({reason}); the sample gets no caption", file=sys.stderr)
         return ""
 
 
-def rows(source: Path) -> list[tuple[Path, str]]:
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [(p, caption_of(p)) for p in files]
+def _contained(root: Path, relative: str, allow_outside: bool) -> tuple[Path | None, str | None]:
+    """(path, None) for ``root / relative`` when it stays inside ``root`` (links resolved), else (None, reason)."""
+    if allow_outside:
+        return root / relative, None
+    try:
+        return inside(root, relative), None
+    except ValueError:
+        return None, "points outside the source"
+    except OSError as e:  # a link loop, a name too long
+        return None, f"unresolvable path ({e.strerror or e})"
+
+
+def folder_entries(root: Path, allow_outside: bool = False) -> list[Entry]:
+    """Image-named entries under ``root`` (links to folders are not followed), sorted by relative name."""
+    names = []
+    for folder, dirs, files in os.walk(root):  # followlinks=False: a linked folder is not walked into
+        # folders named like images are listed too: counted as left out, not silently passed over
+        names += [os.path.relpath(os.path.join(folder, f), root) for f in files + dirs
+                  if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    out = []
+    for name in sorted(names):
+        path, problem = _contained(root, name, allow_outside)
+        out.append(Entry(name, path, caption_of(root, name, allow_outside) if problem is None else "", problem))
+    return out
+
+
+def table_entries(source: Path, allow_outside: bool = False) -> list[Entry]:
+    """A TSV/CSV table's rows: paths relative to the table's folder, kept inside it."""
     delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
-    with open(source, newline="", encoding="utf-8") as f:
-        table = list(csv.DictReader(f, delimiter=delimiter))
+    try:
+        with open(source, newline="", encoding="utf-8") as f:
+            table = list(csv.DictReader(f, delimiter=delimiter))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SourceError(f"{source}: not a readable {source.suffix[1:].upper() or 'CSV'} table ({e})") from None
     if table and not ({"path", "image"} & set(table[0])):
-        raise ValueError(f"{source}: needs a 'path' or 'image' column, found {list(table[0])}")
-    return [(source.parent / (r.get("path") or r.get("image")), r.get("caption", "")) for r in table]
+        raise SourceError(f"{source}: needs a 'path' or 'image' column, found {list(table[0])}")
+    out = []
+    for i, r in enumerate(table):
+        name = (r.get("path") or r.get("image") or "").strip()
+        caption = (r.get("caption") or "").strip()
+        if not name:
+            out.append(Entry(f"row {i + 1}", None, problem="empty path"))
+            continue
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            out.append(Entry(name, None, problem=f"not an image file name (expected {', '.join(sorted(IMAGE_SUFFIXES))})"))
+            continue
+        path, problem = _contained(source.parent, name, allow_outside)
+        out.append(Entry(name, path, caption, problem))
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def entries(source: Path, allow_outside: bool = False) -> list[Entry]:
+    if source.is_dir():
+        return folder_entries(source, allow_outside)
+    if source.is_file():
+        return table_entries(source, allow_outside)
+    if source.exists():
+        raise SourceError(f"{source}: not a folder or a table file (a FIFO, socket or device?)")
+    raise SourceError(f"{source}: no such folder or table")
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; raises ValueError with a short reason for
+    anything else. The file is opened without blocking and its type checked on the open file, so a FIFO
+    (which would wait forever for a writer) or a device is refused, whatever it is named."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ValueError(f"unreadable ({e.strerror or e})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ValueError("a folder, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file (a FIFO, socket or device)")
+        if info.st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes ({info.st_size})")
+    except ValueError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes (grew while read)")
+    return data
+
+
+def _reason(problem: str) -> str:
+    """The countable part of a problem (without the numbers)."""
+    return problem.split(" (")[0]
+
+
+def parse(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--per-shard", type=int, default=10_000)
-    args = p.parse_args(argv)
+    p.add_argument("--per-shard", type=int_in(1), default=10_000)
+    p.add_argument("--max-bytes", type=int_in(1), default=MAX_BYTES, help=f"largest image file read (default {MAX_BYTES})")
+    p.add_argument("--allow-outside", action="store_true",
+                   help="read table paths and folder links that leave the source (you trust its author)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     import webdataset as wds
 
+    try:
+        items = entries(Path(args.source), args.allow_outside)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    items = rows(Path(args.source))
+    skipped: Counter = Counter()
+    written = 0
     with wds.ShardWriter(str(out / "%05d.tar"), maxcount=args.per_shard, verbose=0) as sink:
-        for i, (path, caption) in enumerate(items):
-            ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            sink.write({"__key__": f"{i:09d}", ext: path.read_bytes(), "txt": caption})
-    print(f"{len(items)} samples in {out}")
+        for i, item in enumerate(items):
+            problem = item.problem
+            if problem is None:
+                try:
+                    data = read_regular_file(item.path, args.max_bytes)
+                except ValueError as e:
+                    problem = str(e)
+            if problem is not None:
+                print(f"skipped {item.name!r}: {problem}", file=sys.stderr)
+                skipped[_reason(problem)] += 1
+                continue
+            # the name's suffix (a link's target may be named otherwise)
+            ext = Path(item.name).suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            sink.write({"__key__": f"{i:09d}", ext: data, "txt": item.caption})
+            written += 1
+    left = f"; {sum(skipped.values())} skipped: {dict(skipped)}" if skipped else "; none skipped"
+    print(f"{written} samples in {out}{left}")
     return 0
 
 

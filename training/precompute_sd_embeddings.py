@@ -39,6 +39,7 @@ def encode(tokenizer, encoder, captions: list[str]) -> torch.Tensor:
 
 
 def captions_of(url: str, text_key: str = "txt") -> list[tuple[str, str]]:
+    """(key, caption) of every sample of a shard, in order; keys may repeat (see ``unique_keys``)."""
     import webdataset as wds
 
     out = []
@@ -50,7 +51,19 @@ def captions_of(url: str, text_key: str = "txt") -> list[tuple[str, str]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def unique_keys(items: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The items whose key appears once, and the keys that appear more than once. A repeated key gets no
+    embedding: one file entry cannot be the target of two samples (training counts both as left out)."""
+    from collections import Counter
+
+    counts = Counter(k for k, _ in items)
+    repeated = sorted(k for k, n in counts.items() if n > 1)
+    return [(k, c) for k, c in items if counts[k] == 1], repeated
+
+
+def parse(argv: list[str] | None):
+    from gill.arguments import int_in
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd", required=True, help="Stable Diffusion repository id or path, or tiny-random")
     p.add_argument("--data", required=True, help="shards (brace pattern; '::' joins several)")
@@ -58,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-key", default="txt",
                    help="the sample field whose text is encoded (default txt, the caption GILL reads); another "
                         "field, e.g. sd.txt, when the picture's own description differs from the training text")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int_in(1), default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
 
     from safetensors.torch import save_file
 
@@ -72,13 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, encoder = encoder_for(args.sd, args.device, getattr(torch, args.dtype) if args.dtype else None)
-    done = skipped = 0
+    done = skipped = duplicates = 0
     for url in expand_shards(args.data):
         target = out / f"{shard_name(url)}.safetensors"
         if target.is_file():
             skipped += 1
             continue
-        items = captions_of(url, args.text_key)
+        items, repeated = unique_keys(captions_of(url, args.text_key))
+        if repeated:
+            duplicates += len(repeated)
+            print(f"warning: {url}: {len(repeated)} key(s) appear more than once ({', '.join(repeated[:5])}"
+                  f"{', ...' if len(repeated) > 5 else ''}); their samples get no embedding and are left out of "
+                  "training", file=sys.stderr)
         tensors = {}
         for start in range(0, len(items), args.batch_size):
             chunk = items[start:start + args.batch_size]
@@ -88,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             save_file(tensors, str(tmp), metadata={"sd": args.sd})
         done += 1
         print(f"{target}: {len(tensors)} captions")
-    print(f"{done} shards written, {skipped} already done")
+    print(f"{done} shards written, {skipped} already done"
+          + (f"; {duplicates} repeated key(s) left without an embedding" if duplicates else ""))
     return 0
 
 

@@ -112,14 +112,16 @@ def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: fl
     return head.eval()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None):
+    from gill.arguments import float_in, int_in, seed_arg
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (or tiny-random, with --out)")
     p.add_argument("--annotations", required=True)
-    p.add_argument("--train-size", type=int, default=600)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int_in(1), default=600)
+    p.add_argument("--steps", type=int_in(1), default=2000)
+    p.add_argument("--lr", type=float_in(0, above=True), default=1e-3)
+    p.add_argument("--seed", type=seed_arg(), default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the model directory here instead of into --model")
     p.add_argument("--standardize", action="store_true",
@@ -128,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="weigh both classes alike in the loss (for annotations where one class is rare)")
     p.add_argument("--index", default=None,
                    help="retrieval index: the head also reads the best retrieval score (``use_ret_score``)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
 
     from gill import GILL, DecisionHead
     from gill.checkpoint import save_model

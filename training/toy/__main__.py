@@ -72,17 +72,17 @@ def run_side_by_side(names: list[str], jobs: int, child_args: list[str]) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gill.arguments import int_in
+    from gill.arguments import int_in, seed_arg
 
     p = argparse.ArgumentParser(prog="python -m training.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--small", action="store_true", help="the reduced build (minutes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg(), default=0)
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--install", action="store_true",
                    help="afterwards copy the model and the metric model into gill/assets (the toy preset)")
-    p.add_argument("--gill-steps", type=int, default=None, help="override the plan's GILL training steps")
+    p.add_argument("--gill-steps", type=int_in(1), default=None, help="override the plan's GILL training steps")
     p.add_argument("--mapper-steps", type=int_in(0), default=None,
                    help="then refit the mapper alone, afresh, on GILL's final [IMG] states for this many steps "
                         "(default 0: not; training.train --train-only mapper --reinit mapper)")

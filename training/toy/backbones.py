@@ -63,7 +63,8 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     if (target / "config.json").exists():
         return
     docs = json.loads((out / "data" / "text.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(target)  # written by the data stage, beside where the LM goes
+    # written by the data stage, beside where the LM goes
+    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
     torch.manual_seed(seed)
     # untied output rows (OPT ties them): tied, the rows of words said in the same places ("on white." /
     # "on gray.") get the same output gradients and merge (" white" and " gray": cosine 0.995 in the v2.1
@@ -139,7 +140,7 @@ def train_clip(out: Path, plan: Plan, seed: int):
     here the first pad)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "model" / "lm")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model" / "lm", trust_remote_code=False)
     torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -252,8 +253,8 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "sd-text" / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(out / "sd-text" / "text_encoder").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "sd-text" / "tokenizer", trust_remote_code=False)
+    text_encoder = CLIPTextModel.from_pretrained(out / "sd-text" / "text_encoder", trust_remote_code=False).eval()
     with torch.no_grad():
         unique = sorted(set(captions)) + [""]
         states = dict(zip(unique, text_encoder(input_ids=text_inputs(tokenizer, unique).input_ids).last_hidden_state))

@@ -30,9 +30,10 @@ class AttributeJudge:
         from transformers import AutoTokenizer, CLIPModel
 
         self.scenes = world.all_scenes()
-        self.clip = CLIPModel.from_pretrained(out / "metric-clip").eval()
+        self.clip = CLIPModel.from_pretrained(out / "metric-clip", trust_remote_code=False).eval()
         self.processor = image_processor()
-        tok = text_inputs(AutoTokenizer.from_pretrained(out / "model" / "lm"), [s.caption() for s in self.scenes])
+        lm_tokenizer = AutoTokenizer.from_pretrained(out / "model" / "lm", trust_remote_code=False)
+        tok = text_inputs(lm_tokenizer, [s.caption() for s in self.scenes])
         with torch.no_grad():
             feats = self.clip.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
         self.text = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)
