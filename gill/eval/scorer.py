@@ -29,8 +29,8 @@ class ClipScorer:
             if kind == "hf":
                 from transformers import CLIPImageProcessor, CLIPModel
 
-                self.model = CLIPModel.from_pretrained(name).eval().to(self.device)
-                self.processor = CLIPImageProcessor.from_pretrained(name)
+                self.model = CLIPModel.from_pretrained(name, trust_remote_code=False).eval().to(self.device)
+                self.processor = CLIPImageProcessor.from_pretrained(name, trust_remote_code=False)
                 self._embed = self._hf
             else:
                 import open_clip
