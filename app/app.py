@@ -7,8 +7,9 @@
 loads the model. Nothing is loaded at import time.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: Gradio reads the handlers' annotations at run time to hand them
+# the caller's session (``request: gr.Request``), and string annotations naming build_demo's local ``gr``
+# would not resolve
 import argparse
 import base64
 import html
@@ -43,7 +44,7 @@ class Defaults:
     policy: str = "auto"
 
     @classmethod
-    def from_settings(cls, s: Any, policy: str = "auto") -> Defaults:
+    def from_settings(cls, s: Any, policy: str = "auto") -> "Defaults":
         return cls(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                    img_scale_factor=s.img_scale_factor, steps=s.steps, guidance=s.guidance_scale, seed=s.seed,
                    scheduler=s.scheduler, policy=policy)
@@ -204,6 +205,8 @@ def conversation_png(messages: list[dict]) -> Any:
 
     from PIL import Image, ImageDraw, ImageFont
 
+    from gill.images import shrink
+
     width, pad, line_h = 860, 12, 22
     try:
         font = ImageFont.load_default(size=16)
@@ -215,8 +218,10 @@ def conversation_png(messages: list[dict]) -> Any:
         content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
         for kind, value in message_parts(content):
             if kind == "file" and Path(value).is_file():
-                with Image.open(value) as im:
-                    blocks.append((role, display_image(im.convert("RGB"))))
+                try:  # opened like an upload (the page's chat is the client's to send), fitted to the page
+                    blocks.append((role, display_image(shrink(load_user_image(value), width - 120 - 2 * pad))))
+                except BadInput as e:
+                    blocks.append((role, [str(e)]))
             elif kind == "text":
                 plain = plain_text(value)
                 lines = [w for para in plain.split("\n") for w in (textwrap.wrap(para, 90) or [""])]

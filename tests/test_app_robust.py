@@ -85,7 +85,7 @@ def test_four_clients_saving_at_once_each_download_their_own_conversation(demo):
         def saves(name: str) -> list[str]:
             client = Client(url, verbose=False)
             wrong = []
-            for n in range(12):
+            for n in range(15):
                 secret = f"secret-{name}-{n}"
                 path = client.predict([{"role": "user", "content": [{"type": "text", "text": secret}]}], api_name="/save")
                 page = Path(path if isinstance(path, str) else path["value"]).read_text()
@@ -95,7 +95,8 @@ def test_four_clients_saving_at_once_each_download_their_own_conversation(demo):
 
         with ThreadPoolExecutor(max_workers=4) as pool:
             wrong = [w for ws in pool.map(saves, ["ann", "ben", "cat", "dan"]) for w in ws]
-        assert not wrong, f"{len(wrong)} of 48 saves downloaded another conversation: {wrong[:3]}"
+        assert not wrong, f"{len(wrong)} of 60 saves downloaded another conversation: {wrong[:3]}"
+        assert len(demo.sessions) == 4  # each client is a session of its own (Gradio hands the handlers it)
     finally:
         demo.close()
 
@@ -356,3 +357,40 @@ def test_twenty_huge_attachments_stay_under_1_gb(demo, tmp_path):
     assert all(max(x.size) <= 1024 for x in state["turns"][0] if not isinstance(x, str))
     assert growth < 2**30, f"peak grew by {growth / 2**30:.2f} GB"
     print(f"20 attachments: peak +{growth / 2**20:.0f} MB, {took:.1f} s")
+
+
+def test_a_quick_second_message_over_the_server_is_answered_after_the_first(demo):
+    """The same, through the running app (``--concurrency 4``, so both reach the model at once)."""
+    from gradio_client import Client
+
+    from app.app import launch
+
+    port = free_port()
+    launch(demo, "127.0.0.1", port, concurrency=4, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        first = client.submit({"text": "a red circle", "files": []}, [], api_name="/respond")
+        time.sleep(0.1)
+        second = client.submit({"text": "a blue square", "files": []}, [], api_name="/respond")
+        messages = second.result(timeout=120)[0]
+        first.result(timeout=120)
+        texts = " ".join(plain_text(part.get("text", "")) for m in messages for part in m["content"]
+                         if part.get("type") == "text")
+        assert "a red circle" in texts and "a blue square" in texts
+        assert texts.index("a red circle") < texts.index("a blue square")
+    finally:
+        demo.close()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "I;16", "1", "CMYK"])
+def test_attachments_are_shrunk_as_they_are_decoded_in_every_mode(tmp_path, mode):
+    from app.app import MAX_SIDE, load_user_image
+
+    image = Image.new("RGB", (3000, 1500), (250, 20, 20)).convert(mode)
+    path = tmp_path / ("x.tiff" if mode in ("I;16", "CMYK") else "x.png")
+    image.save(path)
+    got = load_user_image(str(path))
+    assert got.mode == "RGB" and got.size == (MAX_SIDE, MAX_SIDE // 2)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30), "red").save(small)
+    assert load_user_image(str(small)).size == (40, 30)  # small pictures are kept as they are
