@@ -391,13 +391,13 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
             yield gr.update(), gr.update(), READY()
             return
         try:
-            yield from answer(session, ticket, message, messages, history, temperature, top_p, max_tokens, frequency,
-                              policy, steps, guidance, seed)
+            yield from answer_message(session, ticket, message, messages, history, temperature, top_p, max_tokens,
+                                      frequency, policy, steps, guidance, seed)
         finally:
             session.end(ticket)
 
-    def answer(session, ticket, message, messages, history, temperature, top_p, max_tokens, frequency, policy, steps,
-               guidance, seed):
+    def answer_message(session, ticket, message, messages, history, temperature, top_p, max_tokens, frequency, policy,
+                       steps, guidance, seed):
         # the conversation as this session last committed it (the page's copy can be stale), else the page's
         messages = list(session.messages if session.messages is not None else (messages or []))
         state = session.state if session.state is not None else conversation_state(history)
@@ -405,9 +405,10 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         turns = [list(t) for t in state["turns"]]
         text = (message or {}).get("text", "").strip()
         files = (message or {}).get("files", []) or []
-        for f in files:
-            if Path(upload_path(f)).resolve().is_relative_to(uploads):
-                session.uploads.add(upload_path(f))  # removed with the session
+        for f in files:  # Gradio's copies of the user's uploads (not the sessions' own files) go with the session
+            where = Path(upload_path(f)).resolve()
+            if where.is_relative_to(uploads) and not where.is_relative_to(sessions.root.resolve()):
+                session.uploads.add(upload_path(f))
         turn, shown = [], []
         try:
             for f in files:  # one at a time, each shrunk as it is decoded
@@ -482,7 +483,8 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                 yield messages, state, BUSY()
         except Exception as e:  # a model error is shown in the chat; the conversation stays as it was
             LOG.exception("the model failed on a message")
-            messages.append({"role": "assistant", "content": escaped(f"⚠️ The model failed: {type(e).__name__}: {e}")})
+            failed = f"⚠️ The model failed: {type(e).__name__}: {e}"
+            messages.append({"role": "assistant", "content": escaped(failed)})
             state = {**state, "exchanges": state["exchanges"] + [False]}
             if session.commit(ticket, messages, state, done=True):
                 yield messages, state, READY()

@@ -87,7 +87,8 @@ def test_four_clients_saving_at_once_each_download_their_own_conversation(demo):
             wrong = []
             for n in range(15):
                 secret = f"secret-{name}-{n}"
-                path = client.predict([{"role": "user", "content": [{"type": "text", "text": secret}]}], api_name="/save")
+                chat = [{"role": "user", "content": [{"type": "text", "text": secret}]}]
+                path = client.predict(chat, api_name="/save")
                 page = Path(path if isinstance(path, str) else path["value"]).read_text()
                 if secret not in page:
                     wrong.append(f"{name} #{n} got {[w for w in page.split() if 'secret-' in w]}")
@@ -249,15 +250,16 @@ def test_file_names_and_model_text_are_shown_as_text(demo, tmp_path):
 
 # --- flags and the seed box ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, flag", [(["--concurrency", "0"], "--concurrency"), (["--concurrency", "-1"], "--concurrency"),
-                                        (["--queue-size", "-1"], "--queue-size"), (["--port", "99999"], "--port"),
-                                        (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed")])
+@pytest.mark.parametrize("argv, flag", [
+    (["--concurrency", "0"], "--concurrency"), (["--concurrency", "-1"], "--concurrency"),
+    (["--queue-size", "-1"], "--queue-size"), (["--port", "99999"], "--port"), (["--port", "0"], "--port"),
+    (["--seed", str(2**64)], "--seed"), (["--seed", "-1"], "--seed")])
 def test_out_of_range_flags_are_refused_when_parsed(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"argument {flag}:" in err and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("app") or "error:" in err.strip().splitlines()[-1]
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one line naming the flag and the range
+    assert e.value.code == 2 and "Traceback" not in err and f"argument {flag}: must be an integer" in last
 
 
 @pytest.mark.parametrize("seed", [2**64, -1, 1.5, None, float("inf")])
