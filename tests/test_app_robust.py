@@ -396,3 +396,40 @@ def test_attachments_are_shrunk_as_they_are_decoded_in_every_mode(tmp_path, mode
     small = tmp_path / "small.png"
     Image.new("RGB", (40, 30), "red").save(small)
     assert load_user_image(str(small)).size == (40, 30)  # small pictures are kept as they are
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_reset_pressed_in_a_real_browser_while_an_answer_streams(demo, tiny_gill, monkeypatch):
+    from playwright.sync_api import expect, sync_playwright
+
+    from app.app import launch
+
+    gate = Gate(tiny_gill, monkeypatch)
+    port = free_port()
+    launch(demo, "127.0.0.1", port, block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            box = page.locator("#input textarea")
+            box.wait_for(timeout=30_000)
+            box.fill("a red circle")
+            box.press("Enter")
+            chat = page.locator("#chat")
+            expect(chat.get_by_text("a red circle")).to_be_visible(timeout=30_000)  # taken; the answer waits
+            page.locator("#reset").click()
+            expect(chat.get_by_text("a red circle")).to_have_count(0, timeout=10_000)
+            gate.open.set()  # the model goes on: nothing of it may come back
+            page.wait_for_timeout(3_000)
+            assert chat.get_by_text("a red circle").count() == 0 and chat.locator("img").count() == 0
+            assert chat.get_by_text("Retrieved image").count() == 0 and chat.get_by_text("Generated image").count() == 0
+            box.fill("a blue square")  # and the page takes the next message
+            box.press("Enter")
+            expect(chat.get_by_text("a blue square")).to_be_visible(timeout=30_000)
+            browser.close()
+    finally:
+        gate.open.set()
+        demo.close()
