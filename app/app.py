@@ -26,6 +26,7 @@ LOG = logging.getLogger("app")
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_SIDE = 1024  # an attached picture is kept (shown, read by the model) at most this many pixels a side
+CACHE_MAX_AGE_S = 86400  # the app's files in Gradio's cache that no ended session removed go after a day
 QUEUE_WAIT_S = 600  # a message sent while another is answered waits this long for its turn at most
 
 
@@ -520,8 +521,9 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
     def end_session(request: gr.Request = None):
         sessions.close(request)
 
-    # Gradio's own copies (uploads never sent, files it cached) are swept an hour after they were made
-    with gr.Blocks(title=title, analytics_enabled=analytics, delete_cache=(3600, 3600)) as demo:
+    # what a session leaves is removed when it ends (demo.unload below); what none claims (a file attached but
+    # never sent, a tab that never said goodbye) is swept hourly once a day old, and everything at shutdown
+    with gr.Blocks(title=title, analytics_enabled=analytics, delete_cache=(3600, CACHE_MAX_AGE_S)) as demo:
         gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated** "
                     "and **retrieved** images, each labelled with the decision behind it.")
         hint = model_hint(pipeline)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,12 @@ class Session:
         self._epoch = 0
         self._answering = False
         self._save_dir: Path | None = None
+        self.last_seen = time.monotonic()
+
+    @property
+    def answering(self) -> bool:
+        with self._cond:
+            return self._answering
 
     def arrival(self) -> int:
         """The epoch a message arrives in (taken before it waits for its turn)."""
@@ -114,10 +121,13 @@ class Session:
 
 
 class Sessions:
-    """The sessions of one app, by Gradio's session hash, each with its own folder under ``root``."""
+    """The sessions of one app, by Gradio's session hash, each with its own folder under ``root``. A session
+    whose page never says goodbye (a script's client, a crashed browser) is closed once idle for ``max_idle``
+    seconds; one closed early only loses its server copy: its page's copy of the chat is used again."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_idle: float = 86400.0):
         self.root = root
+        self.max_idle = max_idle
         self._lock = threading.Lock()
         self._by_id: dict[str, Session] = {}
 
@@ -127,10 +137,18 @@ class Sessions:
         key = getattr(request, "session_hash", None)
         if key is None:
             return Session(Path(tempfile.mkdtemp(prefix="session-", dir=self.root)))
+        now = time.monotonic()
         with self._lock:
+            idle = [k for k, s in self._by_id.items()
+                    if k != key and now - s.last_seen > self.max_idle and not s.answering]
+            closing = [self._by_id.pop(k) for k in idle]
             if key not in self._by_id:
                 self._by_id[key] = Session(Path(tempfile.mkdtemp(prefix="session-", dir=self.root)))
-            return self._by_id[key]
+            session = self._by_id[key]
+            session.last_seen = now
+        for old in closing:
+            old.close()
+        return session
 
     def close(self, request: Any) -> None:
         """The user closed or reloaded the page: the session and its files go."""

@@ -433,3 +433,15 @@ def test_reset_pressed_in_a_real_browser_while_an_answer_streams(demo, tiny_gill
     finally:
         gate.open.set()
         demo.close()
+
+
+def test_sessions_that_never_say_goodbye_are_closed_once_idle(tmp_path):
+    from app.session import Sessions
+
+    sessions = Sessions(tmp_path, max_idle=0.2)
+    gone = sessions.get(user("script"))
+    gone.folder.mkdir(parents=True, exist_ok=True)
+    (gone.folder / "picture.png").write_bytes(b"x")
+    time.sleep(0.3)
+    sessions.get(user("browser"))
+    assert len(sessions) == 1 and not gone.folder.exists()
