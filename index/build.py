@@ -9,7 +9,11 @@ image is embedded twice and none is lost. Unreadable, corrupt, oversized (over 4
 over-elongated (beyond 20:1) images, broken shards and unreachable URLs are skipped, counted and listed in
 ``report.json`` with their reasons; an image whose caption is not UTF-8 text is kept with an empty caption
 and counted as a bad caption; duplicates (same sha256) are dropped. Bad flag values (``--batch-size 0``)
-are refused when the command line is parsed.
+are refused when the command line is parsed. Dangling links, FIFOs, links out of the source folder, files
+over 64 MB, URL bodies over 64 MB or slower than ``--url-timeout`` in total, and file names that are not
+UTF-8 are skipped and counted too (``index.sources``). A build that indexes no image at all writes its
+report and exits with status 1, saying so. A write that fails (a full disk) is one line naming the index
+directory; the previous index stays whole and the same command resumes.
 Under torchrun each rank embeds a disjoint part (shards for webdataset, rows for folders and tables) and
 rank 0 merges them.
 """
@@ -20,6 +24,7 @@ import argparse
 import hashlib
 import logging
 import os
+import sqlite3
 import sys
 import time
 from itertools import islice
@@ -30,7 +35,6 @@ import numpy as np
 from gill.arguments import float_in, int_in
 
 LOG = logging.getLogger("index.build")
-SOURCE_STRIDE = 1_000_000  # order key of the k-th source added to an index: shard + k * SOURCE_STRIDE
 
 
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -48,6 +52,7 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--allow-outside", action="store_true",
                    help="read a table's relative paths that leave the table's folder (../x.jpg)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' messages (model loading, warnings)")
     return p
 
 
@@ -90,11 +95,11 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
                  progress: bool, allow_outside: bool = False) -> dict:
     """Read ``source`` into this rank's work DB (resumable). Returns counts for this run."""
     from index.sources import iter_items
-    from index.store import Row, WorkDB
+    from index.store import SOURCE_STRIDE, Row, WorkDB
 
     rank, world, _ = dist_info()
     work = WorkDB(out / "work" / f"rank-{rank:05d}.sqlite")
-    done = work.done_uids()
+    done = work.done_uids(source_no)  # identity is (source, uid): x.png of another folder is not done
     hashes = work.known_hashes()
     counts = {"embedded": 0, "duplicates": 0, "failed": 0, "skipped_done": 0}
     bar = None
@@ -112,7 +117,7 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
                 counts["skipped_done"] += 1
                 continue
             row = Row(item.uid, item.order[0] + source_no * SOURCE_STRIDE, item.order[1], "failed",
-                      source=item.source, caption=item.caption, license=item.license)
+                      source=item.source, caption=item.caption, license=item.license, src=source_no)
             rows.append(row)
             if item.error:
                 row.reason = item.error
@@ -163,7 +168,9 @@ def barrier() -> None:
 
 def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from gill._quiet import quiet
+
+    quiet(args.verbose)
     logging.getLogger("faiss").setLevel(logging.WARNING)
     from gill.retrieval import IndexFormatError
     from index.sources import SourceError
@@ -174,15 +181,27 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     except (SourceError, IndexFormatError, BuildStateError) as e:  # a source or index file at fault: named
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (sqlite3.OperationalError, OSError) as e:  # a full disk, a read-only or vanished directory
+        print(f"error: {args.out}: cannot write the index ({e}); the previous index is unchanged; free space or "
+              "fix the directory and rerun the same command to resume", file=sys.stderr)
+        return 1
+
+
+def source_key(src: str) -> str:
+    """How the index's work state names a source: a local folder or table by its absolute path (so one
+    named from two working directories is not taken for one source), shards as given."""
+    from index.sources import kind_of
+
+    return os.path.abspath(src) if kind_of(src) in ("folder", "table") else src
 
 
 def run(args: argparse.Namespace, *, update: bool = False) -> int:
     from gill.loading import load_image_embedder
     from gill.retrieval import MANIFEST_NAME, IndexManifest
-    from index.sources import kind_of
+    from index.sources import local_roots
     from index.store import WorkDB, finalize
 
-    kind_of(args.source)  # a source that is not there fails before the model loads
+    key = source_key(args.source)  # a source that is not there fails before the model loads
     rank, world, local_rank = dist_info()
     out = Path(args.out)
     device = args.device
@@ -197,7 +216,8 @@ def run(args: argparse.Namespace, *, update: bool = False) -> int:
     manifest_path = out / MANIFEST_NAME
     meta = WorkDB(out / "work" / "sources.sqlite")
     sources = (meta.get_meta("sources") or "").split("\n") if meta.get_meta("sources") else []
-    if manifest_path.exists() and not update and args.source not in sources:
+    known = [source_key(s) if os.path.exists(s) else s for s in sources]  # older work states: as given
+    if manifest_path.exists() and not update and key not in known:
         print(f"error: {out} already holds an index of other sources; use python -m index.update to add one",
               file=sys.stderr)
         return 1
@@ -207,12 +227,13 @@ def run(args: argparse.Namespace, *, update: bool = False) -> int:
             print(f"error: {out} was built with another model's image-retrieval projection; "
                   "use that model or a new index directory", file=sys.stderr)
             return 1
-    if args.source not in sources:
-        sources.append(args.source)
+    if key not in known:
+        sources.append(key)
+        known.append(key)
         if rank == 0:
             meta.set_meta("sources", "\n".join(sources))
     meta.close()
-    counts = embed_source(embedder, args.source, out, source_no=sources.index(args.source),
+    counts = embed_source(embedder, args.source, out, source_no=known.index(key),
                           batch_size=args.batch_size, url_timeout=args.url_timeout, progress=not args.no_progress,
                           allow_outside=args.allow_outside)
     LOG.info("rank %d: %s", rank, counts)
@@ -222,10 +243,18 @@ def run(args: argparse.Namespace, *, update: bool = False) -> int:
     index_type = None if args.index_type == "auto" else args.index_type
     if update and manifest_path.exists() and index_type is None:
         index_type = IndexManifest.read(manifest_path).index_type
+    # a reader may load hits' images from the folders of the sources named on this command line (and those
+    # this user's earlier builds signed), never from folders the work state's rows name
     report = finalize(out, dim=embedder.dim, fingerprint=fingerprint, model=str(args.model), index_type=index_type,
-                      nlist=args.nlist, nprobe=args.nprobe)
+                      nlist=args.nlist, nprobe=args.nprobe,
+                      vouched_roots=local_roots(args.source, allow_outside=args.allow_outside))
     print(f"{out}: {report['count']} images ({report['index_type']}), {report['duplicates']} duplicates, "
           f"{report['failed']} failed, {report['bad_captions']} bad captions (listed in {out / 'report.json'})")
+    if report["count"] == 0:
+        print(f"error: {out}: the index is empty: no image of {args.source} could be indexed "
+              f"({report['items_read']} read, {report['failed']} failed; the reasons are in {out / 'report.json'})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
