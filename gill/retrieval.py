@@ -664,6 +664,7 @@ _PICKLE_ALLOWED = {
     ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "str"),
     ("builtins", "int"), ("builtins", "float"), ("builtins", "bytes"), ("builtins", "bytearray"),
     ("_codecs", "encode"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5's arrays
 }
 
 
@@ -705,6 +706,7 @@ def read_original_embeddings(path: str | os.PathLike) -> tuple[list[str], Any]:
 
     class Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
+            module = "builtins" if module == "__builtin__" else module  # protocol 2 names them the Python 2 way
             if (module, name) not in _PICKLE_ALLOWED:
                 raise pickle.UnpicklingError(f"refused: the pickle asks for {module}.{name}, which is not data")
             found = super().find_class(module, name)
