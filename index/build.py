@@ -21,6 +21,7 @@ rank 0 merges them.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ import numpy as np
 from gill.arguments import float_in, int_in
 
 LOG = logging.getLogger("index.build")
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -181,9 +183,12 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     except (SourceError, IndexFormatError, BuildStateError) as e:  # a source or index file at fault: named
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (sqlite3.OperationalError, OSError) as e:  # a full disk, a read-only or vanished directory
-        print(f"error: {args.out}: cannot write the index ({e}); the previous index is unchanged; free space or "
-              "fix the directory and rerun the same command to resume", file=sys.stderr)
+    except (sqlite3.OperationalError, OSError) as e:
+        if isinstance(e, sqlite3.OperationalError) or e.errno in WRITE_ERRNOS:  # a full disk, a read-only place
+            print(f"error: {args.out}: cannot write the index ({e}); the previous index is unchanged; free space "
+                  "or fix the directory and rerun the same command to resume", file=sys.stderr)
+        else:  # a model or file that is not there: the error names it
+            print(f"error: {e}", file=sys.stderr)
         return 1
 
 

@@ -15,6 +15,7 @@ one temporary file (the last manifest wins, the other's files are removed by a l
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -275,7 +276,7 @@ def _write_faiss(index, path: Path) -> None:
     try:
         faiss.write_index(index, str(path))
     except RuntimeError as e:  # faiss reports a failed write (a full disk) as a RuntimeError
-        raise OSError(f"{path}: cannot write the FAISS index ({str(e).strip().splitlines()[-1]})") from None
+        raise OSError(errno.EIO, f"{path}: cannot write the FAISS index ({str(e).strip().splitlines()[-1]})") from None
 
 
 def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: str | None = None,

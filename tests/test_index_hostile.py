@@ -420,7 +420,24 @@ def test_a_36_byte_pickle_calling_bytearray_3e9_is_refused(tmp_path):
 # ---- a failed write; quiet output --------------------------------------------------------------------
 
 
-def test_a_full_disk_during_an_update_is_one_line_and_the_old_index_stays(tmp_path, build, monkeypatch, capsys):
+def _full_work_db(m):
+    def full(self, rows):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    m.setattr(WorkDB, "commit", full)
+
+
+def _full_faiss_write(m):
+    import faiss
+
+    def full(index, path):
+        raise RuntimeError("Error in faiss::FileIOWriter: write error\nNo space left on device (disk is full)")
+
+    m.setattr(faiss, "write_index", full)
+
+
+@pytest.mark.parametrize("fill", [_full_work_db, _full_faiss_write])
+def test_a_full_disk_during_an_update_is_one_line_and_the_old_index_stays(tmp_path, build, monkeypatch, capsys, fill):
     (tmp_path / "A").mkdir()
     (tmp_path / "A" / "a.png").write_bytes(png_bytes("red"))
     (tmp_path / "B").mkdir()
@@ -429,11 +446,8 @@ def test_a_full_disk_during_an_update_is_one_line_and_the_old_index_stays(tmp_pa
     assert build(tmp_path / "A", out) == 0
     capsys.readouterr()
 
-    def full(self, rows):
-        raise sqlite3.OperationalError("database or disk is full")
-
     with monkeypatch.context() as m:
-        m.setattr(WorkDB, "commit", full)
+        fill(m)
         assert build(tmp_path / "B", out, update=True) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out) in err and "disk is full" in err and "previous index is unchanged" in err
