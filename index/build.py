@@ -58,9 +58,25 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     return p
 
 
-def batched(items, n):
-    it = iter(items)
-    while batch := list(islice(it, n)):
+MAX_BATCH_BYTES = 256 * 2**20  # encoded bytes one batch holds at once: fewer items where files are large
+MAX_BATCH_PIXELS = 48_000_000  # decoded pixels held before they are embedded (144 MB of RGB, copied once by the processor)
+
+
+def batched(items, n, max_bytes: int | None = None):
+    """Lists of ``n`` items, cut earlier where their bytes (``item.data``) would pass ``max_bytes``."""
+    if max_bytes is None:
+        it = iter(items)
+        while batch := list(islice(it, n)):
+            yield batch
+        return
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(getattr(item, "data", None) or b"")
+        if len(batch) == n or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
         yield batch
 
 
@@ -112,8 +128,19 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
     items = iter_items(source, shard_filter=lambda s: s % world == rank, skip=done.__contains__, url_timeout=url_timeout,
                        allow_outside=allow_outside)
     start = time.perf_counter()
-    for batch in batched(items, batch_size):
+    for batch in batched(items, batch_size, MAX_BATCH_BYTES):
         rows, images, image_rows = [], [], []
+
+        def embed_pending() -> None:
+            for row, (v, reason) in zip(image_rows, embed_images(embedder, images)):
+                if v is None:
+                    row.status, row.reason = "failed", reason
+                    hashes.discard(row.sha256)
+                else:
+                    row.vector = v.tobytes()
+            images.clear()
+            image_rows.clear()
+
         for item in batch:
             if item.uid in done:
                 counts["skipped_done"] += 1
@@ -138,13 +165,11 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
             row.status = "ok"
             images.append(image)
             image_rows.append(row)
+            item.data = None  # the bytes are hashed and decoded: not held for the rest of the batch
+            if sum(im.width * im.height for im in images) >= MAX_BATCH_PIXELS:
+                embed_pending()  # large photos: embedded in parts, so decoded pixels stay bounded
         if images:
-            for row, (v, reason) in zip(image_rows, embed_images(embedder, images)):
-                if v is None:
-                    row.status, row.reason = "failed", reason
-                    hashes.discard(row.sha256)
-                else:
-                    row.vector = v.tobytes()
+            embed_pending()
         work.commit(rows)
         for row in rows:
             counts[{"ok": "embedded", "duplicate": "duplicates", "failed": "failed"}[row.status]] += 1

@@ -466,3 +466,27 @@ def test_index_query_prints_no_loading_bars_or_library_warnings(tmp_path):
                           "--text", "a red square", "-k", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "a.png" in out.stdout
     assert out.stderr == "", out.stderr
+
+
+def _blank_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of any size, a few kB: decoded as RGB it is width * height * 3 bytes."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    c = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    body = b"".join(c.compress(row) for _ in range(height)) + c.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def test_a_batch_of_large_photos_is_embedded_in_parts_within_a_memory_bound(tmp_path, build):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(12):  # 36 MP each, distinct: 12 held at once as RGB would be 1.3 GB
+        (imgs / f"{i:02d}.png").write_bytes(_blank_png(6000 + i, 6000))
+    growth, rc = peak_growth(lambda: build(imgs, tmp_path / "idx", "--batch-size", "12"))
+    assert rc == 0 and growth < GB, growth / GB
+    assert report_of(tmp_path / "idx")["count"] == 12
