@@ -432,7 +432,10 @@ def tar_end_problem(path: str) -> str | None:
     """For a local shard: why it does not end like a complete tar archive (a multiple of 512 bytes
     ending in two zero blocks), or None."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if what := _not_regular(st.st_mode):  # a FIFO would block the open below, and webdataset's
+            return f"unreadable shard: {os.path.basename(path)} is {what}; it is not opened"
+        size = st.st_size
         with open(path, "rb") as f:
             f.seek(max(0, size - 1024))
             tail = f.read()
@@ -451,6 +454,9 @@ def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
             continue
         errors: list[str] = []
         if "://" not in url and not url.startswith("pipe:") and (problem := tar_end_problem(url)):
+            if "it is not opened" in problem:
+                yield Item((shard_no, 0), f"{url}#error0", url, error=f"broken shard: {problem}")
+                continue
             errors.append(problem)
 
         def handler(exn: Exception) -> bool:

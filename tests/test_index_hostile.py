@@ -180,6 +180,18 @@ def test_dangling_links_fifos_and_links_out_are_counted_never_opened(tmp_path, b
     assert all("secret" not in s for s in sources_of(out))
 
 
+def test_a_shard_that_is_a_fifo_is_counted_not_opened(tmp_path, build):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "s-0.tar", [("a", png_bytes("red"), "a red square")])
+    os.mkfifo(shards / "s-1.tar")
+    finished, rc = in_thread(lambda: build(f"{shards}/s-{{0..1}}.tar", tmp_path / "idx"), 60)
+    assert finished and rc == 0
+    (reason,) = reasons_of(tmp_path / "idx").values()
+    assert reason == "broken shard: unreadable shard: s-1.tar is a FIFO; it is not opened"
+    assert report_of(tmp_path / "idx")["count"] == 1
+
+
 def test_a_file_name_that_is_not_utf8_is_counted_and_the_rest_indexed(tmp_path, build, capsys):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
