@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import http.client
 import os
+import re
 import socket
 import stat
 import threading
@@ -446,6 +447,26 @@ def tar_end_problem(path: str) -> str | None:
     return None
 
 
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # a shard member's name -> (sample key, extension)
+
+
+def oversized_members(path: str, max_bytes: int = MAX_FILE_BYTES) -> dict[str, int]:
+    """A local shard's members over ``max_bytes`` (name -> size), from the tar headers alone: the reader
+    seeks past each member's data. A shard that cannot be read this way gives what was found so far (the
+    read itself reports what is broken)."""
+    import tarfile
+
+    found: dict[str, int] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isreg() and member.size > max_bytes:
+                    found[member.name] = member.size
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return found
+
+
 def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
     import webdataset as wds
 
@@ -453,11 +474,15 @@ def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
         if not shard_filter(shard_no):
             continue
         errors: list[str] = []
-        if "://" not in url and not url.startswith("pipe:") and (problem := tar_end_problem(url)):
+        local = "://" not in url and not url.startswith("pipe:")
+        if local and (problem := tar_end_problem(url)):
             if "it is not opened" in problem:
                 yield Item((shard_no, 0), f"{url}#error0", url, error=f"broken shard: {problem}")
                 continue
             errors.append(problem)
+        # members over the size bound are never read (webdataset reads each member whole): counted instead
+        big = oversized_members(url) if local else {}
+        big_keys = {m.group(1) for name in big if (m := _MEMBER.match(name))}
 
         def handler(exn: Exception) -> bool:
             errors.append(f"{type(exn).__name__}: {exn}")
@@ -466,11 +491,14 @@ def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
         pos, unique = -1, unique_uids()
         try:
             samples = wds.WebDataset(url, shardshuffle=False, handler=handler, empty_check=False,
-                                      nodesplitter=_all, workersplitter=_all)  # ranks are split here, not by webdataset
+                                      nodesplitter=_all, workersplitter=_all,  # ranks are split here
+                                      select_files=(lambda name: name not in big) if big else None)
             for pos, sample in enumerate(samples):
                 key = sample.get("__key__", str(pos))
-                uid = unique(f"{url}#{key}")  # a key that comes back later in the shard is another sample
                 image_ext = next((e for e in sample if "." + e.lower() in IMAGE_SUFFIXES), None)
+                if image_ext is None and key in big_keys:
+                    continue  # its image was too large: counted below, once
+                uid = unique(f"{url}#{key}")  # a key that comes back later in the shard is another sample
                 caption, warning = sample.get("txt", b""), None
                 if isinstance(caption, bytes):
                     caption, warning = _text(caption, f"{key}.txt")
@@ -484,5 +512,8 @@ def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
                 yield item
         except Exception as e:  # an unopenable shard is reported, not fatal
             errors.append(f"{type(e).__name__}: {e}")
-        for i, err in enumerate(errors):
-            yield Item((shard_no, pos + 1 + i), f"{url}#error{i}", url, error=f"broken shard: {err}")
+        extra = [(unique(f"{url}#{name}"), f"too large: {name} is {_mb(size)}; at most {_mb(MAX_FILE_BYTES)} is read")
+                 for name, size in big.items()]
+        extra += [(f"{url}#error{i}", f"broken shard: {err}") for i, err in enumerate(errors)]
+        for i, (uid, reason) in enumerate(extra):
+            yield Item((shard_no, pos + 1 + i), uid, url, error=reason)

@@ -304,6 +304,34 @@ def test_a_3gb_file_in_a_folder_is_refused_from_its_size_unread(tmp_path, build)
     assert reasons["huge.png"] == "too large: the file is 3.0 GB; at most 64.0 MB is read"
 
 
+def _sparse_tar(path: Path, members) -> None:
+    """A tar of (name, bytes) members, or (name, size) for a member of ``size`` zero bytes left as a hole."""
+    import tarfile
+
+    with open(path, "wb") as f:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = data if isinstance(data, int) else len(data)
+            f.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+            if isinstance(data, int):
+                f.seek(data, os.SEEK_CUR)
+            else:
+                f.write(data)
+            f.seek((-info.size) % 512, os.SEEK_CUR)
+        f.write(b"\0" * 1024)
+
+
+def test_a_3gb_member_of_a_shard_is_refused_from_its_header_unread(tmp_path, build):
+    shard = tmp_path / "s-0.tar"
+    _sparse_tar(shard, [("a.png", png_bytes("red")), ("a.txt", b"a red square"), ("big.png", 3 * GB),
+                        ("big.txt", b"huge"), ("c.png", png_bytes("blue"))])
+    growth, rc = peak_growth(lambda: build(shard, tmp_path / "idx"))
+    assert rc == 0 and growth < GB, growth / GB
+    report = report_of(tmp_path / "idx")
+    assert (report["count"], report["failed"], report["items_read"]) == (2, 1, 3)
+    assert reasons_of(tmp_path / "idx") == {f"{shard}#big.png": "too large: big.png is 3.0 GB; at most 64.0 MB is read"}
+
+
 class _Server:
     """A local HTTP server (127.0.0.1 only) whose handler is ``respond(handler)``."""
 
