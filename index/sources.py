@@ -31,6 +31,7 @@ import stat
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -414,10 +415,14 @@ def _table(path: Path, shard_filter, skip, timeout: float, workers: int, allow_o
         items.append(Item((0, pos), unique(where), source, caption, license_, error=error,
                           warning="; ".join(warnings) or None))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        # bounded look-ahead: fetch a window at a time, in order
-        window = max(workers * 4, 1)
-        for start in range(0, len(items), window):
-            yield from pool.map(load, items[start:start + window])
+        # bounded look-ahead, in order: at most ``workers`` items read ahead (each at most MAX_FILE_BYTES)
+        ahead: deque = deque()
+        for item in items:
+            ahead.append(pool.submit(load, item))
+            if len(ahead) >= workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _expand(src: str) -> list[str]:
