@@ -14,7 +14,9 @@ Index directory (``INDEX_FORMAT_VERSION`` 3; format 1 and 2 directories are read
   projection, ``projection_fingerprint``), model (name or path it was built with), files (the names of
   this generation's FAISS index and metadata table; format 1: ``index.faiss`` and ``metadata.sqlite``),
   file_sha256 (format 3: the sha256 of each of those two files, so a file swapped for another index's is
-  refused even where its size and count agree), source_roots (the folders outside the directory the build read images from) and roots_signature;
+  refused even where its size and count agree), source_roots (the folders outside the directory of the
+  sources the user named to the build and its updates, never folders the index's own rows name) and
+  roots_signature;
 - the FAISS index (``index-GENERATION.faiss``): vector i is the image with id i;
 - the metadata table (``metadata-GENERATION.sqlite``): ``images(id, source, caption, sha256, width, height,
   license)``;

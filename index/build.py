@@ -59,7 +59,7 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 MAX_BATCH_BYTES = 256 * 2**20  # encoded bytes one batch holds at once: fewer items where files are large
-MAX_BATCH_PIXELS = 48_000_000  # decoded pixels held before they are embedded (144 MB of RGB, copied once by the processor)
+MAX_BATCH_PIXELS = 48_000_000  # decoded pixels held before they are embedded (144 MB of RGB, copied once)
 
 
 def batched(items, n, max_bytes: int | None = None):

@@ -141,7 +141,8 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
 
 
-def _read_file(path: Path, root: Path | None = None, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None]:
+def _read_file(path: Path, root: Path | None = None, *,
+               max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None]:
     """(bytes, None) or (None, reason). The entry's type and size are looked at before it is opened: a
     dangling link, a FIFO or a device is refused unopened, a file over ``max_bytes`` unread; with ``root``,
     a link that leaves it is refused too."""
