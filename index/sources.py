@@ -198,22 +198,33 @@ def _shown(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def _folder_entries(root: Path) -> list[str]:
+def _folder_entries(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Relative names of every entry under ``root`` that a build looks at, in a fixed order: whatever has
-    an image suffix (files, links, FIFOs...) and every link to a folder. Links to folders are not followed."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    an image suffix (files, links, FIFOs...) and every link to a folder. Links to folders are not followed.
+    Also (name, reason) for each folder that could not be listed."""
+    entries: list[str] = []
+    unlisted: list[tuple[str, str]] = []
+
+    def onerror(e: OSError) -> None:
+        rel = _shown(os.path.relpath(e.filename, root)) if e.filename else "?"
+        unlisted.append((rel + "/", f"unreadable folder: {rel}/ could not be listed ({e.strerror or e})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=onerror):
         rel_dir = os.path.relpath(dirpath, root)
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in filenames:
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 entries.append(prefix + name)
         entries.extend(prefix + name for name in dirnames if os.path.islink(os.path.join(dirpath, name)))
-    return sorted(entries, key=lambda rel: rel.split("/"))
+    return sorted(entries, key=lambda rel: rel.split("/")), sorted(unlisted)
 
 
 def _folder(root: Path, shard_filter, skip) -> Iterator[Item]:
-    for pos, rel in enumerate(_folder_entries(root)):
+    entries, unlisted = _folder_entries(root)
+    for pos, (rel, reason) in enumerate(unlisted, start=len(entries)):  # after the entries: their order stays
+        if shard_filter(pos):
+            yield Item((0, pos), rel, str(root / rel), error=reason)
+    for pos, rel in enumerate(entries):
         if not shard_filter(pos):
             continue
         path = root / rel

@@ -180,6 +180,24 @@ def test_dangling_links_fifos_and_links_out_are_counted_never_opened(tmp_path, b
     assert all("secret" not in s for s in sources_of(out))
 
 
+def test_a_folder_that_cannot_be_listed_is_counted(tmp_path, build, monkeypatch):
+    imgs = tmp_path / "imgs"
+    (imgs / "locked").mkdir(parents=True)
+    (imgs / "ok.png").write_bytes(png_bytes("red"))
+    (imgs / "locked" / "hidden.png").write_bytes(png_bytes("blue"))
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # as chmod 000 would, for any user (root lists everything)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", scandir)
+        assert build(imgs, tmp_path / "idx") == 0
+    assert reasons_of(tmp_path / "idx") == {"locked/": "unreadable folder: locked/ could not be listed (Permission denied)"}
+
+
 def test_a_shard_that_is_a_fifo_is_counted_not_opened(tmp_path, build):
     shards = tmp_path / "shards"
     shards.mkdir()
