@@ -158,6 +158,13 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device, index=args.index)
+    if gill.retriever is not None and len(gill.retriever) == 0:  # an empty index: said, not a vanished image
+        where = args.index or f"{args.model}'s own corpus"
+        if args.policy == "retrieve":
+            print(f"error: the retrieval index {where} is empty: --policy retrieve has no image to retrieve",
+                  file=sys.stderr)
+            return 1
+        print(f"warning: the retrieval index {where} is empty: no image will be retrieved", file=sys.stderr)
     s = settings_for(gill, args)
     answer = gill.generate_interleaved(
         inputs, policy=args.policy, seed=s.seed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,

@@ -8,12 +8,15 @@ model alone (vision encoder + retrieval projection), for building indexes withou
 (``gill.loading.load_image_embedder`` reads one from a model). ``read_original_embeddings`` reads the
 original release's ``cc3m_embeddings_urls.npy`` with a restricted unpickler.
 
-Index directory (``INDEX_FORMAT_VERSION`` 2; format 1 directories are read too):
+Index directory (``INDEX_FORMAT_VERSION`` 3; format 1 and 2 directories are read too):
 - ``manifest.json``: format_version, dim, metric ("inner_product" over L2-normalised vectors), count,
   index_type ("flat", "ivf", "ivfpq", "hnsw"), index_params, fingerprint (of the model's image-retrieval
   projection, ``projection_fingerprint``), model (name or path it was built with), files (the names of
   this generation's FAISS index and metadata table; format 1: ``index.faiss`` and ``metadata.sqlite``),
-  source_roots (the folders outside the directory the build read images from) and roots_signature;
+  file_sha256 (format 3: the sha256 of each of those two files, so a file swapped for another index's is
+  refused even where its size and count agree), source_roots (the folders outside the directory of the
+  sources the user named to the build and its updates, never folders the index's own rows name) and
+  roots_signature;
 - the FAISS index (``index-GENERATION.faiss``): vector i is the image with id i;
 - the metadata table (``metadata-GENERATION.sqlite``): ``images(id, source, caption, sha256, width, height,
   license)``;
@@ -136,7 +139,8 @@ class EmbeddingIndex:
 
 # ---- index directories ---------------------------------------------------------------------------------
 
-INDEX_FORMAT_VERSION = 2  # 2: ``files`` (the generation's file names), ``source_roots``, ``roots_signature``
+INDEX_FORMAT_VERSION = 3  # 2: ``files`` (the generation's file names), ``source_roots``, ``roots_signature``;
+# 3: ``file_sha256``
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.faiss"  # format 1's fixed names; format 2 names each generation's files in the manifest
 METADATA_NAME = "metadata.sqlite"
@@ -183,6 +187,9 @@ _MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                      "an object of integers >= 1 (nlist, nprobe, pq_m, hnsw_m, ef_search)"),
     "files": (lambda v: isinstance(v, dict) and set(v) == {"index", "metadata"} and all(map(_is_file_name, v.values())),
               'an object {"index": FILE, "metadata": FILE} of file names inside the index directory'),
+    "file_sha256": (lambda v: isinstance(v, dict) and set(v) == {"index", "metadata"}
+                    and all(isinstance(h, str) and len(h) == 64 for h in v.values()),
+                    'an object {"index": SHA256, "metadata": SHA256} of hex digests'),
     "source_roots": (lambda v: isinstance(v, list) and all(isinstance(r, str) and os.path.isabs(r) for r in v),
                      "a list of absolute folder paths"),
     "roots_signature": (lambda v: isinstance(v, str), "a string"),
@@ -204,12 +211,16 @@ class IndexManifest:
     metric: str = "inner_product"
     index_params: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=_legacy_files)
+    file_sha256: dict[str, str] = field(default_factory=dict)  # format 3; empty: not recorded (older formats)
     source_roots: list[str] = field(default_factory=list)
     roots_signature: str = ""
     format_version: int = INDEX_FORMAT_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        data = asdict(self)
+        if not data["file_sha256"]:
+            del data["file_sha256"]
+        return json.dumps(data, indent=2) + "\n"
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> IndexManifest:
@@ -332,6 +343,55 @@ def source_roots_signed(manifest: IndexManifest) -> bool:
     return key is not None and hmac.compare_digest(_roots_mac(key, manifest.source_roots), manifest.roots_signature)
 
 
+# The FAISS file's own header (``faiss/impl/index_write.cpp``): a four-byte type, then d (int32), ntotal (int64),
+# two int64 placeholders, is_trained (one byte) and the metric (int32; 37 bytes in all). faiss allocates what
+# the file claims before reading it, so a 61-byte file claiming 750M vectors would cost gigabytes: the header
+# is checked against the manifest and the file's length first.
+FAISS_FOURCC = {"flat": b"IxFI", "ivf": b"IwFl", "ivfpq": b"IwPQ", "hnsw": b"IHNf"}
+_FAISS_HEADER = 37
+
+
+def _min_vector_bytes(manifest: IndexManifest) -> int:
+    """The fewest bytes one stored vector takes in a file of this index type (a lower bound)."""
+    d = manifest.dim
+    if manifest.index_type == "ivfpq":
+        return manifest.index_params.get("pq_m", 1) + 8  # the code and its id
+    return 4 * d + (8 if manifest.index_type == "ivf" else 0)
+
+
+def check_faiss_header(path: Path, manifest: IndexManifest) -> None:
+    """Refuse (``IndexFormatError``) a FAISS file whose type, dimension or count is not the manifest's, or
+    whose length cannot hold the vectors it claims, before faiss reads (and allocates) anything. For a
+    flat index the length of its one array is checked exactly."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(_FAISS_HEADER + 8)
+    except OSError as e:
+        raise IndexFormatError(path, f"cannot read the FAISS index ({e.strerror or e})") from None
+    if len(head) < _FAISS_HEADER:
+        raise IndexFormatError(path, f"not a readable FAISS index, corrupt or truncated ({size} bytes)")
+    fourcc, d, ntotal = head[:4], *struct.unpack("<iq", head[4:16])
+    expected = FAISS_FOURCC[manifest.index_type]
+    if fourcc != expected:
+        raise IndexFormatError(path, f"not a readable FAISS index of type {manifest.index_type!r}: it starts with "
+                                     f"{fourcc!r}, expected {expected!r}")
+    if ntotal != manifest.count or d != manifest.dim:
+        raise IndexFormatError(path, f"holds {ntotal} vectors of dim {d}; the manifest says {manifest.count} of "
+                                     f"dim {manifest.dim}")
+    need = _FAISS_HEADER + ntotal * _min_vector_bytes(manifest)
+    if manifest.index_type == "flat" and len(head) == _FAISS_HEADER + 8:
+        (floats,) = struct.unpack("<Q", head[_FAISS_HEADER:])
+        if floats != ntotal * d or size != _FAISS_HEADER + 8 + 4 * floats:
+            raise IndexFormatError(path, f"not a readable FAISS index, corrupt or truncated: it claims {floats} "
+                                         f"floats for {ntotal} vectors of dim {d} in {size} bytes")
+    elif size < need:
+        raise IndexFormatError(path, f"not a readable FAISS index, corrupt or truncated: {ntotal} vectors of dim "
+                                     f"{d} need at least {need} bytes, the file has {size}")
+
+
 def read_records(db: sqlite3.Connection, ids: Sequence[int]) -> dict[int, ImageRecord]:
     if not ids:
         return {}
@@ -389,10 +449,21 @@ class FaissIndex:
             raise IndexFormatError(path, f"missing; the manifest names it as the index's {what}")
         return path
 
+    def _check_hash(self, kind: str, path: Path) -> None:
+        """A file whose content is not the one the manifest recorded (swapped for another index's file of
+        the same size, or changed in place) is refused."""
+        expected = self.manifest.file_sha256.get(kind)
+        if expected and file_sha256(path) != expected:
+            what = "FAISS index" if kind == "index" else "metadata table"
+            raise IndexFormatError(path, f"its content is not the {what} this manifest was written with (sha256 "
+                                         "differs); was it replaced by another index's file? rebuild the index or "
+                                         "restore the file")
+
     def _read_faiss(self) -> Any:
         import faiss
 
         m, path = self.manifest, self._file("index")
+        check_faiss_header(path, m)  # sizes the file claims checked against its length before faiss allocates
         try:
             index = faiss.read_index(str(path))
         except (RuntimeError, MemoryError) as e:
@@ -414,6 +485,7 @@ class FaissIndex:
                     raise IndexFormatError(path, f"is not an HNSW index, but the manifest's index_type is "
                                                  f"{m.index_type!r} with ef_search")
                 index.hnsw.efSearch = value
+        self._check_hash("index", path)
         return index
 
     def _open_metadata(self) -> sqlite3.Connection:
@@ -437,6 +509,11 @@ class FaissIndex:
             span = f" (ids {lo}..{hi})" if n else ""
             raise IndexFormatError(path, f"has {n} image rows{span}; the index holds {count} vectors, one row "
                                          f"per vector with ids 0..{count - 1} expected")
+        try:
+            self._check_hash("metadata", path)
+        except IndexFormatError:
+            db.close()
+            raise
         return db
 
     @property
@@ -589,7 +666,34 @@ _PICKLE_ALLOWED = {
     ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "str"),
     ("builtins", "int"), ("builtins", "float"), ("builtins", "bytes"), ("builtins", "bytearray"),
     ("_codecs", "encode"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5's arrays
 }
+
+
+def _bounded(module: str, name: str, make: Callable[..., Any], limit: int) -> Callable[..., Any]:
+    """``make`` refusing arguments that would make more than ``limit`` bytes out of a few: a pickle holds
+    its data, so no allowed call may build more than the file is long (``bytearray(3_000_000_000)`` is
+    36 bytes of pickle)."""
+    import pickle
+
+    def sized(value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return abs(value)
+        if isinstance(value, (tuple, list)):  # a shape
+            total = 1
+            for v in value:
+                total *= sized(v) if isinstance(v, int) else 1
+            return total
+        return 0
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if sized(value) > limit:
+                raise pickle.UnpicklingError(f"refused: the pickle asks {module}.{name} for {sized(value)} items, "
+                                             f"more than the file's {limit} bytes could hold")
+        return make(*args, **kwargs)
+
+    return call
 
 
 def read_original_embeddings(path: str | os.PathLike) -> tuple[list[str], Any]:
@@ -600,17 +704,25 @@ def read_original_embeddings(path: str | os.PathLike) -> tuple[list[str], Any]:
 
     import numpy as np
 
+    limit = max(os.path.getsize(path), 1 << 16)
+
     class Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
+            module = "builtins" if module == "__builtin__" else module  # protocol 2 names them the Python 2 way
             if (module, name) not in _PICKLE_ALLOWED:
                 raise pickle.UnpicklingError(f"refused: the pickle asks for {module}.{name}, which is not data")
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            if name == "ndarray":
+                return found  # named as _reconstruct's argument; numpy checks its state's size against its shape
+            return _bounded(module, name, found, limit)
 
     with open(path, "rb") as f:
         try:
             data = Restricted(f).load()
         except (pickle.UnpicklingError, EOFError) as e:
             raise ValueError(f"{path}: {e or 'truncated file'}") from None
+        except (TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError) as e:
+            raise ValueError(f"{path}: not the original embeddings pickle ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or "paths" not in data or "embeddings" not in data:
         raise ValueError(f"{path}: expected a dict with 'paths' and 'embeddings'")
     paths = [str(p) for p in data["paths"]]

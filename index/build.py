@@ -9,7 +9,11 @@ image is embedded twice and none is lost. Unreadable, corrupt, oversized (over 4
 over-elongated (beyond 20:1) images, broken shards and unreachable URLs are skipped, counted and listed in
 ``report.json`` with their reasons; an image whose caption is not UTF-8 text is kept with an empty caption
 and counted as a bad caption; duplicates (same sha256) are dropped. Bad flag values (``--batch-size 0``)
-are refused when the command line is parsed.
+are refused when the command line is parsed. Dangling links, FIFOs, links out of the source folder, files
+over 64 MB, URL bodies over 64 MB or slower than ``--url-timeout`` in total, and file names that are not
+UTF-8 are skipped and counted too (``index.sources``). A build that indexes no image at all writes its
+report and exits with status 1, saying so. A write that fails (a full disk) is one line naming the index
+directory; the previous index stays whole and the same command resumes.
 Under torchrun each rank embeds a disjoint part (shards for webdataset, rows for folders and tables) and
 rank 0 merges them.
 """
@@ -17,9 +21,11 @@ rank 0 merges them.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import os
+import sqlite3
 import sys
 import time
 from itertools import islice
@@ -30,7 +36,7 @@ import numpy as np
 from gill.arguments import float_in, int_in
 
 LOG = logging.getLogger("index.build")
-SOURCE_STRIDE = 1_000_000  # order key of the k-th source added to an index: shard + k * SOURCE_STRIDE
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -48,12 +54,29 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--allow-outside", action="store_true",
                    help="read a table's relative paths that leave the table's folder (../x.jpg)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' messages (model loading, warnings)")
     return p
 
 
-def batched(items, n):
-    it = iter(items)
-    while batch := list(islice(it, n)):
+MAX_BATCH_BYTES = 256 * 2**20  # encoded bytes one batch holds at once: fewer items where files are large
+MAX_BATCH_PIXELS = 48_000_000  # decoded pixels held before they are embedded (144 MB of RGB, copied once)
+
+
+def batched(items, n, max_bytes: int | None = None):
+    """Lists of ``n`` items, cut earlier where their bytes (``item.data``) would pass ``max_bytes``."""
+    if max_bytes is None:
+        it = iter(items)
+        while batch := list(islice(it, n)):
+            yield batch
+        return
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(getattr(item, "data", None) or b"")
+        if len(batch) == n or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
         yield batch
 
 
@@ -90,11 +113,11 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
                  progress: bool, allow_outside: bool = False) -> dict:
     """Read ``source`` into this rank's work DB (resumable). Returns counts for this run."""
     from index.sources import iter_items
-    from index.store import Row, WorkDB
+    from index.store import SOURCE_STRIDE, Row, WorkDB
 
     rank, world, _ = dist_info()
     work = WorkDB(out / "work" / f"rank-{rank:05d}.sqlite")
-    done = work.done_uids()
+    done = work.done_uids(source_no)  # identity is (source, uid): x.png of another folder is not done
     hashes = work.known_hashes()
     counts = {"embedded": 0, "duplicates": 0, "failed": 0, "skipped_done": 0}
     bar = None
@@ -105,14 +128,25 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
     items = iter_items(source, shard_filter=lambda s: s % world == rank, skip=done.__contains__, url_timeout=url_timeout,
                        allow_outside=allow_outside)
     start = time.perf_counter()
-    for batch in batched(items, batch_size):
+    for batch in batched(items, batch_size, MAX_BATCH_BYTES):
         rows, images, image_rows = [], [], []
+
+        def embed_pending() -> None:
+            for row, (v, reason) in zip(image_rows, embed_images(embedder, images)):
+                if v is None:
+                    row.status, row.reason = "failed", reason
+                    hashes.discard(row.sha256)
+                else:
+                    row.vector = v.tobytes()
+            images.clear()
+            image_rows.clear()
+
         for item in batch:
             if item.uid in done:
                 counts["skipped_done"] += 1
                 continue
             row = Row(item.uid, item.order[0] + source_no * SOURCE_STRIDE, item.order[1], "failed",
-                      source=item.source, caption=item.caption, license=item.license)
+                      source=item.source, caption=item.caption, license=item.license, src=source_no)
             rows.append(row)
             if item.error:
                 row.reason = item.error
@@ -131,13 +165,11 @@ def embed_source(embedder, source: str, out: Path, *, source_no: int, batch_size
             row.status = "ok"
             images.append(image)
             image_rows.append(row)
+            item.data = None  # the bytes are hashed and decoded: not held for the rest of the batch
+            if sum(im.width * im.height for im in images) >= MAX_BATCH_PIXELS:
+                embed_pending()  # large photos: embedded in parts, so decoded pixels stay bounded
         if images:
-            for row, (v, reason) in zip(image_rows, embed_images(embedder, images)):
-                if v is None:
-                    row.status, row.reason = "failed", reason
-                    hashes.discard(row.sha256)
-                else:
-                    row.vector = v.tobytes()
+            embed_pending()
         work.commit(rows)
         for row in rows:
             counts[{"ok": "embedded", "duplicate": "duplicates", "failed": "failed"}[row.status]] += 1
@@ -163,7 +195,9 @@ def barrier() -> None:
 
 def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from gill._quiet import quiet
+
+    quiet(args.verbose)
     logging.getLogger("faiss").setLevel(logging.WARNING)
     from gill.retrieval import IndexFormatError
     from index.sources import SourceError
@@ -174,15 +208,30 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     except (SourceError, IndexFormatError, BuildStateError) as e:  # a source or index file at fault: named
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (sqlite3.OperationalError, OSError) as e:
+        if isinstance(e, sqlite3.OperationalError) or e.errno in WRITE_ERRNOS:  # a full disk, a read-only place
+            print(f"error: {args.out}: cannot write the index ({e}); the previous index is unchanged; free space "
+                  "or fix the directory and rerun the same command to resume", file=sys.stderr)
+        else:  # a model or file that is not there: the error names it
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def source_key(src: str) -> str:
+    """How the index's work state names a source: a local folder or table by its absolute path (so one
+    named from two working directories is not taken for one source), shards as given."""
+    from index.sources import kind_of
+
+    return os.path.abspath(src) if kind_of(src) in ("folder", "table") else src
 
 
 def run(args: argparse.Namespace, *, update: bool = False) -> int:
     from gill.loading import load_image_embedder
     from gill.retrieval import MANIFEST_NAME, IndexManifest
-    from index.sources import kind_of
+    from index.sources import local_roots
     from index.store import WorkDB, finalize
 
-    kind_of(args.source)  # a source that is not there fails before the model loads
+    key = source_key(args.source)  # a source that is not there fails before the model loads
     rank, world, local_rank = dist_info()
     out = Path(args.out)
     device = args.device
@@ -197,7 +246,8 @@ def run(args: argparse.Namespace, *, update: bool = False) -> int:
     manifest_path = out / MANIFEST_NAME
     meta = WorkDB(out / "work" / "sources.sqlite")
     sources = (meta.get_meta("sources") or "").split("\n") if meta.get_meta("sources") else []
-    if manifest_path.exists() and not update and args.source not in sources:
+    known = [source_key(s) if os.path.exists(s) else s for s in sources]  # older work states: as given
+    if manifest_path.exists() and not update and key not in known:
         print(f"error: {out} already holds an index of other sources; use python -m index.update to add one",
               file=sys.stderr)
         return 1
@@ -207,12 +257,13 @@ def run(args: argparse.Namespace, *, update: bool = False) -> int:
             print(f"error: {out} was built with another model's image-retrieval projection; "
                   "use that model or a new index directory", file=sys.stderr)
             return 1
-    if args.source not in sources:
-        sources.append(args.source)
+    if key not in known:
+        sources.append(key)
+        known.append(key)
         if rank == 0:
             meta.set_meta("sources", "\n".join(sources))
     meta.close()
-    counts = embed_source(embedder, args.source, out, source_no=sources.index(args.source),
+    counts = embed_source(embedder, args.source, out, source_no=known.index(key),
                           batch_size=args.batch_size, url_timeout=args.url_timeout, progress=not args.no_progress,
                           allow_outside=args.allow_outside)
     LOG.info("rank %d: %s", rank, counts)
@@ -222,10 +273,18 @@ def run(args: argparse.Namespace, *, update: bool = False) -> int:
     index_type = None if args.index_type == "auto" else args.index_type
     if update and manifest_path.exists() and index_type is None:
         index_type = IndexManifest.read(manifest_path).index_type
+    # a reader may load hits' images from the folders of the sources named on this command line (and those
+    # this user's earlier builds signed), never from folders the work state's rows name
     report = finalize(out, dim=embedder.dim, fingerprint=fingerprint, model=str(args.model), index_type=index_type,
-                      nlist=args.nlist, nprobe=args.nprobe)
+                      nlist=args.nlist, nprobe=args.nprobe,
+                      vouched_roots=local_roots(args.source, allow_outside=args.allow_outside))
     print(f"{out}: {report['count']} images ({report['index_type']}), {report['duplicates']} duplicates, "
           f"{report['failed']} failed, {report['bad_captions']} bad captions (listed in {out / 'report.json'})")
+    if report["count"] == 0:
+        print(f"error: {out}: the index is empty: no image of {args.source} could be indexed "
+              f"({report['items_read']} read, {report['failed']} failed; the reasons are in {out / 'report.json'})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

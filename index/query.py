@@ -36,11 +36,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int_in(1), default=5, help="hits to print, >= 1")
     p.add_argument("--allow-mismatch", action="store_true", help="use an index built by another model")
     p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' messages (model loading, warnings)")
     return p
+
+
+def empty_index_problem(path: str) -> str | None:
+    """"INDEX: the index is empty ..." where the index directory holds no image (read from its manifest,
+    before any model loads); None otherwise, and where the manifest cannot be read (opening names that)."""
+    from pathlib import Path
+
+    from gill.retrieval import MANIFEST_NAME, IndexManifest
+
+    try:
+        manifest = IndexManifest.read(Path(path) / MANIFEST_NAME)
+    except (OSError, ValueError):
+        return None
+    if manifest.count:
+        return None
+    return f"{path}: the index is empty (0 images); build it from a source that holds images"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from gill._quiet import quiet
+
+    quiet(args.verbose)  # no "Loading weights" bars nor library warnings unless --verbose
+    if problem := empty_index_problem(args.index):
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
 
     from gill import GILL
     from gill.images import ImageError, open_image

@@ -1,7 +1,9 @@
 """Build state and the final index directory.
 
 Each rank writes ``work/rank-R.sqlite``: one row per item it has read (embedded, duplicate or failed),
-with the embedding for embedded ones, committed one batch per transaction. A killed build therefore
+with the embedding for embedded ones, committed one batch per transaction. An item is known by its source
+(the k-th source added to the index) and its uid within it, so ``x.png`` of a second folder is another
+item than ``x.png`` of the first. A killed build therefore
 loses at most the batch in flight, and a resumed one skips every committed item: no image is embedded
 twice and none is lost. ``finalize`` merges the ranks in source order, drops duplicates by content hash
 (first one wins), and writes a new *generation*: ``index-GEN.faiss`` and ``metadata-GEN.sqlite`` under
@@ -13,6 +15,7 @@ one temporary file (the last manifest wins, the other's files are removed by a l
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -26,18 +29,31 @@ from pathlib import Path
 import numpy as np
 
 from gill._io import atomic_path, atomic_write_text
-from gill.retrieval import MANIFEST_NAME, IndexManifest, sign_source_roots
+from gill.retrieval import MANIFEST_NAME, IndexManifest, file_sha256, sign_source_roots, source_roots_signed
 
 REPORT_NAME = "report.json"
 STALE_AFTER_S = 3600.0  # an unnamed generation file this old is a crashed or outraced finalize's: removed
+SOURCE_STRIDE = 1_000_000  # order key of the k-th source added to an index: shard + k * SOURCE_STRIDE
 
+COLUMNS = "src, uid, shard, pos, status, reason, source, caption, license, sha256, width, height, vector"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
-    uid TEXT PRIMARY KEY, shard INTEGER, pos INTEGER, status TEXT, reason TEXT,
-    source TEXT, caption TEXT, license TEXT, sha256 TEXT, width INTEGER, height INTEGER, vector BLOB
+    src INTEGER NOT NULL, uid TEXT NOT NULL, shard INTEGER, pos INTEGER, status TEXT, reason TEXT,
+    source TEXT, caption TEXT, license TEXT, sha256 TEXT, width INTEGER, height INTEGER, vector BLOB,
+    PRIMARY KEY (src, uid)
 );
 CREATE INDEX IF NOT EXISTS items_sha ON items(sha256);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+# a work file from before items were keyed by their source: the source number is in the order key
+MIGRATE_V1 = f"""
+BEGIN;
+ALTER TABLE items RENAME TO items_v1;
+DROP INDEX IF EXISTS items_sha;
+{SCHEMA}
+INSERT INTO items ({COLUMNS}) SELECT shard / {SOURCE_STRIDE}, {COLUMNS.split(", ", 1)[1]} FROM items_v1;
+DROP TABLE items_v1;
+COMMIT;
 """
 
 
@@ -55,6 +71,7 @@ class Row:
     width: int = 0
     height: int = 0
     vector: bytes | None = None
+    src: int = 0  # which source of the index (its number in the order they were added)
 
 
 class BuildStateError(ValueError):
@@ -67,14 +84,21 @@ class WorkDB:
         self.path = path
         self.db = sqlite3.connect(path)
         try:
-            self.db.executescript(SCHEMA)
+            columns = [r[1] for r in self.db.execute("PRAGMA table_info(items)")]
+            self.db.executescript(MIGRATE_V1 if columns and "src" not in columns else SCHEMA)
+        except sqlite3.OperationalError:
+            self.db.close()
+            raise  # a full disk or a locked file: not the file's fault, reported by the caller
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise BuildStateError(f"{path}: not a readable build state database ({e}); remove it (and rebuild "
                                   "what it held) or use a new index directory") from None
 
-    def done_uids(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT uid FROM items")}
+    def done_uids(self, src: int | None = None) -> set[str]:
+        """The uids of source ``src`` read so far (every source's where None)."""
+        if src is None:
+            return {r[0] for r in self.db.execute("SELECT uid FROM items")}
+        return {r[0] for r in self.db.execute("SELECT uid FROM items WHERE src = ?", (src,))}
 
     def known_hashes(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT sha256 FROM items WHERE status = 'ok'")}
@@ -82,8 +106,8 @@ class WorkDB:
     def commit(self, rows: list[Row]) -> None:
         with self.db:  # one transaction
             self.db.executemany(
-                "INSERT OR REPLACE INTO items VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(r.uid, r.shard, r.pos, r.status, r.reason, r.source, r.caption, r.license, r.sha256,
+                f"INSERT OR REPLACE INTO items ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.src, r.uid, r.shard, r.pos, r.status, r.reason, r.source, r.caption, r.license, r.sha256,
                   r.width, r.height, r.vector) for r in rows],
             )
 
@@ -114,19 +138,11 @@ def stored_source(source: str, out: Path) -> str:
         return source
 
 
-def source_roots(sources: Iterable[str], out: Path) -> list[str]:
-    """The fewest folders (symlinks resolved) holding every local image file among ``sources`` that lies
-    outside ``out``: what the manifest records (signed) as the folders a reader may load hits from."""
+def source_roots(folders: Iterable[str], out: Path) -> list[str]:
+    """The fewest of ``folders`` (symlinks resolved) that hold all of them, less those inside ``out``: what
+    the manifest records (signed) as the folders a reader may load hits from."""
     out_real = os.path.realpath(out)
-    real_dirs: dict[str, str] = {}
-    dirs: set[str] = set()
-    for source in sources:
-        if "://" in source or not os.path.isabs(source) or not os.path.lexists(source):
-            continue  # URLs, sources inside the index directory, shard members, vanished files
-        parent = os.path.dirname(source)
-        if parent not in real_dirs:
-            real_dirs[parent] = os.path.realpath(parent)
-        dirs.add(os.path.dirname(os.path.realpath(source)) if os.path.islink(source) else real_dirs[parent])
+    dirs = {os.path.realpath(d) for d in folders}
     kept: set[str] = set()
     for d in sorted(dirs, key=len):  # ancestors first
         p, covered = d, False
@@ -244,12 +260,31 @@ def _remove_replaced(out: Path, previous: IndexManifest | None, current: IndexMa
         (out / name).unlink(missing_ok=True)
 
 
-def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: str | None = None,
-             **faiss_kwargs) -> dict:
-    """Merge the ranks' work and write a new generation of the index directory (see the module's
-    docstring). Returns the report."""
+def trusted_roots(out: Path, previous: IndexManifest | None, vouched: Iterable[str]) -> list[str]:
+    """The folders the new manifest records and signs: those this user vouches for now (``vouched``: the
+    sources given on this command line) and those this user's key signed before. Never the folders rows
+    of the work state name: an index received from someone else names whatever it likes there."""
+    folders = list(vouched)
+    if previous is not None and source_roots_signed(previous):
+        folders += previous.source_roots
+    return source_roots(folders, out)
+
+
+def _write_faiss(index, path: Path) -> None:
     import faiss
 
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as e:  # faiss reports a failed write (a full disk) as a RuntimeError
+        raise OSError(errno.EIO, f"{path}: cannot write the FAISS index ({str(e).strip().splitlines()[-1]})") from None
+
+
+def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: str | None = None,
+             vouched_roots: Iterable[str] = (), **faiss_kwargs) -> dict:
+    """Merge the ranks' work and write a new generation of the index directory (see the module's
+    docstring). ``vouched_roots``: the folders this user's own sources read (``index.sources.local_roots``);
+    they and the folders the previous manifest recorded under this user's signature are the ones a reader
+    of the index may load hits' images from. Returns the report."""
     rows = merged_rows(out / "work")
     seen: set[str] = set()
     kept, duplicates, failed, bad_captions = [], [], [], []
@@ -273,8 +308,10 @@ def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: s
 
     previous = _current_manifest(out)
     index_name, metadata_name = _generation_names()
+    hashes = {}
     with atomic_path(out / index_name) as p:
-        faiss.write_index(index, str(p))
+        _write_faiss(index, p)
+        hashes["index"] = file_sha256(p)
     with atomic_path(out / metadata_name) as p:
         db = sqlite3.connect(p)
         db.executescript(
@@ -286,10 +323,11 @@ def finalize(out: Path, *, dim: int, fingerprint: str, model: str, index_type: s
             db.executemany("INSERT INTO images VALUES (?,?,?,?,?,?,?)",
                            [(i, src, r[6], r[8], r[9], r[10], r[7]) for i, (src, r) in enumerate(zip(stored, kept))])
         db.close()
-    roots = source_roots(stored, out)
+        hashes["metadata"] = file_sha256(p)
+    roots = trusted_roots(out, previous, vouched_roots)
     manifest = IndexManifest(dim=dim, count=len(kept), index_type=index_type, fingerprint=fingerprint,
                              model=model, index_params=params, files={"index": index_name, "metadata": metadata_name},
-                             source_roots=roots, roots_signature=sign_source_roots(roots))
+                             file_sha256=hashes, source_roots=roots, roots_signature=sign_source_roots(roots))
     atomic_write_text(out / MANIFEST_NAME, manifest.to_json())  # the commit point
     kinds: dict[str, int] = {}
     for f in failed:

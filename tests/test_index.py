@@ -84,6 +84,7 @@ def index_state(path: Path):
 
     manifest = json.loads((path / "manifest.json").read_text())
     files = manifest.pop("files")  # each generation's file names are its own
+    manifest.pop("file_sha256")  # the files' hashes: their bytes and rows are compared below
     db = sqlite3.connect(path / files["metadata"])
     rows = db.execute("SELECT * FROM images ORDER BY id").fetchall()
     db.close()
