@@ -213,7 +213,7 @@ def test_a_broken_weights_file_is_named(tmp_path, tiny_opt, cut):
 @pytest.mark.parametrize("field,value,message", [
     ("lm_hidden_size", "96", r"field lm_hidden_size is '96' \(str\); expected an integer"),
     ("n_visual_tokens", 4.0, r"field n_visual_tokens is 4.0 \(float\); expected an integer"),
-    ("ret_emb_dim", -1, r"field ret_emb_dim is -1; expected an integer >= 1"),
+    ("ret_emb_dim", -1, r"field ret_emb_dim is -1; expected an integer from 1 to 16384"),
     ("mapper.num_heads", "4", r"field mapper.num_heads is '4' \(str\)"),
     ("mapper.dropout", 1.5, r"field mapper.dropout is 1.5; expected a number in \[0, 1\)"),
     ("tie_img_embeddings", "yes", r"field tie_img_embeddings is 'yes' \(str\); expected true or false"),
