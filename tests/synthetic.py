@@ -54,3 +54,19 @@ def make_dataset(root: Path, n_train: int = 48, n_val: int = 12, bad: bool = Fal
     write_shard(root / "train-1.tar", samples[half:])
     write_shard(root / "val-0.tar", list(pairs(n_val, offset=5)))
     return {"train": str(root / "train-{0..1}.tar"), "val": str(root / "val-0.tar")}
+
+
+def png_bytes(color, size=(32, 32)) -> bytes:
+    """A plain PNG of one colour."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,10 +4,10 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from app.app import BadInput, Defaults, build_demo, conversation_html, load_user_image, plain_text
+from synthetic import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -30,23 +30,6 @@ def keep_screenshots(folder: Path, *names: str) -> None:
     shots.mkdir(exist_ok=True)
     for name in names:
         shutil.copy(folder / name, shots / name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_gill():
-    from gill import GILL
-
-    g = GILL.from_pretrained("tiny-random")
-    torch.manual_seed(0)
-    with torch.no_grad():  # large [IMG] rows: the tiny model answers with images
-        g.model.adapter.img_embeddings.normal_(0, 1.0)
-    return g
 
 
 def test_uploads_are_checked(tmp_path):

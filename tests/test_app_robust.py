@@ -13,29 +13,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from PIL import Image
 
 from app.app import Defaults, build_demo, build_parser, image_label, main, plain_text
+from synthetic import free_port
 
 CONTROLS = (0.0, 0.95, 8, 1.0, "both", 2, 7.5, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_gill():
-    from gill import GILL
-
-    g = GILL.from_pretrained("tiny-random")
-    torch.manual_seed(0)
-    with torch.no_grad():  # large [IMG] rows: the tiny model answers with images
-        g.model.adapter.img_embeddings.normal_(0, 1.0)
-    return g
 
 
 @pytest.fixture

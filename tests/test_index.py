@@ -1,4 +1,3 @@
-import io
 import json
 import os
 import pickle
@@ -9,27 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from gill.retrieval import FaissIndex, IndexMismatchError, open_index
 from index.import_original import read_original
 from index.store import Row, WorkDB, finalize
 
-from synthetic import write_shard
+from synthetic import png_bytes, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def _own_index_key(tmp_path, monkeypatch):
-    """Builds sign the source folders they record with this test's key, not the user's (~/.config/gill)."""
-    monkeypatch.setenv("GILL_INDEX_KEY_FILE", str(tmp_path / "index-key"))
-
-
-def png_bytes(color, size=(32, 32)):
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
+pytestmark = pytest.mark.usefixtures("own_index_key")
 
 
 def run(module, *args, env=None, check=True):

@@ -5,11 +5,9 @@ may be read, swapped files are refused, an empty index is said so, and every siz
 from __future__ import annotations
 
 import http.server
-import io
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -20,50 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from gill.retrieval import FaissIndex, ImageRecord, IndexFormatError, SourceOutsideError, open_index
 from index.store import Row, WorkDB, finalize
 
 from memory import peak_growth
-from synthetic import write_shard
+from synthetic import png_bytes, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 2**30
 
-
-@pytest.fixture(autouse=True)
-def _own_index_key(tmp_path, monkeypatch):
-    """Builds sign the source folders they record with this test's key, not the user's (~/.config/gill)."""
-    monkeypatch.setenv("GILL_INDEX_KEY_FILE", str(tmp_path / "index-key"))
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    from gill.loading import load_image_embedder
-
-    return load_image_embedder("tiny-random")
-
-
-@pytest.fixture
-def build(embedder, monkeypatch):
-    """``python -m index.build`` (or ``index.update``) in this process, with the module's embedder."""
-    import gill.loading
-    from index.build import main
-
-    monkeypatch.setattr(gill.loading, "load_image_embedder", lambda name: embedder)
-
-    def run(source, out, *extra, update=False):
-        argv = ["--model", "tiny-random", "--source", str(source), "--out", str(out), "--no-progress", *map(str, extra)]
-        return main(argv, update=update)
-
-    return run
-
-
-def png_bytes(color, size=(32, 32)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
+pytestmark = pytest.mark.usefixtures("own_index_key")
 
 
 def report_of(out: Path) -> dict:

@@ -28,42 +28,12 @@ from gill.retrieval import FaissIndex, ImageRecord, IndexFormatError, SourceOuts
 from index.store import Row, WorkDB, finalize
 
 from memory import peak_growth
+from synthetic import png_bytes
 
-
-@pytest.fixture(autouse=True)
-def _own_index_key(tmp_path, monkeypatch):
-    """Builds sign the source folders they record with this test's key, not the user's (~/.config/gill)."""
-    monkeypatch.setenv("GILL_INDEX_KEY_FILE", str(tmp_path / "index-key"))
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    from gill.loading import load_image_embedder
-
-    return load_image_embedder("tiny-random")
-
-
-@pytest.fixture
-def build(embedder, monkeypatch):
-    """``python -m index.build`` in this process, with the module's embedder (loaded once)."""
-    import gill.loading
-    from index.build import main
-
-    def run(source, out, *extra, update=False, model_embedder=None):
-        monkeypatch.setattr(gill.loading, "load_image_embedder", lambda name: model_embedder or embedder)
-        argv = ["--model", "tiny-random", "--source", str(source), "--out", str(out), "--no-progress", *map(str, extra)]
-        return main(argv, update=update)
-
-    return run
+pytestmark = pytest.mark.usefixtures("own_index_key")
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-
-
-def png_bytes(color, size=(32, 32)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
