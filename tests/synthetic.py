@@ -70,3 +70,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def save_tiny_model_dir(tmp_path: Path, tiny_opt) -> Path:
+    """A model directory at ``tmp_path / "model"`` whose backbones are the tiny ones saved beside it (no
+    diffusion), as a user's own directory would be."""
+    from gill.checkpoint import save_model
+    from gill.model import GILLModel
+
+    backbones, config = tiny_opt
+    backbones.lm.save_pretrained(tmp_path / "lm")
+    backbones.tokenizer.save_pretrained(tmp_path / "lm")
+    backbones.vision.save_pretrained(tmp_path / "vision")
+    config.lm, config.vision, config.diffusion = str(tmp_path / "lm"), str(tmp_path / "vision"), None
+    save_model(tmp_path / "model", GILLModel(backbones.lm, backbones.vision, config))
+    return tmp_path / "model"

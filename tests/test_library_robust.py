@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from memory import peak_growth
+from synthetic import save_tiny_model_dir
 from PIL import Image
 
 from gill.config import ConfigError, GILLConfig
@@ -97,16 +98,7 @@ def test_a_scheduler_set_on_the_pipeline_by_its_owner_is_the_default(gill):
 
 @pytest.fixture
 def model_dir(tmp_path, tiny_opt):
-    from gill.checkpoint import save_model
-    from gill.model import GILLModel
-
-    backbones, config = tiny_opt
-    backbones.lm.save_pretrained(tmp_path / "lm")
-    backbones.tokenizer.save_pretrained(tmp_path / "lm")
-    backbones.vision.save_pretrained(tmp_path / "vision")
-    config.lm, config.vision, config.diffusion = str(tmp_path / "lm"), str(tmp_path / "vision"), None
-    save_model(tmp_path / "model", GILLModel(backbones.lm, backbones.vision, config))
-    return tmp_path / "model"
+    return save_tiny_model_dir(tmp_path, tiny_opt)
 
 
 def _edit_config(model_dir, path, value):

@@ -9,6 +9,8 @@ from gill.diffusion import DiffusionOptions
 from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Text, truncate_like_original
 from gill.retrieval import EmbeddingIndex, ImageRecord, file_sha256
 
+from synthetic import save_tiny_model_dir
+
 
 @pytest.fixture(scope="module")
 def gill():
@@ -194,15 +196,7 @@ def test_one_text_is_a_conversation_of_one_item_not_its_characters(gill):
 
 
 def test_model_dir_loads_through_from_pretrained(tmp_path, tiny_opt):
-    from gill.checkpoint import save_model
-    from gill.model import GILLModel
-
-    backbones, config = tiny_opt
-    backbones.lm.save_pretrained(tmp_path / "lm")
-    backbones.tokenizer.save_pretrained(tmp_path / "lm")
-    backbones.vision.save_pretrained(tmp_path / "vision")
-    config.lm, config.vision, config.diffusion = str(tmp_path / "lm"), str(tmp_path / "vision"), None
-    save_model(tmp_path / "model", GILLModel(backbones.lm, backbones.vision, config))
+    save_tiny_model_dir(tmp_path, tiny_opt)
     g = GILL.from_pretrained(tmp_path / "model")
     assert g.diffusion is None and g.retriever is None
     out = g.generate_interleaved(["a red circle"], max_new_tokens=5, img_scale_factor=1e5)
