@@ -258,9 +258,10 @@ def display_image(image: Any) -> Any:
 
 
 def fit_context(pipeline: Any, turns: list[list], turn: list, max_new_tokens: int) -> tuple[list[list], int]:
-    """The most recent whole turns that fit the LM's positions with ``turn`` and room for the answer, and how
-    many older ones were dropped. A turn that does not fit alone is refused (BadInput)."""
-    limit = pipeline.max_positions
+    """The most recent whole turns that fit the model's context (``context_length``: the positions it was trained
+    on, else its LM's) with ``turn`` and room for the answer, and how many older ones were dropped. A turn that
+    does not fit alone is refused (BadInput)."""
+    limit = pipeline.context_length
     if limit is None:
         return turns, 0
     budget = limit - pipeline.answer_room(max_new_tokens)
@@ -441,7 +442,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         messages += shown
         if dropped and not state["told"]:
             messages.append({"role": "assistant", "content": (
-                f"(The conversation no longer fits the model's context of {pipeline.max_positions} tokens: "
+                f"(The conversation no longer fits the model's context of {pipeline.context_length} tokens: "
                 "it now reads only the most recent turns.)")})
             state = {**state, "told": True}
         if not session.current(ticket):

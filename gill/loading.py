@@ -37,7 +37,7 @@ import torch
 from gill.backbones import image_processor, load_backbones, load_vision, tiny_backbones
 from gill.backbones import load_diffusion as load_diffusion_pipeline
 from gill.checkpoint import CheckpointError, convert_original, model_from_files, read_model_dir, resolve_paths
-from gill.config import GILLConfig
+from gill.config import ConfigError, GILLConfig
 from gill.decision import DecisionHead
 from gill.model import GILLModel
 from gill.presets import PRESETS, Preset, find_preset
@@ -45,7 +45,7 @@ from gill.retrieval import (
     EmbeddingIndex, ImageEmbedder, ImageRecord, file_sha256, open_index, projection_fingerprint,
     read_original_embeddings,
 )
-from gill.settings import RunSettings, resolve_scorer_path
+from gill.settings import RunSettings, context_limit, resolve_scorer_path
 from gill.tokens import ImageTokens, add_image_tokens
 
 LOG = logging.getLogger(__name__)
@@ -269,6 +269,11 @@ def _from_model_dir(name: str, path: Path, *, torch_dtype: torch.dtype | None, l
     with _naming_backbone(path / "config.json", "lm, vision or tokenizer", f"{config.lm}, {config.vision}"):
         backbones = load_backbones(config, torch_dtype=torch_dtype, hub=hub.backbone_kwargs())
     model, decision = model_from_files(files, backbones.lm, backbones.vision)
+    try:  # the context the model was trained on, against what its LM reads
+        context_limit(files.config.run, getattr(backbones.lm.config, "max_position_embeddings", None),
+                      f"{path / 'config.json'}: run")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     pipe = None
     if load_diffusion and config.diffusion:
         with _naming_backbone(path / "config.json", "diffusion", config.diffusion):

@@ -23,7 +23,7 @@ from gill.diffusion import DiffusionGenerator, DiffusionOptions
 from gill.generate import DecodeOptions, DoneEvent, ImageEvent, ImageSlot, TokenEvent, decode, iter_decode
 from gill.model import GILLModel
 from gill.retrieval import EmbeddingIndex, image_keys
-from gill.settings import RunSettings, resolve_settings
+from gill.settings import RunSettings, context_limit, resolve_settings
 from gill.tokens import ImageTokens
 
 
@@ -83,7 +83,7 @@ class _Prompt:
 
 
 class PromptTooLongError(ValueError):
-    """A prompt that, with room for its answer, does not fit the LM's positions."""
+    """A prompt that, with room for its answer, does not fit the model's context (``GILL.context_length``)."""
 
 
 class GILL:
@@ -101,10 +101,12 @@ class GILL:
         settings: RunSettings | None = None,
         model_dir: str | os.PathLike | None = None,
     ):
-        """``settings``: the model's run settings (unset fields: the library's defaults); ``model_dir``:
-        the directory it was loaded from, if any (``save_pretrained`` copies what it refers to)."""
+        """``settings``: the model's run settings (unset fields: the library's defaults; a ``context_length``
+        above the LM's positions is refused); ``model_dir``: the directory it was loaded from, if any
+        (``save_pretrained`` copies what it refers to)."""
         self.model = model.eval()
         self.settings = settings or RunSettings()
+        context_limit(self.settings, self.max_positions)  # a context the LM cannot read is refused here
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -276,6 +278,20 @@ class GILL:
         """How many positions the LM reads (prompt and answer together), or None if it does not say."""
         return getattr(self.model.lm.config, "max_position_embeddings", None)
 
+    @property
+    def context_length(self) -> int | None:
+        """The positions a run may use, prompt and answer together: the model's run setting ``context_length``
+        (the positions it was trained on), else the LM's own; None if neither says. Every limit below is this."""
+        return context_limit(self.settings, self.max_positions)
+
+    def _reads(self, limit: int) -> str:
+        """The limit as an error names it: "reads N positions", with where N comes from when it is not the LM's."""
+        lm = self.max_positions
+        if lm is None or lm == limit:
+            return f"reads {limit} positions"
+        return (f"reads {limit} positions (its run settings' context_length, the positions it was trained on; "
+                f"its LM has {lm})")
+
     def prompt_length(self, conversation: Sequence[InputItem], *, bos_every_text: bool = False) -> int:
         """Positions a conversation takes in the prompt (text tokens, BOS included, and k per image),
         counted without running the vision encoder."""
@@ -291,9 +307,9 @@ class GILL:
         return length
 
     def slot_overflow(self, conversation: Sequence[InputItem], *, bos_every_text: bool = False) -> int:
-        """Positions by which a conversation followed by the [IMG] tokens exceeds the LM's (0: it fits):
-        what ``image_slot_embeddings(..., truncate=True)`` drops from its start."""
-        limit = self.max_positions
+        """Positions by which a conversation followed by the [IMG] tokens exceeds the model's context (0: it
+        fits): what ``image_slot_embeddings(..., truncate=True)`` drops from its start."""
+        limit = self.context_length
         if limit is None:
             return 0
         length = self.prompt_length(conversation, bos_every_text=bos_every_text)
@@ -304,8 +320,8 @@ class GILL:
         return max_new_tokens + len(self.img_tokens.ids) - 1
 
     def _fit(self, prompts: list[_Prompt], options: DecodeOptions, truncate: bool) -> None:
-        """Check each prompt against the LM's positions; with ``truncate``, drop its oldest positions."""
-        limit = self.max_positions
+        """Check each prompt against the model's context; with ``truncate``, drop its oldest positions."""
+        limit = self.context_length
         if limit is None:
             return
         room = self.answer_room(options.max_new_tokens)
@@ -319,7 +335,7 @@ class GILL:
                 continue
             raise PromptTooLongError(
                 f"conversation {c} takes {length} positions and its answer up to {room} more "
-                f"(max_new_tokens={options.max_new_tokens}), but this LM reads {limit} positions: shorten it by "
+                f"(max_new_tokens={options.max_new_tokens}), but this model {self._reads(limit)}: shorten it by "
                 f"{length - max(budget, 0)}, lower max_new_tokens, or pass truncate=True to drop the oldest part"
             )
 
@@ -345,13 +361,13 @@ class GILL:
         return options
 
     def _check_answer_length(self, max_new_tokens: int) -> None:
-        """Refuse, before anything runs, an answer that cannot fit the LM's positions whatever the prompt."""
-        limit, n = self.max_positions, len(self.img_tokens.ids)
+        """Refuse, before anything runs, an answer that cannot fit the model's context whatever the prompt."""
+        limit, n = self.context_length, len(self.img_tokens.ids)
         if limit is None or max_new_tokens <= limit - n:  # room left for a prompt of one position
             return
-        raise ValueError(f"max_new_tokens is {max_new_tokens}, more than this model's context allows: its LM reads "
-                         f"{limit} positions for prompt and answer together (an [IMG] group takes {n}); give "
-                         f"max_new_tokens <= {limit - n}")
+        raise ValueError(f"max_new_tokens is {max_new_tokens}, more than this model's context allows: "
+                         f"it {self._reads(limit)} for prompt and answer together, and an [IMG] group takes {n}; "
+                         f"give max_new_tokens <= {limit - n}")
 
     def _seed_and_diffusion(self, seed: int | None, diffusion: DiffusionOptions | None) -> tuple[int, DiffusionOptions]:
         """``seed`` (else the diffusion options', else the model's, else the library's) seeds decoding and the
@@ -459,11 +475,11 @@ class GILL:
         original's evaluations got from ``num_words=2, gen_scale_factor=1e5`` (an image forced at once),
         without decoding. Returns the diffusion conditioning and the text-side retrieval embedding.
 
-        A conversation longer than the LM's positions (less the [IMG] tokens) raises
+        A conversation longer than the model's context (less the [IMG] tokens) raises
         ``PromptTooLongError``, or with ``truncate`` loses its oldest positions (see ``slot_overflow``).
         ``bos_every_text``: see ``build_prompts``."""
         prompts = self.build_prompts(conversations, bos_every_text=bos_every_text)
-        limit, n = self.max_positions, len(self.img_tokens.ids)
+        limit, n = self.context_length, len(self.img_tokens.ids)
         for c, p in enumerate(prompts):
             if limit is None or p.embeds.shape[0] + n <= limit:
                 continue
@@ -471,7 +487,7 @@ class GILL:
                 p.embeds = p.embeds[p.embeds.shape[0] + n - limit:]
                 continue
             raise PromptTooLongError(f"conversation {c} takes {p.embeds.shape[0]} positions and its [IMG] "
-                                     f"tokens {n} more, but this LM reads {limit} positions")
+                                     f"tokens {n} more, but this model {self._reads(limit)}")
         ids = self.model.img_token_ids[None]
         img = self.model.embed_tokens(ids)[0]
         for p in prompts:
@@ -496,8 +512,9 @@ class GILL:
     ) -> list[Segment] | list[list[Segment]]:
         """Answer one conversation (a list of items) or several (a list of lists, decoded as one batch).
 
-        A prompt that with its answer (``max_new_tokens`` plus an [IMG] group) exceeds the LM's positions
-        raises ``PromptTooLongError`` naming the lengths; ``truncate=True`` drops its oldest positions instead.
+        A prompt that with its answer (``max_new_tokens`` plus an [IMG] group) exceeds the model's context
+        (``context_length``: its run settings', else its LM's positions) raises ``PromptTooLongError`` naming
+        the lengths; ``truncate=True`` drops its oldest positions instead.
         ``decode_overrides`` set fields of ``DecodeOptions`` (max_new_tokens, temperature, top_p, top_k,
         stop_strings, img_scale_factor, min_tokens_before_image, ...). Run settings not given here (decoding,
         diffusion steps, guidance, scheduler, seed) are the model's (``self.settings``), else the library's. ``original_truncation`` reproduces

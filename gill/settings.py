@@ -1,5 +1,6 @@
 """Run settings: how a model is best run (diffusion steps, guidance, scheduler, image frequency, sampling,
-seed, the evaluation's scorer), stored with the model and resolved in one place.
+seed, the evaluation's scorer, the context it was trained on), stored with the model and resolved in one
+place.
 
 A model directory's ``config.json`` carries a ``run`` block (a ``RunSettings``); fields it leaves out
 (``None``) fall back to the library's defaults, ``LIBRARY_DEFAULTS``, the one place their values are
@@ -47,6 +48,9 @@ class RunSettings:
     max_new_tokens: int | None = None
     seed: int | None = None  # decoding and diffusion seed (image k of a conversation uses seed + k)
     scorer: str | None = None  # the evaluation's CLIP scorer: "hf:NAME_OR_PATH" or "open_clip:MODEL/PRETRAINED"
+    # the LM positions (prompt and answer together) the model was trained on: its usable context, at most the
+    # LM's own (a larger value is refused when the model is built); unset everywhere: the LM's own positions
+    context_length: int | None = None
 
     def to_dict(self, *, set_only: bool = False) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -69,11 +73,13 @@ class RunSettings:
             "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
             "scheduler": lambda v: isinstance(v, str) and v in SCHEDULERS,
             "scorer": lambda v: isinstance(v, str) and bool(v),
+            "context_length": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         }
         wanted = {
             "steps": f"an integer from 1 to {MAX_STEPS}", "guidance_scale": "a number >= 0", "img_scale_factor": "a number >= 0",
             "top_p": "a number in (0, 1]", "temperature": "a number >= 0", "max_new_tokens": "an integer >= 1",
             "seed": f"an integer from 0 to {MAX_SEED}", "scheduler": f"one of {sorted(SCHEDULERS)}", "scorer": "a scorer spec",
+            "context_length": "an integer >= 1 (the LM positions the model was trained on)",
         }
         for name, ok in checks.items():
             value = getattr(self, name)
@@ -100,7 +106,21 @@ LIBRARY_DEFAULTS = RunSettings(
     max_new_tokens=32,
     seed=42,
     scorer="hf:openai/clip-vit-large-patch14",
+    context_length=None,  # the LM's own positions (``context_limit``)
 )
+
+
+def context_limit(settings: RunSettings, lm_positions: int | None, source: str = "run settings") -> int | None:
+    """The positions a run may use: the settings' ``context_length``, else the LM's own (None: unbounded).
+    A ``context_length`` above the LM's positions is refused (``ValueError`` naming both): the model
+    directory says something about its LM that cannot be true."""
+    wanted = settings.context_length
+    if wanted is None:
+        return lm_positions
+    if lm_positions is not None and wanted > lm_positions:
+        raise ValueError(f"{source}: context_length is {wanted}, more than its LM's {lm_positions} positions; "
+                         f"give at most {lm_positions}, or leave it out to use the LM's own")
+    return wanted
 
 
 def resolve_settings(explicit: RunSettings | dict[str, Any] | None = None,

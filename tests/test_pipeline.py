@@ -319,3 +319,59 @@ def test_a_prompt_longer_than_the_lm_is_a_clear_error_or_truncated(gill):
 
     conv = ["a red", Image.new("RGB", (8, 8)), "circle and", Image.new("RGB", (8, 8))]
     assert gill.prompt_length(conv) == gill.build_prompts([conv])[0].embeds.shape[0]
+
+
+def with_context(gill, monkeypatch, n):
+    """The model with ``context_length=n`` in its run settings, as a model directory's ``run`` block sets it."""
+    from gill.settings import RunSettings
+
+    monkeypatch.setattr(gill, "settings", RunSettings(**{**gill.settings.to_dict(), "context_length": n}))
+
+
+def test_the_models_context_length_is_the_limit_and_truncation_keeps_the_newest(gill, monkeypatch):
+    """A model trained on fewer positions than its LM has refuses, or with truncate=True cuts from the start,
+    a prompt that fits the LM but not that context; without the setting the LM's positions are the limit."""
+    import gill.pipeline as pipeline
+    from gill.pipeline import PromptTooLongError
+
+    n = 64
+    prompt = " ".join(f"w{i}" for i in range(20))  # distinct words: its start and its end differ
+    length, room = gill.prompt_length([prompt]), gill.answer_room(8)
+    assert n < length + room <= gill.max_positions  # fits the LM, not the context
+    assert gill.context_length == gill.max_positions  # no setting: the LM's own positions
+    gill.generate_interleaved([prompt], max_new_tokens=8, diffusion=FAST)
+    with_context(gill, monkeypatch, n)
+    assert gill.context_length == n
+    with pytest.raises(PromptTooLongError, match=rf"takes {length} positions .* reads {n} positions .*its LM has 256"):
+        gill.generate_interleaved([prompt], max_new_tokens=8, diffusion=FAST)
+    with pytest.raises(PromptTooLongError, match=rf"reads {n} positions"):
+        list(gill.stream([prompt], max_new_tokens=8, diffusion=FAST))
+    with pytest.raises(PromptTooLongError, match=rf"reads {n} positions"):
+        gill.image_slot_embeddings([[prompt]])
+    assert gill.slot_overflow([prompt]) == length + len(gill.img_tokens.ids) - n
+    # truncate=True: the prompt decoded is the newest n - room positions of the whole one
+    seen = []
+    real = pipeline.decode
+    monkeypatch.setattr(pipeline, "decode", lambda **kw: seen.append(kw["inputs_embeds"][0].clone()) or real(**kw))
+    gill.generate_interleaved([prompt], max_new_tokens=8, truncate=True, diffusion=FAST)
+    full = gill.build_prompts([[prompt]])[0].embeds
+    assert seen[0].shape[0] == n - room
+    assert torch.equal(seen[0], full[-(n - room):]) and not torch.equal(seen[0], full[: n - room])
+
+
+def test_max_new_tokens_is_checked_against_the_models_context(gill, monkeypatch):
+    most = 40 - len(gill.img_tokens.ids)
+    gill.generate_interleaved(["hi"], max_new_tokens=most + 1, diffusion=FAST)  # fits the LM's 256
+    with_context(gill, monkeypatch, 40)
+    with pytest.raises(ValueError, match=rf"max_new_tokens is {most + 1}.* reads 40 positions.*max_new_tokens <= {most}"):
+        gill.generate_interleaved(["hi"], max_new_tokens=most + 1, diffusion=FAST)
+    gill.generate_interleaved(["h"], max_new_tokens=most - 1, diffusion=FAST)  # a prompt of 2 positions fits
+
+
+def test_a_context_longer_than_the_lm_is_refused_when_the_model_is_built(gill):
+    from gill.settings import RunSettings
+
+    with pytest.raises(ValueError, match="context_length is 300, more than its LM's 256 positions"):
+        GILL(gill.model, gill.tokenizer, gill.image_processor, gill.img_tokens, settings=RunSettings(context_length=300))
+    assert GILL(gill.model, gill.tokenizer, gill.image_processor, gill.img_tokens,
+                settings=RunSettings(context_length=256)).context_length == 256

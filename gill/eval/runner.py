@@ -102,7 +102,7 @@ def _load_inputs(inputs: Any, prepare: Callable[[Any], Any] | None = None) -> An
 
 def _gill_input(gill, example_id: str, inputs: Any, prepare: Callable[[Any], Any] | None, truncate: bool, *,
                 bos_every_text: bool = False) -> tuple[Any, int, dict[str, str] | None]:
-    """(the conversation with its images opened, the positions it exceeds the LM's by, None), or
+    """(the conversation with its images opened, the positions it exceeds the model's context by, None), or
     (None, 0, a skip record) when an image cannot be read now or the prompt is too long without ``truncate``."""
     from gill.images import ImageError
 
@@ -114,8 +114,8 @@ def _gill_input(gill, example_id: str, inputs: Any, prepare: Callable[[Any], Any
     if over and not truncate:
         n = len(gill.img_tokens.ids)
         return None, 0, {"id": example_id, "kind": TOO_LONG, "reason": (
-            f"its prompt and the {n} [IMG] tokens take {over} positions more than the LM's {gill.max_positions}; "
-            f"--truncate keeps its last {gill.max_positions - n}")}
+            f"its prompt and the {n} [IMG] tokens take {over} positions more than the model's context of "
+            f"{gill.context_length}; --truncate keeps its last {gill.context_length - n}")}
     return loaded, over, None
 
 
@@ -133,7 +133,7 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
     """Generate the missing outputs of one setting; this process's share of them under torchrun.
 
     ``noise``: ``gill.eval.seeds.PerExampleSeeds(seed)`` (the default) or a ``SeedStream``. ``truncate``: a
-    GILL prompt longer than the LM's positions loses its oldest positions (recorded as ``truncated``)
+    GILL prompt longer than the model's context loses its oldest positions (recorded as ``truncated``)
     instead of being skipped. ``one_output_per_target``: examples sharing a ground-truth image share the
     output of the last of them (the original keyed its files by that image). ``prepare``: applied to each
     opened input image (the original protocol squashes them to 224x224).

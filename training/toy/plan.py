@@ -11,16 +11,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# How the toy model is best run, saved in its config.json (run settings): its tiny diffusion model draws
-# colour and shape right from its own captions best at guidance 4.0 (0.97 of 40 seen compositions'
-# captions, 0.88 of 16 unseen ones; 0.85 / 0.94 at 2.0, 0.75 / 0.62 at SD's usual 7.5; v2.3's diffusion
-# model, which knew only the corpus's compositions, was best at 2.0), and it is scored by the world's own
-# metric model (beside the model). Image factor 1.1 (the original's ret_scale_factor: [IMG0]'s logit x 1.1;
-# its demo's default is 1.3): at 1.0, after a chat answer that moves its object, [IMG0] lost to the LM's
-# own word for a picture's place, " (picture)", by ~1% of its logit in v2.8, v2.9 and two of three reduced
-# builds; 1.1 shows those pictures and left every other row of the report as it was, 1.2 already cost the
-# story-following row, 1.4 cut a chat answer short (README's toy section, the figures).
-TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer": "hf:../metric-clip"}
 # GILL's stage on two threads wherever it runs (alone, or beside the diffusion model in a build from scratch,
 # where the side-by-side runner gives each stage one): float sums then come out the same, so `--backbones toy`
 # and a whole build train the same GILL, byte for byte (until v2.8 the whole build's GILL, on one thread, was
@@ -31,6 +21,19 @@ GILL_THREADS = 2
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
 LM_LEN = 160  # the toy LM's positions in training (a chat of up to 5 turns)
+
+# How the toy model is best run, saved in its config.json (run settings): its tiny diffusion model draws
+# colour and shape right from its own captions best at guidance 4.0 (0.97 of 40 seen compositions'
+# captions, 0.88 of 16 unseen ones; 0.85 / 0.94 at 2.0, 0.75 / 0.62 at SD's usual 7.5; v2.3's diffusion
+# model, which knew only the corpus's compositions, was best at 2.0), and it is scored by the world's own
+# metric model (beside the model). Image factor 1.1 (the original's ret_scale_factor: [IMG0]'s logit x 1.1;
+# its demo's default is 1.3): at 1.0, after a chat answer that moves its object, [IMG0] lost to the LM's
+# own word for a picture's place, " (picture)", by ~1% of its logit in v2.8, v2.9 and two of three reduced
+# builds; 1.1 shows those pictures and left every other row of the report as it was, 1.2 already cost the
+# story-following row, 1.4 cut a chat answer short (README's toy section, the figures). Its context is the
+# positions its LM was trained on: the library and the app keep prompt and answer inside them.
+TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer": "hf:../metric-clip",
+           "context_length": LM_LEN}
 
 
 @dataclass
