@@ -271,7 +271,7 @@ def _from_model_dir(name: str, path: Path, *, torch_dtype: torch.dtype | None, l
     model, decision = model_from_files(files, backbones.lm, backbones.vision)
     try:  # the context the model was trained on, against what its LM reads
         context_limit(files.config.run, getattr(backbones.lm.config, "max_position_embeddings", None),
-                      f"{path / 'config.json'}: run")
+                      f"{path / 'config.json'}.run")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     pipe = None

@@ -64,6 +64,37 @@ def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeyp
     assert "data:image/png;base64," in page
 
 
+def test_a_chat_keeps_inside_the_models_context_dropping_the_oldest_whole_turns_and_says_so_once(
+        tiny_gill, monkeypatch):
+    """A model whose run settings say it was trained on 60 positions (its LM has 256): every prompt the app
+    sends fits 60 with room for the answer, starts at a turn, ends with the new message, and the chat says
+    once that older turns were dropped."""
+    from gill.settings import RunSettings
+
+    n, max_tokens = 60, 8
+    monkeypatch.setattr(tiny_gill, "settings", RunSettings(**{**tiny_gill.settings.to_dict(), "context_length": n}))
+    prompts = []
+    real = tiny_gill.stream
+    monkeypatch.setattr(tiny_gill, "stream", lambda items, **kw: prompts.append(list(items)) or real(items, **kw))
+    demo = build_demo(tiny_gill, Defaults.from_settings(tiny_gill.run_settings({"steps": 2}), policy="generate"))
+    fn = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "respond")
+    controls = (0.0, 0.95, max_tokens, 1.0, "generate", 2, 7.5, 0)
+    messages, state = [], None
+    said = [f"a red circle number {i}" for i in range(6)]
+    for text in said:
+        messages, state, _ = list(fn({"text": text, "files": []}, messages, state, *controls))[-1]
+    budget = n - tiny_gill.answer_room(max_tokens)
+    assert len(prompts) == len(said)
+    for text, prompt in zip(said, prompts):
+        assert tiny_gill.prompt_length(prompt) <= budget < tiny_gill.max_positions
+        assert prompt[-1] == f"Q: {text}\nA:" and isinstance(prompt[0], str) and prompt[0].startswith("Q: ")
+    assert f"Q: {said[0]}\nA:" not in prompts[-1] and len(state["turns"]) < len(said)  # the oldest were dropped
+    assert state["turns"][-1][0] == f"Q: {said[-1]}\nA:"  # the newest kept
+    notices = [m["content"] for m in messages if m["role"] == "assistant" and isinstance(m["content"], str)
+               and "no longer fits the model's context" in m["content"]]
+    assert len(notices) == 1 and f"context of {n} tokens" in notices[0]
+
+
 def controls_of(demo) -> tuple:
     """The controls' values as the page starts (the app's defaults)."""
     labels = ["Temperature (0: greedy)", "Top-p", "Max tokens", "Image frequency (scale factor)", "Decision policy",
@@ -115,7 +146,7 @@ def test_long_chats_and_huge_messages_with_the_default_model():
         told = sum(isinstance(c, str) and "no longer fits the model's context" in c for c in last)
     assert told == 1  # said once, although older turns were dropped on several turns
     tokens = toy.prompt_length([item for t in state["turns"] for item in t])
-    assert tokens <= toy.max_positions and len(state["turns"]) < 10
+    assert tokens <= toy.context_length and len(state["turns"]) < 10
     before = list(state["turns"])
     messages, state, _ = list(fn({"text": "a red circle " * 385, "files": []}, messages, state, *controls))[-1]
     assert "please shorten it" in messages[-1]["content"] and state["turns"] == before

@@ -127,6 +127,25 @@ def test_a_huge_image_size_is_refused_at_load_naming_the_field_and_the_range(mod
     assert GILL.from_pretrained(model_dir).model.config.preprocess.image_size == 32  # the next run works
 
 
+@pytest.mark.parametrize("value,wanted", [
+    (0, "run: context_length is 0; expected an integer >= 1"),
+    ("long", r"field run.context_length is 'long' \(str\); expected an integer or null"),
+    (300, "run: context_length is 300, more than its LM's 256 positions"),  # the tiny LM reads 256
+])
+def test_a_context_length_the_lm_cannot_read_is_refused_at_load_in_one_line(model_dir, capsys, value, wanted):
+    from gill.__main__ import main
+
+    _edit_config(model_dir, "run.context_length", value)
+    with pytest.raises(ConfigError, match=wanted) as e:
+        GILL.from_pretrained(model_dir, load_diffusion=False)
+    assert str(model_dir / "config.json") in str(e.value)
+    assert main(["generate", "--model", str(model_dir), "--out", str(model_dir.parent / "o"), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "context_length is" in err and "Traceback" not in err
+    _edit_config(model_dir, "run.context_length", 100)
+    assert GILL.from_pretrained(model_dir, load_diffusion=False).context_length == 100  # the next run works
+
+
 @pytest.mark.parametrize("field,value,limit", [
     ("preprocess.image_size", 1025, 1024), ("n_visual_tokens", 10**6, 256), ("tokens.num_img_tokens", 10**5, 256),
     ("gen_seq_len", 10**7, 1024), ("mapper.hidden_dim", 10**6, 16384), ("mapper.num_decoder_layers", 1000, 64),

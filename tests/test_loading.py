@@ -74,6 +74,17 @@ def test_the_library_call_uses_the_models_settings_and_answers_a_caption_with_an
     assert not any(isinstance(s, (GeneratedImage, RetrievedImage)) for s in text_only), text_only
 
 
+def test_the_shipped_toys_context_is_the_positions_its_lm_was_trained_on(toy):
+    """The toy LM has 256 positions but was trained on LM_LEN (160): its run settings say so, the build writes
+    it (TOY_RUN), and the library's limit is that."""
+    from training.toy.plan import INSTALLED_SCORER, LM_LEN, TOY_RUN
+
+    assert toy.context_length == LM_LEN == 160 < toy.max_positions
+    assert TOY_RUN["context_length"] == LM_LEN
+    shipped = json.loads((toy_dir() / "config.json").read_text())["run"]
+    assert {k: v for k, v in shipped.items() if v is not None} == {**TOY_RUN, "scorer": INSTALLED_SCORER}
+
+
 def test_app_cli_and_eval_get_the_same_settings_from_the_same_resolver(toy):
     from app.app import build_parser as app_parser, settings_for as app_settings
     from gill.__main__ import build_parser as cli_parser, settings_for as cli_settings
