@@ -32,7 +32,7 @@ MISSING = "missing image"
 UNREADABLE = "unreadable image"
 OUTSIDE = "outside root"
 BAD_ENTRY = "bad entry"
-TOO_LONG = "too long"  # the runner: a prompt longer than the LM's positions (without --truncate)
+TOO_LONG = "too long"  # the runner: a prompt longer than the model's context (without --truncate)
 UNREADABLE_OUTPUT = "unreadable output"  # the scorer: a generated image that cannot be read back
 SKIP_KINDS = (DUPLICATE, TOO_SHORT, MISSING, UNREADABLE, OUTSIDE, BAD_ENTRY, TOO_LONG, UNREADABLE_OUTPUT)
 
