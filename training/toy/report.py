@@ -1,11 +1,12 @@
 """Stage 7, the report: each of GILL's claims as a row beside its baseline and chance, the generation and
-retrieval tables of the VIST-format eval, single captions, a scripted chat, and the picture grid.
-OUT/report: report.json, report.md and grid.png."""
+retrieval tables of the VIST-format eval, single captions, a scripted chat, free chats (training.toy.free_chats)
+and the picture grid. OUT/report: report.json, report.md, grid.png and free-chats.json (every free-chat turn)."""
 
 from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +239,8 @@ def stage_report(out: Path, plan, seed: int) -> None:
     from PIL import Image
 
     from gill.pipeline import GILL
+    from gill.presets import toy_dir
+    from training.toy import free_chats
 
     data, ev = out / "data", out / "eval"
     summary = json.loads((ev / "summary.json").read_text())
@@ -290,10 +293,17 @@ def stage_report(out: Path, plan, seed: int) -> None:
     report["chat"] = chat(gill)
     report["chat_changes"] = chat_changes(gill)
     report["pictures_read"] = attached_pictures(gill, train_comp)
+    start = time.time()
+    free = free_chats.free_chats(gill)  # its every turn's record goes beside the report, not into report.json
+    report["free_chats"] = {k: v for k, v in free.items() if k != "records"}
+    report["free_chats"]["previous"] = free_chats.previous_figures(toy_dir() / "report")  # (before --install)
+    log(f"free chats: {free['n']} chats of {free['turns']} turns in {time.time() - start:.0f} s; the shipped model's "
+        f"figures beside them: {'yes' if report['free_chats']['previous'] else 'none in ' + str(toy_dir() / 'report')}")
     report["claims"] = claims(report)
 
     folder = out / "report"
     folder.mkdir(exist_ok=True)
+    (folder / "free-chats.json").write_text(json.dumps(free, indent=1) + "\n")
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "report.md").write_text(report_markdown(report))
     grid(gill, ev, by_story, records, folder / "grid.png")
@@ -414,6 +424,10 @@ def report_markdown(r: dict) -> str:
                   f"({ch['colour_and_shape']:.2f}), size {p['size']:.2f}, position {p['position']:.2f}, background "
                   f"{p['background']:.2f}; unseen compositions: both {pu['colour_and_shape']:.2f} (n={pu['n']})"]
         lines += [f"- {e['picture']} -> {e['answer'] or '(nothing)'}" for e in r["pictures_read"]["examples"]]
+    if "free_chats" in r:
+        from training.toy.free_chats import markdown
+
+        lines += markdown(r["free_chats"])
     lines += ["", "![grid](grid.png)", "",
               "Grid: the 5 story pictures, then SD on the last caption, GILL on the last caption, on 5 captions, "
               "on 5 captions + 4 pictures, and GILL's retrieved picture (5 captions + 4 pictures).", ""]
