@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gill import chat as turns_format
+
 LOG = logging.getLogger("app")
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
@@ -269,11 +271,8 @@ def fit_context(pipeline: Any, turns: list[list], turn: list, max_new_tokens: in
     if alone > budget:
         raise BadInput(f"This message takes {alone} tokens, but the model reads {limit} in all and keeps "
                        f"{limit - budget} for its answer: please shorten it to at most {max(budget, 0)} tokens.")
-    dropped = 0
-    while turns and pipeline.prompt_length([item for t in turns + [turn] for item in t]) > budget:
-        turns = turns[1:]
-        dropped += 1
-    return turns, dropped
+    fitted = turns_format.fit_turns(turns, turn, pipeline.prompt_length, budget)
+    return fitted.turns, fitted.dropped
 
 
 def model_hint(pipeline: Any) -> tuple[str, list[str]] | None:

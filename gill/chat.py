@@ -10,7 +10,8 @@ Pure functions on strings; no model code."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 STOP_STRINGS: tuple[str, ...] = ("\nQ:",)
@@ -53,3 +54,19 @@ def answer_items(decoded: str, pictures: Iterable[Any] = ()) -> list[Any]:
 def turn_items(text: str, attachments: Sequence[Any] = ()) -> list[Any]:
     """The items of one user turn: the attached pictures first, then the question (if any text)."""
     return [*attachments, *([question(text)] if text else [])]
+
+
+@dataclass(frozen=True)
+class FittedTurns:
+    turns: list  # the most recent whole earlier turns that fit
+    dropped: int  # how many older turns were left out
+
+
+def fit_turns(turns: Sequence[list], turn: list, prompt_length: Callable[[list], int], budget: int) -> FittedTurns:
+    """The most recent whole earlier ``turns`` (each a list of items) that, followed by ``turn``, take at most
+    ``budget`` positions by ``prompt_length`` (e.g. ``GILL.prompt_length``): what a chat keeps of itself when
+    it outgrows a model's context. ``turn`` itself is always kept (whether it fits alone is the caller's)."""
+    turns, dropped = list(turns), 0
+    while turns and prompt_length([item for t in [*turns, turn] for item in t]) > budget:
+        turns, dropped = turns[1:], dropped + 1
+    return FittedTurns(turns, dropped)

@@ -54,16 +54,14 @@ def kind_of(turn: world.Turn) -> str:
 
 
 def fit_turns(gill, turns: list[list], turn: list, max_new_tokens: int) -> tuple[list[list], int]:
-    """The most recent whole turns that fit the LM's positions with ``turn`` and room for the answer, and how
-    many older ones were dropped: what the app does (app.app.fit_context; recipes do not import the app)."""
-    limit = gill.max_positions
-    if limit is None:
+    """The most recent whole turns that fit the model's context with ``turn`` and room for the answer, and how
+    many older ones were dropped: what the app does (``gill.chat.fit_turns``)."""
+    from gill import chat as fmt
+
+    if gill.context_length is None:
         return turns, 0
-    budget = limit - gill.answer_room(max_new_tokens)
-    dropped = 0
-    while turns and gill.prompt_length([item for t in turns + [turn] for item in t]) > budget:
-        turns, dropped = turns[1:], dropped + 1
-    return turns, dropped
+    fitted = fmt.fit_turns(turns, turn, gill.prompt_length, gill.context_length - gill.answer_room(max_new_tokens))
+    return fitted.turns, fitted.dropped
 
 
 def run_chats(gill, chats: list[list[world.Turn]]) -> list[list[dict]]:
