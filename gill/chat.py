@@ -1,6 +1,6 @@
 """The chat turn format of the original GILL demo, in one place for every front end that holds a
 conversation (the app, the toy build's scripted chat): a question is "Q: <text>\\nA:", the model answers
-until it starts the next "\\nQ:" or has shown a picture, and the answer goes back into the conversation as
+until it starts the next "\\nQ:" (or an "\\nA:" line) or has shown a picture, and the answer goes back into the conversation as
 it was decoded (its leading space kept, trailing whitespace dropped), then the pictures it showed, then one
 newline, so the next turn's prompt holds the very tokens the model produced and each picture sits where the
 model put its [IMG] tokens (the original demo fed back the answer's text with its "[IMG0] ... [IMG7]" and a
@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-STOP_STRINGS: tuple[str, ...] = ("\nQ:",)
+# Every turn marker: an answer ends where the model begins the next question, or writes an answer line of its
+# own ("\nA: ...", which a model that lost track of the turns does)
+STOP_STRINGS: tuple[str, ...] = ("\nQ:", "\nA:")
 # An answer ends with its picture: the original demo dropped whatever the model wrote after its [IMG]
 # tokens (and models are trained with the [IMG] tokens last, so what follows them is untrained).
 END_AT_IMAGE = True
@@ -26,8 +28,9 @@ def question(text: str) -> str:
 
 
 def answer_text(decoded: str) -> str:
-    """The answer's text as shown: what was decoded before the model began another question."""
-    return decoded.split(STOP_STRINGS[0])[0]
+    """The answer's text as shown: what was decoded before the model began another turn (any stop string)."""
+    cut = min((i for i in (decoded.find(stop) for stop in STOP_STRINGS) if i >= 0), default=len(decoded))
+    return decoded[:cut]
 
 
 def shown_text(decoded: str) -> str:

@@ -432,8 +432,12 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     assert chat.answer_items(decoded, ["<pic>"]) == [" now it is a blue circle.", "<pic>", "\n"]
     assert chat.answer_items(" it is red. \n") == [" it is red.\n"]
     assert chat.answer_items("", ["<pic>"]) == ["<pic>", "\n"]  # an answer that was only a picture
-    assert chat.STOP_STRINGS == ("\nQ:",)
+    assert chat.STOP_STRINGS == ("\nQ:", "\nA:")
+    # an answer that writes an answer line of its own ends there too (every turn marker stops it)
+    assert chat.answer_text(" it is red.\nA: it is blue.\nQ: x") == " it is red."
+    assert chat.answer_text(" it is red.\nQ: x\nA: y") == " it is red."
     # what the app shows while an answer streams: never the next question's start, whole or in part
     assert [chat.shown_text(t) for t in (" it is a square.", " it is a square.\n", " it is a square.\nQ",
-                                         " it is a square.\nQ:", " it is a square.\nQ: what")] == [" it is a square."] * 5
+                                         " it is a square.\nQ:", " it is a square.\nQ: what", " it is a square.\nA",
+                                         " it is a square.\nA: it")] == [" it is a square."] * 7
     assert chat.shown_text("IQ") == "IQ" and chat.shown_text("") == ""
