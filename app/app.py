@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gill.arguments import int_in, port_arg, seed_arg
     from gill.presets import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or preset (default: {DEFAULT_MODEL})")
     p.add_argument("--index", default=None, help="retrieval index directory (your own image collection)")
     p.add_argument("--host", default="127.0.0.1",

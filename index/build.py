@@ -39,8 +39,8 @@ LOG = logging.getLogger("index.build")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-def parser(description: str = __doc__) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str = __doc__, prog: str = "python -m index.build") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory or preset (e.g. tiny-random)")
     p.add_argument("--source", required=True, help="image folder, .tsv/.csv/.parquet table, or .tar shards")
     p.add_argument("--out", required=True, help="index directory")
@@ -194,7 +194,7 @@ def barrier() -> None:
 
 
 def main(argv: list[str] | None = None, *, update: bool = False) -> int:
-    args = parser().parse_args(argv)
+    args = parser(prog="python -m index.update" if update else "python -m index.build").parse_args(argv)
     from gill._quiet import quiet
 
     quiet(args.verbose)

@@ -21,7 +21,7 @@ read_original = read_original_embeddings  # the library's restricted reader
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m index.import_original", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embeddings", required=True, help="the original cc3m_embeddings_urls.npy")
     p.add_argument("--model", required=True, help="the converted original model (its fingerprint is stamped)")
     p.add_argument("--out", required=True)

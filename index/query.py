@@ -27,7 +27,7 @@ def text_query(gill, text: str) -> torch.Tensor:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m index.query", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--index", required=True)
     q = p.add_mutually_exclusive_group(required=True)

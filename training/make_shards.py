@@ -157,7 +157,7 @@ def _reason(problem: str) -> str:
 
 
 def parse(argv: list[str] | None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.make_shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--per-shard", type=int_in(1), default=10_000)

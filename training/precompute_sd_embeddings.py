@@ -64,7 +64,7 @@ def unique_keys(items: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], li
 def parse(argv: list[str] | None):
     from gill.arguments import int_in
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.precompute_sd_embeddings", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sd", required=True, help="Stable Diffusion repository id or path, or tiny-random")
     p.add_argument("--data", required=True, help="shards (brace pattern; '::' joins several)")
     p.add_argument("--out", required=True)

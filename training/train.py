@@ -206,7 +206,7 @@ def autocast(cfg, device):
 def parse(argv: list[str] | None):
     from training.config import add_arguments
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--recipe", default="gill-opt-6.7b")
     p.add_argument("--data", required=True, help="training shards (brace pattern; '::' joins several)")

@@ -115,7 +115,7 @@ def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: fl
 def parse(argv: list[str] | None):
     from gill.arguments import float_in, int_in, seed_arg
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m training.train_decision", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory (or tiny-random, with --out)")
     p.add_argument("--annotations", required=True)
     p.add_argument("--train-size", type=int_in(1), default=600)
