@@ -348,6 +348,30 @@ def test_backbones_reused_from_the_shipped_model_or_a_build_make_their_stages_sk
         reuse_backbones(tmp_path / "x", str(tmp_path / "nowhere"))
 
 
+def test_backbones_reused_with_the_lm_retrained_keep_only_its_tokenizer(tmp_path, monkeypatch):
+    """--backbones toy --retrain lm: the vision tower, diffusion and metric models are the shipped ones, the LM
+    folder holds only the shipped tokenizer (the world's BPE, which those models read too), so the lm stage
+    trains a new LM on it and the data stage does not learn another tokenizer; --retrain alone is refused."""
+    from gill.presets import toy_dir
+    from training.toy.__main__ import main
+    from training.toy.backbones import TOKENIZER_FILES, reuse_backbones
+
+    out = tmp_path / "build"
+    reuse_backbones(out, "toy", retrain=("lm",))
+    assert sorted(p.name for p in (out / "model" / "lm").iterdir()) == sorted(TOKENIZER_FILES)
+    for name in TOKENIZER_FILES:
+        assert (out / "model" / "lm" / name).read_bytes() == (toy_dir() / "lm" / name).read_bytes()
+    assert (out / "model" / "vision" / "config.json").is_file() and (out / "metric-clip" / "config.json").is_file()
+    import training.toy.__main__ as toy_main
+
+    ran = []
+    monkeypatch.setattr(toy_main, "stage", lambda name: lambda out, plan, seed: ran.append(name))
+    assert main(["--out", str(tmp_path / "b"), "--backbones", "toy", "--retrain", "lm", "--jobs", "1"]) in (0, None)
+    assert ran == ["data", "lm", "gill", "eval", "report"]  # the LM trained anew; clip, metric and sd reused
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "c"), "--retrain", "lm"])
+
+
 def test_a_failed_stage_of_a_side_by_side_build_is_named_and_stops_the_build(tmp_path):
     """--jobs 2 runs stages as child processes; one that fails (here: no data stage has run) ends the build
     with an error naming it, and the stages that would wait for it never start."""
@@ -393,3 +417,16 @@ def test_gills_stage_runs_every_recipe_on_the_same_threads_wherever_it_runs(tmp_
     assert [c for c, _ in calls] == ["training.precompute_sd_embeddings", "training.train", "index.build",
                                      "training.train_decision"]
     assert {t for _, t in calls} == {GILL_THREADS}, calls
+
+
+def test_the_lms_chats_are_as_long_as_asked():
+    """world_text's chats have 1 to ``chat_turns`` turns (5 by default, as v2.1-v2.9's LM and tokenizer read)."""
+    import random
+
+    train, test = world.split_compositions()
+
+    def longest(**kw):
+        text = world.world_text(random.Random(1), train | test, n_stories=0, n_chats=300, **kw)
+        return max(t.count("Q: ") for t in text if t.startswith("Q: "))
+
+    assert longest() == 5 and longest(chat_turns=12) == 12

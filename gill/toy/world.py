@@ -313,11 +313,13 @@ def said_first(scene: Scene, attribute: str) -> str:
 
 
 def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories: int = 2400,
-               n_chats: int = 2400, common: set[tuple[str, str]] | None = None, attribute_first: int = 2) -> list[str]:
+               n_chats: int = 2400, common: set[tuple[str, str]] | None = None, attribute_first: int = 2,
+               chat_turns: int = 5) -> list[str]:
     """Text for the toy LM: every caption of the allowed compositions followed by what it implies,
     stories followed by whether there are photos of where they end and where that is ("... it turns red.
     there are photos of it. now it is a large red circle on the right on white."), and chats in the app's
-    format ("Q: ...\nA: ...", a shown picture's place kept by ``PICTURE``). ``attribute_first`` more
+    format ("Q: ...\nA: ...", a shown picture's place kept by ``PICTURE``; 1 to ``chat_turns`` turns).
+    ``attribute_first`` more
     copies of each caption's line for each of ``FIRST``'s attributes say it first, as do three in four
     stories' ends (none when 0: the text the tokenizer is learnt from).
 
@@ -345,5 +347,5 @@ def world_text(rng: random.Random, compositions: set[tuple[str, str]], n_stories
         first = said_first(end, list(FIRST)[k - 1]) if attribute_first and k else ""
         lines.append(". ".join(c for _, c in steps) + f".{first}{known(end)} {now_it_is(end)}")
     for _ in range(n_chats):
-        lines.append(chat_text(conversation(rng, compositions, rng.randint(1, 5)), picture=PICTURE))
+        lines.append(chat_text(conversation(rng, compositions, rng.randint(1, chat_turns)), picture=PICTURE))
     return lines

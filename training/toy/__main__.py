@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", default=None, metavar="toy|BUILD",
                    help="reuse the frozen backbones (LM, CLIP, diffusion, metric model) of the shipped toy model "
                         "('toy') or of an earlier build's output folder, and train only GILL on them")
+    p.add_argument("--retrain", nargs="+", default=[], choices=("lm",),
+                   help="with --backbones: train these backbones anew all the same (lm: the LM, on its tokenizer)")
     p.add_argument("--jobs", type=int, default=2 if (os.cpu_count() or 1) >= 2 else 1, choices=(1, 2),
                    help="stages run side by side (default: 2 on two cores or more; 1: one after another)")
     args = p.parse_args(argv)
@@ -103,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         from training.toy.backbones import reuse_backbones
 
         try:
-            reuse_backbones(out, args.backbones)
+            reuse_backbones(out, args.backbones, retrain=tuple(args.retrain))
         except FileNotFoundError as e:
             p.error(str(e))
     names = [n for n in STAGES if n in args.stages]
     if args.backbones is not None:  # reused: nothing to train, and GILL then gets every core
-        names = [n for n in names if n not in BACKBONE_STAGES]
+        names = [n for n in names if n not in BACKBONE_STAGES or n in args.retrain]
+    elif args.retrain:
+        p.error("--retrain needs --backbones (without it every backbone is trained)")
     if args.jobs > 1 and len(names) > 1:
         child = ["--out", str(out), "--seed", str(args.seed), *(["--small"] if args.small else []),
                  *(["--gill-steps", str(args.gill_steps)] if args.gill_steps is not None else []),

@@ -33,9 +33,14 @@ def text_inputs(tokenizer, captions: list[str]):
     return tokenizer(captions, padding="max_length", max_length=TEXT_LEN, truncation=True, return_tensors="pt")
 
 
-def reuse_backbones(out: Path, source: str) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def reuse_backbones(out: Path, source: str, retrain: tuple[str, ...] = ()) -> None:
     """Copy frozen backbones into ``out`` so the lm, clip and sd stages find them and skip: from the shipped
-    toy model (``source`` "toy") or an earlier build's output folder. Backbones already in ``out`` stay."""
+    toy model (``source`` "toy") or an earlier build's output folder. Backbones already in ``out`` stay.
+    ``retrain`` ("lm"): that backbone is trained anew; of the LM only its tokenizer is copied (the world's BPE,
+    which the CLIP towers and the diffusion model read too, so they stay usable with the new LM)."""
     import shutil
 
     if source == "toy":
@@ -49,9 +54,15 @@ def reuse_backbones(out: Path, source: str) -> None:
     for dst, src in wanted.items():
         if not (src / "config.json").is_file() and not (src / "model_index.json").is_file():
             raise FileNotFoundError(f"--backbones {source}: no backbone at {src} (expected a config.json or model_index.json)")
-        if not dst.exists():
+        if dst.name == "lm" and "lm" in retrain:
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in TOKENIZER_FILES:
+                if not (dst / name).exists():
+                    shutil.copy(src / name, dst / name)
+        elif not dst.exists():
             shutil.copytree(src, dst)
-    log(f"backbones from {source}: lm, vision, sd and the metric model")
+    kept = [n for n in ("lm", "vision", "sd") if n not in retrain] + ["the metric model"]
+    log(f"backbones from {source}: {', '.join(kept)}" + (" (and the LM's tokenizer: the LM is trained anew)" if "lm" in retrain else ""))
 
 
 # ---- 2. the language model ------------------------------------------------------------------------------

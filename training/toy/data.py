@@ -103,7 +103,7 @@ def stage_data(out: Path, plan: Plan, seed: int) -> None:
     # the LM's text has its own seed, so the reduced build's LM reads the same kind of text as the full one's
     text = world.world_text(random.Random(seed + 1), train_comp | test_comp, common=train_comp)
     (data / "text.json").write_text(json.dumps(text))
-    if not (out / "model" / "lm" / "config.json").exists():  # (an LM reused by --backbones keeps its own)
+    if not (out / "model" / "lm" / "tokenizer.json").exists():  # (reused by --backbones, the LM's or alone: kept)
         from gill.backbones import build_tokenizer  # the world's BPE, shared by the LM and the CLIP text towers
 
         # learnt from the text without its attribute-first lines (world.FIRST), which add no word: the
