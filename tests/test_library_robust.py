@@ -22,13 +22,10 @@ GB = 2**30
 
 
 @pytest.fixture(scope="module")
-def gill():
-    g = GILL.from_pretrained("tiny-random")
-    torch.manual_seed(0)
-    with torch.no_grad():  # large [IMG] rows so that images appear in the answers
-        g.model.adapter.img_embeddings.normal_(0, 1.0)
-    g.settings = dataclasses.replace(g.settings, steps=2)  # the model's default: fast draws
-    return g
+def gill(tiny_gill):
+    """The tiny GILL that answers with images (conftest), drawing with 2 steps by default: fast."""
+    tiny_gill.settings = dataclasses.replace(tiny_gill.settings, steps=2)
+    return tiny_gill
 
 
 # ---- 1. one call's options never change another's --------------------------------------------------------

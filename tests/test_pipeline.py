@@ -13,12 +13,8 @@ from synthetic import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def gill():
-    g = GILL.from_pretrained("tiny-random")
-    torch.manual_seed(0)
-    with torch.no_grad():  # large [IMG] rows so that images appear in the answers
-        g.model.adapter.img_embeddings.normal_(0, 1.0)
-    return g
+def gill(tiny_gill):
+    return tiny_gill  # large [IMG] rows so that images appear in the answers (conftest)
 
 
 FAST = DiffusionOptions(steps=2, seed=0)
