@@ -9,6 +9,8 @@ Shapes: N batch, T sequence, d LM width, n number of [IMG] tokens, k visual toke
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,13 +168,27 @@ class GILLModel(nn.Module):
             kwargs["position_ids"] = positions[:, -inputs_embeds.shape[1]:]
         if logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
+        if past_key_values is not None:
+            kwargs[self._cache_argument()] = past_key_values
         out = self.lm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, output_hidden_states=True, return_dict=True, **kwargs,
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, output_hidden_states=True,
+            return_dict=True, **kwargs,
         )
         hidden = out.hidden_states[-1]
         logits = self._splice_logits(out.logits, hidden[:, -out.logits.shape[1]:])
-        return LMOutput(logits=logits, hidden=hidden, past_key_values=out.past_key_values if use_cache else None)
+        cache = None
+        if use_cache:  # transformers >= 5.x returns it as ``cache`` (``past_key_values`` deprecated), before as the latter
+            cache = out["cache"] if "cache" in out else out.past_key_values
+        return LMOutput(logits=logits, hidden=hidden, past_key_values=cache)
+
+    def _cache_argument(self) -> str:
+        """The LM's keyword for a KV cache: ``cache`` where its forward takes it (transformers 5.x, where
+        ``past_key_values`` is deprecated), else ``past_key_values``."""
+        name = getattr(self, "_cache_kw", None)
+        if name is None:
+            params = inspect.signature(self.lm.forward).parameters
+            name = self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        return name
 
     def _splice_logits(self, lm_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         vocab = self.vocab_size

@@ -215,3 +215,23 @@ def test_cuda_graph_steps_equal_the_hf_cache(opt_model):
         for _ in range(2):  # the second call replays the captured graph of the first
             graph = decode(model, batch, mask, DecodeOptions(**opts, backend="static"))
             assert [r.token_ids for r in graph] == [r.token_ids for r in hf]
+
+
+def test_the_kv_cache_goes_by_the_lms_own_keyword_and_matches_a_full_forward(tiny):
+    """GILLModel.lm_forward hands the KV cache over under the LM's own keyword (``cache`` in transformers 5.x,
+    where ``past_key_values`` is deprecated and warns on every call), and a cached step gives the logits of a
+    full forward over the same positions."""
+    import warnings
+
+    backbones, config = tiny
+    model = GILLModel(backbones.lm, backbones.vision, config).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    embeds, mask = model.embed_tokens(ids), torch.ones_like(ids)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = model.lm_forward(embeds[:, :4], mask[:, :4], use_cache=True)
+        step = model.lm_forward(embeds[:, 4:], mask, past_key_values=first.past_key_values, use_cache=True)
+        full = model.lm_forward(embeds, mask)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+    assert first.past_key_values is not None and step.past_key_values is not None
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-5)
