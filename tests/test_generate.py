@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -164,6 +166,15 @@ def test_sampling_is_seeded(model_with_images):
     a = decode(model, embeds, mask, opts, generator=torch.Generator().manual_seed(3))[0]
     b = decode(model, embeds, mask, opts, generator=torch.Generator().manual_seed(3))[0]
     assert a.token_ids == b.token_ids
+    # the seed and the temperature are used: other seeds draw other tokens at temperature 1, and a temperature
+    # near 0 draws the greedy tokens whatever the seed (a sampler that ignored either would fail here)
+    others = {tuple(decode(model, embeds, mask, opts, generator=torch.Generator().manual_seed(s))[0].token_ids)
+              for s in range(4, 10)}
+    assert len(others | {tuple(a.token_ids)}) > 1
+    greedy = decode(model, embeds, mask, dataclasses.replace(opts, temperature=0.0, top_p=1.0, top_k=0))[0].token_ids
+    cold = dataclasses.replace(opts, temperature=1e-4, top_p=1.0, top_k=0)
+    assert all(decode(model, embeds, mask, cold, generator=torch.Generator().manual_seed(s))[0].token_ids == greedy
+               for s in range(4, 10))
 
 
 @pytest.fixture
