@@ -85,3 +85,21 @@ def save_tiny_model_dir(tmp_path: Path, tiny_opt) -> Path:
     config.lm, config.vision, config.diffusion = str(tmp_path / "lm"), str(tmp_path / "vision"), None
     save_model(tmp_path / "model", GILLModel(backbones.lm, backbones.vision, config))
     return tmp_path / "model"
+
+
+def spy_diffusion(gill, monkeypatch) -> list[dict]:
+    """Each diffusion call's scheduler class and arguments, as the pipeline saw them."""
+    calls = []
+    pipe = gill.diffusion.pipe
+    real_call = type(pipe).__call__
+
+    def spy(self, **kwargs):
+        neg = kwargs.get("negative_prompt_embeds")
+        calls.append({"scheduler": type(self.scheduler).__name__, "steps": kwargs["num_inference_steps"],
+                      "guidance": kwargs["guidance_scale"], "height": kwargs.get("height"),
+                      "width": kwargs.get("width"), "negative": None if neg is None else float(neg.abs().sum()),
+                      "seeds": [g.initial_seed() for g in kwargs["generator"] or []]})
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", spy)
+    return calls

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from memory import peak_growth
-from synthetic import save_tiny_model_dir
+from synthetic import save_tiny_model_dir, spy_diffusion
 from PIL import Image
 
 from gill.config import ConfigError, GILLConfig
@@ -31,22 +31,7 @@ def gill(tiny_gill):
 # ---- 1. one call's options never change another's --------------------------------------------------------
 
 
-def _spy_pipeline(gill, monkeypatch):
-    """Each diffusion call's scheduler class and arguments, as the pipeline saw them."""
-    calls = []
-    pipe = gill.diffusion.pipe
-    real_call = type(pipe).__call__
-
-    def spy(self, **kwargs):
-        neg = kwargs.get("negative_prompt_embeds")
-        calls.append({"scheduler": type(self.scheduler).__name__, "steps": kwargs["num_inference_steps"],
-                      "guidance": kwargs["guidance_scale"], "height": kwargs.get("height"),
-                      "width": kwargs.get("width"), "negative": None if neg is None else float(neg.abs().sum()),
-                      "seeds": [g.initial_seed() for g in kwargs["generator"] or []]})
-        return real_call(self, **kwargs)
-
-    monkeypatch.setattr(type(pipe), "__call__", spy)
-    return calls
+_spy_pipeline = spy_diffusion
 
 
 def _draw(gill, diffusion=None):

@@ -25,6 +25,7 @@ from gill.config import ConfigError, GILLConfig
 from gill.presets import toy_dir, toy_metric_dir
 from gill.retrieval import IndexMismatchError
 from original_reference import original_mapper, original_state_dict
+from synthetic import spy_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +64,20 @@ def toy():
     return GILL.from_pretrained("toy")
 
 
-def test_the_library_call_uses_the_models_settings_and_answers_a_caption_with_an_image(toy):
+def test_the_library_call_uses_the_models_settings_and_answers_a_caption_with_an_image(toy, monkeypatch):
+    import gill.pipeline
     from gill.pipeline import GeneratedImage, RetrievedImage
 
     assert (toy.settings.steps, toy.settings.guidance_scale) == (25, 4.0)  # not the library's 50 and 7.5
-    answer = toy.generate_interleaved(["a large red circle on the left on white."])  # no other argument
+    draws, decoded = spy_diffusion(toy, monkeypatch), []
+    real_decode = gill.pipeline.decode
+    monkeypatch.setattr(gill.pipeline, "decode", lambda **kw: decoded.append(kw["options"]) or real_decode(**kw))
+    answer = toy.generate_interleaved(["a large red circle on the left on white."], policy="generate")  # nothing else
     assert any(isinstance(s, (GeneratedImage, RetrievedImage)) for s in answer), answer
+    # what reached the decoder and Stable Diffusion: the model's settings (25 steps, guidance 4.0, image factor
+    # 1.1, greedy, seed 42 as the library's default), not the library's 50 / 7.5 / 1.0
+    assert [(d["steps"], d["guidance"], d["seeds"][0]) for d in draws] == [(25, 4.0, 42)], draws
+    assert [(o.img_scale_factor, o.temperature) for o in decoded] == [(1.1, 0.0)], decoded
     # and the explicit argument wins: 4 new tokens leave no room for an [IMG] group, so text only
     text_only = toy.generate_interleaved(["a large red circle on the left on white."], max_new_tokens=4)
     assert not any(isinstance(s, (GeneratedImage, RetrievedImage)) for s in text_only), text_only
