@@ -46,11 +46,25 @@ def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeyp
     fn = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "respond")
     Image.new("RGB", (40, 40), "blue").save(tmp_path / "in.png")
     controls = (0.0, 0.95, 16, 1.0, "both", 2, 7.5, 0)
+    shown = []  # the image segments the model streamed, to hold the labels to
+    real_stream = tiny_gill.stream
+    monkeypatch.setattr(tiny_gill, "stream", lambda *a, **k: (shown.append(s) or s for s in real_stream(*a, **k)))
     steps = list(fn({"text": "a red circle", "files": [str(tmp_path / "in.png")]}, [], [], *controls))
+    monkeypatch.setattr(tiny_gill, "stream", real_stream)
     messages, history, _ = steps[-1]
     assert len(steps) > 3  # the answer streams
-    labels = [m["content"] for m in messages if isinstance(m["content"], str) and "image**" in m["content"]]
-    assert any("Generated image" in label for label in labels) and any("Retrieved image" in label for label in labels)
+    labels = [plain_text(m["content"]) for m in messages if isinstance(m["content"], str) and "image**" in m["content"]]
+    images = [s for s in shown if type(s).__name__ in ("GeneratedImage", "RetrievedImage")]
+    assert images and len(labels) == len(images)
+    for label, s in zip(labels, images):  # each label says the decision's numbers and, retrieved, where it came from
+        d = s.decision
+        assert f"p(gen)={d.p_gen:.2f} · p(ret)={d.p_ret:.2f} · policy: both" in label, label
+        if type(s).__name__ == "RetrievedImage":
+            assert label.startswith("Retrieved image") and f"score {s.score:.2f}" in label, label
+            assert f"source: {s.source}" in label and (not s.caption or s.caption in label), label
+        else:
+            assert label.startswith("Generated image"), label
+    assert {type(s).__name__ for s in images} == {"GeneratedImage", "RetrievedImage"}
     assert any(isinstance(m["content"], dict) and m["role"] == "assistant" for m in messages)
     turn = history["turns"][0]
     assert turn[0].size == (40, 40) and turn[1] == "Q: a red circle\nA:" and len(history["turns"]) == 1
