@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.app import BadInput, Defaults, build_demo, conversation_html, load_user_image, plain_text
+from app.app import BadInput, Defaults, build_demo, conversation_html, load_user_image, message_parts, plain_text
 from synthetic import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -117,9 +117,10 @@ def controls_of(demo) -> tuple:
     return tuple(by_label[label].value for label in labels)
 
 
-def test_the_toy_hints_examples_each_get_an_on_topic_answer_with_a_picture():
+def test_the_toy_hints_examples_each_get_the_worlds_answer_and_its_picture():
     """The page's "Try" examples for the default model, each as a new chat's first message with the app's
-    defaults: an answer in the toy's words and a picture (the third, a change, after the first)."""
+    defaults (the third, a change, after the first): exactly the world's answer, and one picture of the
+    colour and shape it names (the world's judge)."""
     from app.app import model_hint
     from gill import GILL
     from gill.toy import world
@@ -129,15 +130,25 @@ def test_the_toy_hints_examples_each_get_an_on_topic_answer_with_a_picture():
     fn = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "respond")
     text, examples = model_hint(toy)
     assert all(c in text for c in world.COLORS) and all(s in text for s in world.SHAPES)
-    words = set(world.COLORS) | set(world.SHAPES)
+    first = next(sc for sc in world.all_scenes() if f"{sc.caption()}." == examples[0])
     for i, example in enumerate(examples):
         messages, state = [], None
         for message in ([examples[0]] if i == 2 else []) + [example]:
             messages, state, _ = list(fn({"text": message, "files": []}, messages, state, *controls_of(demo)))[-1]
         last_user = max(j for j, m in enumerate(messages) if m["role"] == "user")
-        answer = [m["content"] for m in messages[last_user + 1:]]
-        said = " ".join(c for c in answer if isinstance(c, str))
-        assert words & set(said.replace(".", " ").split()) and any(not isinstance(c, str) for c in answer), (example, answer)
+        answer = messages[last_user + 1:]
+        # the world's own answer: a scene is said back, a change ("it turns yellow.") says what it now is
+        if i == 2:
+            scene = next(sc for sc in world.all_scenes() if sc.composition == (example.split()[-1].rstrip("."), first.shape)
+                         and (sc.size, sc.position, sc.background) == (first.size, first.position, first.background))
+            right = world.now_it_is(scene)
+        else:
+            scene, right = next(sc for sc in world.all_scenes() if f"{sc.caption()}." == example), example
+        assert plain_text(answer[0]["content"]).strip() == right, (example, answer)
+        pictures = [Image.open(path) for m in answer for kind, path in message_parts(m["content"]) if kind == "file"]
+        assert len(pictures) == 1, (example, answer)
+        shown = world.scenes_shown(pictures)[0]
+        assert shown.composition == scene.composition, (example, shown, scene)  # its colour and shape
 
 
 @pytest.mark.slow
