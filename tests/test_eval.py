@@ -156,3 +156,23 @@ def test_visdial_reader(tmp_path):
     ds = load_visdial(tmp_path / "v.json", images)
     assert [e.id for e in ds.examples] == ["7"] and ds.examples[0].captions == ["Q: is it red?", "A: yes", "Q: how many?", "A: two"]
     assert ds.skipped[0]["id"] == "8"
+
+
+def test_the_clip_scorer_gives_known_similarities_on_fixed_images():
+    """Known answers of the scorer (the shipped toy metric CLIP through ``hf:``, transformers' CLIPModel
+    image features, cosine): a picture scores 1 with itself, 0.990 with itself moved one pixel, 0.730 with
+    the same scene as a square, -0.366 with a small blue triangle on gray (values recorded on transformers 5.25
+    with the PIL image processor; a change of preprocessing or pooling moves them)."""
+    from gill.eval.metrics import paired_cosine
+    from gill.eval.scorer import ClipScorer
+    from gill.presets import toy_metric_dir
+    from gill.toy import world
+
+    by_caption = {s.caption(): s for s in world.all_scenes()}
+    red_circle = by_caption["a large red circle on the left on white"]
+    images = [world.render(red_circle), world.render(red_circle, jitter=(1, 0)),
+              world.render(by_caption["a large red square on the left on white"]),
+              world.render(by_caption["a small blue triangle on the right on gray"])]
+    features = ClipScorer(f"hf:{toy_metric_dir()}").embed(images)
+    similarity = paired_cosine(features[[0, 0, 0, 0]], features)
+    torch.testing.assert_close(similarity, torch.tensor([1.0, 0.99047, 0.73006, -0.36634]), atol=1e-4, rtol=0)
