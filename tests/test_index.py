@@ -306,3 +306,26 @@ def index_records(index):
     from gill.retrieval import read_records
 
     return list(read_records(index.db, list(range(len(index)))).values())
+
+
+def test_index_query_finds_the_exact_picture_by_text_and_by_image(tmp_path, capsys):
+    """A successful ``python -m index.query`` on the shipped toy model and its index: a scene's caption, and
+    the scene's own picture, each put that scene's picture first; --json lines carry rank, score, source,
+    caption and hash; the plain lines are ranked."""
+    from gill.presets import toy_dir
+    from gill.toy import world
+    from index.query import main
+
+    index = str(toy_dir() / "index")
+    scenes = {s.caption(): s for s in world.all_scenes()}
+    for caption in ("a large red circle on the left on white", "a small blue square on the right on gray"):
+        assert main(["--model", "toy", "--index", index, "--text", f"{caption}.", "-k", "3", "--json"]) == 0
+        hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] > hits[1]["score"] >= hits[2]["score"]
+        assert hits[0]["caption"] == caption and hits[0]["source"] == f"images/{scenes[caption].key}-0.png"
+        assert len(hits[0]["sha256"]) == 64
+    scene = scenes["a small green triangle in the middle on gray"]
+    world.render(scene).save(tmp_path / "q.png")
+    assert main(["--model", "toy", "--index", index, "--image", str(tmp_path / "q.png"), "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] == "1" and f"images/{scene.key}-0.png" in lines[0]
