@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -99,3 +100,51 @@ def inside(root: str | os.PathLike, relative: str | os.PathLike, *, what: str = 
     if target != root_resolved and root_resolved not in target.parents:
         raise ValueError(f"{what} {os.fspath(relative)!r} points outside {os.fspath(root)}")
     return target
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is ("a FIFO", "a directory", ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+class NotRegularFile(ValueError):
+    """``read_regular_file`` refused a path that is not a regular file: ``what`` it is (``file_kind``)."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        super().__init__(f"{os.fspath(path)} is {what}")
+        self.what = what
+
+
+class FileTooLarge(ValueError):
+    """``read_regular_file`` refused a file over its bound: ``size`` in bytes (None: it grew while read)."""
+
+    def __init__(self, path: str | os.PathLike, size: int | None, max_bytes: int):
+        super().__init__(f"{os.fspath(path)} is larger than {max_bytes} bytes")
+        self.size = size
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``. It is opened without blocking and its type and
+    size are checked on the open file, so a FIFO (which would wait forever for a writer), a device or a folder
+    is refused (``NotRegularFile``) and a larger file is never read whole (``FileTooLarge``); OSError as raised."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:  # (checked before fdopen, which refuses a folder with an error of its own)
+        info = os.fstat(fd)
+        if what := file_kind(info.st_mode):
+            raise NotRegularFile(path, what)
+        if info.st_size > max_bytes:
+            raise FileTooLarge(path, info.st_size, max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLarge(path, None, max_bytes)
+    return data

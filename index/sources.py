@@ -27,7 +27,6 @@ import http.client
 import os
 import re
 import socket
-import stat
 import threading
 import time
 import urllib.request
@@ -37,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gill._io import inside
+from gill._io import FileTooLarge, NotRegularFile, file_kind, inside, read_regular_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LOCATION_COLUMNS = ("path", "url", "image", "file", "filepath", "image_url")
@@ -126,17 +125,6 @@ def iter_items(src: str, *, shard_filter: Callable[[int], bool] = lambda s: True
         yield from _webdataset(src, shard_filter, skip)
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def _not_regular(mode: int) -> str | None:
-    """What a file of this mode is, where it is not a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
 
@@ -156,19 +144,17 @@ def _read_file(path: Path, root: Path | None = None, *,
                 return None, (f"link outside the source: {path.name} points outside the source folder {root} "
                               f"(to {os.path.realpath(path)})")
         st = os.stat(path)
-        if what := _not_regular(st.st_mode):
+        if what := file_kind(st.st_mode):
             return None, f"not a regular file: {path.name} is {what}; it is not opened"
         if st.st_size > max_bytes:
             return None, f"too large: the file is {_mb(st.st_size)}; at most {_mb(max_bytes)} is read"
-        # O_NONBLOCK: a file swapped for a FIFO since the stat cannot block the open
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as f:
-            if what := _not_regular(os.fstat(fd).st_mode):
-                return None, f"not a regular file: {path.name} is {what}; it is not read"
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
+        # read without blocking and checked again on the open file: one swapped for a FIFO since the stat
+        try:
+            return read_regular_file(path, max_bytes), None
+        except NotRegularFile as e:
+            return None, f"not a regular file: {path.name} is {e.what}; it is not read"
+        except FileTooLarge:
             return None, f"too large: the file is over {_mb(max_bytes)}; at most {_mb(max_bytes)} is read"
-        return data, None
     except OSError as e:
         return None, f"unreadable file: {e.strerror or e}"
     except ValueError as e:  # a path with a NUL byte
@@ -451,7 +437,7 @@ def tar_end_problem(path: str) -> str | None:
     ending in two zero blocks), or None."""
     try:
         st = os.stat(path)
-        if what := _not_regular(st.st_mode):  # a FIFO would block the open below, and webdataset's
+        if what := file_kind(st.st_mode):  # a FIFO would block the open below, and webdataset's
             return f"unreadable shard: {os.path.basename(path)} is {what}; it is not opened"
         size = st.st_size
         with open(path, "rb") as f:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from gill import _io
 from gill._io import inside
 from gill.arguments import int_in
 
@@ -126,29 +126,17 @@ def entries(source: Path, allow_outside: bool = False) -> list[Entry]:
 
 
 def read_regular_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``; raises ValueError with a short reason for
-    anything else. The file is opened without blocking and its type checked on the open file, so a FIFO
-    (which would wait forever for a writer) or a device is refused, whatever it is named."""
+    """The bytes of a regular file of at most ``max_bytes`` (``gill._io.read_regular_file``: a FIFO or a
+    device is refused unopened for reading, whatever it is named); raises ValueError with a short reason."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        return _io.read_regular_file(path, max_bytes)
     except OSError as e:
         raise ValueError(f"unreadable ({e.strerror or e})") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ValueError("a folder, not a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file (a FIFO, socket or device)")
-        if info.st_size > max_bytes:
-            raise ValueError(f"larger than {max_bytes} bytes ({info.st_size})")
-    except ValueError:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ValueError(f"larger than {max_bytes} bytes (grew while read)")
-    return data
+    except _io.NotRegularFile as e:
+        raise ValueError("a folder, not a file" if e.what == "a directory"
+                         else "not a regular file (a FIFO, socket or device)") from None
+    except _io.FileTooLarge as e:
+        raise ValueError(f"larger than {max_bytes} bytes ({'grew while read' if e.size is None else e.size})") from None
 
 
 def _reason(problem: str) -> str:
