@@ -242,8 +242,13 @@ def load(
     load_index: bool = True,
     allow_index_mismatch: bool = False,
     hub: HubOptions | None = None,
+    diffusion_dtype: torch.dtype | None = None,
 ) -> ModelParts:
     """A preset name, model directory or Hub repo id -> ``ModelParts``.
+
+    ``torch_dtype``: the backbones' dtype (default: as stored); ``diffusion_dtype``: the diffusion
+    pipeline's where it differs (default: ``torch_dtype``), e.g. the original's bf16 LM and fp16 Stable
+    Diffusion.
 
     ``index``: an index directory (refused if built with another image-retrieval projection, unless
     ``allow_index_mismatch``), the original release's ``cc3m_embeddings_urls.npy``, or an index object;
@@ -255,14 +260,15 @@ def load(
     if model_dir is None:
         parts = _tiny_random(load_diffusion)
     else:
-        parts = _from_model_dir(name, model_dir, torch_dtype=torch_dtype, load_diffusion=load_diffusion, hub=hub)
+        parts = _from_model_dir(name, model_dir, torch_dtype=torch_dtype, load_diffusion=load_diffusion, hub=hub,
+                                diffusion_dtype=diffusion_dtype or torch_dtype)
     if load_index:
         _attach_index(parts, index, allow_index_mismatch)
     return parts
 
 
 def _from_model_dir(name: str, path: Path, *, torch_dtype: torch.dtype | None, load_diffusion: bool,
-                    hub: HubOptions) -> ModelParts:
+                    hub: HubOptions, diffusion_dtype: torch.dtype | None = None) -> ModelParts:
     files = read_model_dir(path)
     config = resolve_paths(files.config, path)
     check_backbone_paths(config, path / "config.json", load_diffusion)
@@ -277,7 +283,7 @@ def _from_model_dir(name: str, path: Path, *, torch_dtype: torch.dtype | None, l
     pipe = None
     if load_diffusion and config.diffusion:
         with _naming_backbone(path / "config.json", "diffusion", config.diffusion):
-            pipe = load_diffusion_pipeline(config.diffusion, torch_dtype=torch_dtype, **hub.backbone_kwargs())
+            pipe = load_diffusion_pipeline(config.diffusion, torch_dtype=diffusion_dtype, **hub.backbone_kwargs())
         pipe.set_progress_bar_config(disable=True)
     return ModelParts(name, model, backbones.tokenizer, backbones.image_processor, backbones.img_tokens, decision,
                       pipe, settings=resolve_scorer_path(files.config.run, path), model_dir=path)

@@ -133,6 +133,7 @@ class GILL:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        diffusion_dtype: torch.dtype | None = None,
     ) -> GILL:
         """A preset name (``toy``, ``gill-opt-6.7b``, ``tiny-random``; see ``gill.presets``), a model
         directory, or a Hub repo id (``jykoh/gill``, the original release, is fetched and converted once).
@@ -140,12 +141,13 @@ class GILL:
         choice (default: CPU, stored dtype). ``index``: an index directory (checked against this model's
         fingerprint), the original ``cc3m_embeddings_urls.npy``, or an index object; default: the model's
         own corpus, if it carries one. ``revision``, ``cache_dir``, ``local_files_only``, ``token``: as in
-        transformers (``HF_HOME`` and ``HF_HUB_OFFLINE`` are honoured)."""
+        transformers (``HF_HOME`` and ``HF_HUB_OFFLINE`` are honoured). ``diffusion_dtype``: the diffusion
+        pipeline's dtype where it differs from ``torch_dtype``."""
         from gill.loading import HubOptions, load
 
         hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         parts = load(name_or_dir, torch_dtype=torch_dtype, index=index, load_diffusion=load_diffusion,
-                     allow_index_mismatch=allow_index_mismatch, hub=hub)
+                     allow_index_mismatch=allow_index_mismatch, hub=hub, diffusion_dtype=diffusion_dtype)
         gill = cls(parts.model, parts.tokenizer, parts.image_processor, parts.img_tokens, parts.decision, parts.index,
                    parts.diffusion, settings=parts.settings, model_dir=parts.model_dir)
         if device is not None:

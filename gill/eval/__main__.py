@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gill.arguments import MAX_SEED, float_in, int_in, out_dir_arg
-from gill.eval.protocol import PROTOCOLS
+from gill.eval.protocol import PROTOCOLS, Protocol
 from gill.settings import MAX_STEPS, SCHEDULERS
 MAX_ROUNDS = 10  # a VisDial dialog has 10 rounds
+DTYPES = ["float32", "bfloat16", "float16"]
+
 
 def vist_settings(protocol) -> dict:
     """Setting name -> (mode, the example's input). The 5-captions settings differ by protocol: each caption
@@ -85,7 +89,11 @@ def common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-score", action="store_true",
                    help="generate only; score later with 'python -m gill.eval score OUT --task TASK'")
     p.add_argument("--device", default=None, help="e.g. cuda; under torchrun each process takes cuda:LOCAL_RANK")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="the LM, vision encoder and mapper (default: original protocol bfloat16, as the original "
+                        "ran them; clean: as stored)")
+    p.add_argument("--sd-dtype", choices=DTYPES, default=None,
+                   help="Stable Diffusion (default: original protocol float16, as the original; clean: --dtype)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="original",
                    help="original (default): the released scripts' way, quirks included, to compare with the paper; "
                         "clean: per-example seeds, no squashing, one output per example (gill/eval/README.md)")
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # what makes an earlier run's outputs in OUT reusable: the same model, protocol and generation settings
 RESUME_KEYS = ("task", "model", "seed", "steps", "guidance", "scheduler")
-RESUME_RUN_KEYS = ("truncate", "caption_field", "dtype")
+RESUME_RUN_KEYS = ("truncate", "caption_field", "dtype", "sd_dtype")
 
 
 def check_resumable(path: Path, state: dict) -> None:
@@ -209,41 +217,84 @@ def run(args: argparse.Namespace) -> int:
         finish(shard)
 
 
-def _run(args: argparse.Namespace, shard) -> int:
-    import torch
+@dataclass
+class Job:
+    """What a generating run works on, read from its flags before the model loads."""
 
-    from gill._io import atomic_write_text
-    from gill.eval.data import skip_counts
+    args: argparse.Namespace
+    shard: Any
+    protocol: Protocol
+    dataset: Any  # gill.eval.data.Dataset
+    table: dict  # setting name -> (mode, build)
+    names: list[str]  # the settings run
+    prepare: Any  # the VIST images' transform (the original's squash), or None
+    per_target: bool  # one output per ground-truth image (the original protocol, VIST)
+    out: Path
+
+
+def _run(args: argparse.Namespace, shard) -> int:
+    if args.command == "score":
+        return rescore(args)
     from gill.eval.report import write_report
-    from gill.eval.runner import Setting, merge_setting, run_setting, score
-    from gill.eval.scorer import ClipScorer, LpipsScorer
-    from gill.eval.shard import barrier
+
+    job = prepare_job(args, shard)
+    gill = load_model(args, job.protocol, shard)
+    state = write_state(job, gill)
+    if shard.is_main:
+        print(announce(job))
+    scorer = lpips = None
+    if shard.is_main and not args.no_score:  # a scorer that cannot be loaded fails now, not after generating
+        scorer, lpips = load_scorers(args.scorer, args.device, job.protocol, lpips=args.lpips)
+    counts = generate(job, gill)
+    if not shard.is_main:
+        return 0
+    retrieval = None
+    if args.task == "vist":
+        from gill._io import atomic_write_text
+        from gill.eval.retrieval import vist_retrieval
+
+        retrieval = vist_retrieval(gill, job.dataset, job.out, [n for n in job.names if n.startswith("gill/")],
+                                   protocol=job.protocol, builds={n: job.table[n][1] for n in job.names},
+                                   prepare=job.prepare, truncate=args.truncate)
+        atomic_write_text(job.out / "retrieval.json", json.dumps(retrieval, indent=1, ensure_ascii=False) + "\n")
+    if args.no_score:
+        print(f"generated; score with: python -m gill.eval score {job.out} --task {args.task}")
+        return 0
+    summary = score_run(job, state, scorer, lpips, retrieval, counts)
+    print_summary(job, summary)
+    print(write_report(job.out, args.task))
+    return 0
+
+
+def rescore(args: argparse.Namespace) -> int:
+    """``python -m gill.eval score OUT``: score a finished folder again, with its recorded protocol."""
+    from gill.eval.report import write_report
+    from gill.eval.runner import score
 
     out = Path(args.out)
-    if args.command == "score":
-        state = read_json_object(out / "run.json", "a finished output folder's run")
-        recorded = state.get("protocol") if isinstance(state.get("protocol"), dict) else {}
-        name = recorded.get("name", "clean")
-        if name not in PROTOCOLS:
-            raise ValueError(f"{out / 'run.json'}: protocol {name!r} is none of {sorted(PROTOCOLS)}")
-        protocol = PROTOCOLS[name]
-        if not (args.scorer or state.get("scorer")):
-            raise ValueError(f"{out / 'run.json'} names no scorer; give --scorer")
-        scorer = ClipScorer(args.scorer or state["scorer"], args.device)
-        summary = read_json_object(out / "summary.json", "summary") if (out / "summary.json").is_file() else {}
-        if "retrieval" not in summary and (out / "retrieval.json").is_file():
-            summary["retrieval"] = read_json_object(out / "retrieval.json", "retrieval")
-        score(out, scorer, lpips=LpipsScorer(args.device) if args.lpips else None, retrieval=summary.get("retrieval"),
-              prepare_target=protocol.prepare_vist_image() if args.task == "vist" else None, protocol=protocol,
-              extra={k: state[k] for k in ("model", "skipped", "context_dir", "protocol", "run", "compare_with")
-                     if k in state})
-        print(write_report(out, args.task))
-        return 0
+    state = read_json_object(out / "run.json", "a finished output folder's run")
+    recorded = state.get("protocol") if isinstance(state.get("protocol"), dict) else {}
+    name = recorded.get("name", "clean")
+    if name not in PROTOCOLS:
+        raise ValueError(f"{out / 'run.json'}: protocol {name!r} is none of {sorted(PROTOCOLS)}")
+    protocol = PROTOCOLS[name]
+    if not (args.scorer or state.get("scorer")):
+        raise ValueError(f"{out / 'run.json'} names no scorer; give --scorer")
+    scorer, lpips = load_scorers(args.scorer or state["scorer"], args.device, protocol, lpips=args.lpips)
+    summary = read_json_object(out / "summary.json", "summary") if (out / "summary.json").is_file() else {}
+    if "retrieval" not in summary and (out / "retrieval.json").is_file():
+        summary["retrieval"] = read_json_object(out / "retrieval.json", "retrieval")
+    score(out, scorer, lpips=lpips, retrieval=summary.get("retrieval"),
+          prepare_target=protocol.prepare_vist_image() if args.task == "vist" else None, protocol=protocol,
+          extra={k: state[k] for k in ("model", "skipped", "context_dir", "protocol", "run", "compare_with")
+                 if k in state})
+    print(write_report(out, args.task))
+    return 0
 
-    from gill.diffusion import DiffusionOptions
+
+def prepare_job(args: argparse.Namespace, shard) -> Job:
+    """The dataset (read and checked) and the settings to run, before any model loads."""
     from gill.eval.data import load_visdial, load_vist
-    from gill.eval.seeds import PerExampleSeeds, SeedStream, pipeline_latent_shape
-    from gill.pipeline import GILL
 
     check_inputs(args)
     protocol = PROTOCOLS[args.protocol]
@@ -253,99 +304,148 @@ def _run(args: argparse.Namespace, shard) -> int:
         args.caption_field = args.caption_field or protocol.caption_field
         dataset = load_vist(args.annotations, args.images, args.caption_field,
                             allow_outside_root=args.allow_outside_root, story_order=protocol.story_order,
-                            whole_gallery=protocol.retrieval == "fromage")
+                            whole_gallery=protocol.retrieval == "fromage",
+                            score_missing_context=protocol.missing_context == "scored")
         table = vist_settings(protocol)
         prepare = protocol.prepare_vist_image()
     else:
         dataset = load_visdial(args.dialogs, args.images, lines=protocol.visdial_lines)
         table = visdial_settings(args.rounds)
     if args.limit is not None:
-        dataset.examples = dataset.examples[: args.limit]
+        dataset.first(args.limit)
     names = args.settings or [n for n in table if not (args.no_baseline and n.startswith("sd/"))]
     unknown = sorted(set(names) - set(table))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; choose from {list(table)}")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=shard.device(args.device))
+    per_target = protocol.outputs == "per-target" and args.task == "vist"
+    return Job(args, shard, protocol, dataset, table, names, prepare, per_target, Path(args.out))
+
+
+def dtypes(args: argparse.Namespace, protocol: Protocol) -> tuple[str | None, str | None]:
+    """(the LM, vision encoder and mapper's dtype, Stable Diffusion's): the flags, else the protocol's
+    (original: bfloat16 and float16, as the original ran them), else Stable Diffusion follows ``--dtype``."""
+    lm = args.dtype or protocol.lm_dtype
+    return lm, args.sd_dtype or protocol.sd_dtype or lm
+
+
+def load_model(args: argparse.Namespace, protocol: Protocol, shard):
+    """GILL in the run's dtypes (``dtypes``; the mapper too, which loads as stored) on its device."""
+    import torch
+
+    from gill.pipeline import GILL
+
+    args.dtype, args.sd_dtype = dtypes(args, protocol)
+    lm, sd = (getattr(torch, d) if d else None for d in (args.dtype, args.sd_dtype))
+    gill = GILL.from_pretrained(args.model, torch_dtype=lm, diffusion_dtype=sd, device=shard.device(args.device))
     if gill.diffusion is None:
         raise ValueError(f"model {args.model} has no diffusion pipeline: evaluation generates images")
+    if lm is not None:
+        gill.model.to(lm)
+    if sd is not None:
+        gill.diffusion.pipe.to(dtype=sd)
+    return gill
+
+
+def write_state(job: Job, gill) -> dict:
+    """The run's settings resolved (flags > the model's > the library's) into ``job.args``, checked against
+    an earlier run in the same folder and written to ``run.json``; returns that state."""
+    from gill._io import atomic_write_text
+
+    args = job.args
     settings = settings_for(gill, args)
     args.steps, args.guidance, args.seed, args.scorer = settings.steps, settings.guidance_scale, settings.seed, settings.scorer
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = gill.diffusion.pipe
+    args.scheduler = settings.scheduler
+    job.out.mkdir(parents=True, exist_ok=True)
     run_info = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "scheduler": settings.scheduler,
                 "scorer": args.scorer, "batch_size": args.batch_size, "truncate": args.truncate,
-                "caption_field": getattr(args, "caption_field", None), "limit": args.limit, "processes": shard.world,
-                "dtype": args.dtype, "rounds": getattr(args, "rounds", None)}
+                "caption_field": getattr(args, "caption_field", None), "limit": args.limit,
+                "processes": job.shard.world, "dtype": args.dtype, "sd_dtype": args.sd_dtype,
+                "rounds": getattr(args, "rounds", None)}
     state = {"task": args.task, "model": str(args.model), "scorer": args.scorer, "seed": args.seed, "steps": args.steps,
-             "guidance": args.guidance, "scheduler": settings.scheduler, "settings": names, "skipped": dataset.skipped,
-             "context_dir": str(Path(args.images).resolve()), "protocol": protocol.as_dict(), "run": run_info,
-             "compare_with": compare_with(args)}
-    check_resumable(out / "run.json", state)
-    if shard.is_main:
-        atomic_write_text(out / "run.json", json.dumps(state, indent=2, ensure_ascii=False) + "\n")
-    per_target = protocol.outputs == "per-target" and args.task == "vist"
-    if shard.is_main:
-        from gill.eval.runner import output_owners
+             "guidance": args.guidance, "scheduler": settings.scheduler, "settings": job.names,
+             "skipped": job.dataset.skipped, "context_dir": str(Path(args.images).resolve()),
+             "protocol": job.protocol.as_dict(), "run": run_info, "compare_with": compare_with(args)}
+    check_resumable(job.out / "run.json", state)
+    if job.shard.is_main:
+        atomic_write_text(job.out / "run.json", json.dumps(state, indent=2, ensure_ascii=False) + "\n")
+    return state
 
-        outputs = len({o.id for o in output_owners(dataset.examples).values()}) if per_target else len(dataset.examples)
-        print(f"{len(dataset.examples)} examples ({len(dataset.skipped)} skipped), {outputs} outputs per setting"
-              + (" (one per ground-truth image: the original protocol)" if per_target else "")
-              + f", protocol {protocol.name}, {shard.world} process(es)")
-    scorer = lpips = None
-    if shard.is_main and not args.no_score:  # a scorer that cannot be loaded fails now, not after generating
-        scorer = ClipScorer(args.scorer, args.device)
-        lpips = LpipsScorer(args.device) if args.lpips else None
-    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=settings.scheduler)
+
+def announce(job: Job) -> str:
+    """What the run will do: examples, outputs per setting and the stories scored with another's output."""
+    from gill.eval.runner import output_owners
+
+    examples, d = job.dataset.examples, job.dataset
+    outputs = len({o.id for o in output_owners(examples).values()}) if job.per_target else len(examples)
+    shared = len(output_owners(examples, d.score_only)) - len(examples) if job.per_target else 0
+    return (f"{len(examples)} examples ({len(d.skipped)} skipped), {outputs} outputs per setting"
+            + (" (one per ground-truth image: the original protocol)" if job.per_target else "")
+            + (f"; {len(examples) + shared} stories scored per setting, {shared} of them not generated for (a context "
+               "image missing) but scored with the output of another story with the same last photo, as the "
+               "original" if shared else "")
+            + f", protocol {job.protocol.name}, dtypes {job.args.dtype or 'as stored'} (LM, vision, mapper) and "
+            f"{job.args.sd_dtype or 'as stored'} (Stable Diffusion), {job.shard.world} process(es)")
+
+
+def load_scorers(spec: str, device: str | None, protocol: Protocol, *, lpips: bool = False) -> tuple[Any, Any]:
+    """(the CLIP scorer ``spec`` with the protocol's image processor, the LPIPS scorer or None)."""
+    from gill.eval.scorer import ClipScorer, LpipsScorer
+
+    return ClipScorer(spec, device, processor=protocol.clip_processor), (LpipsScorer(device) if lpips else None)
+
+
+def generate(job: Job, gill) -> dict[str, dict]:
+    """Every setting's missing outputs (this process's share), merged by rank 0; counts per setting."""
+    from gill.diffusion import DiffusionOptions
+    from gill.eval.data import skip_counts
+    from gill.eval.runner import Setting, merge_setting, run_setting
+    from gill.eval.seeds import PerExampleSeeds, SeedStream, pipeline_latent_shape
+    from gill.eval.shard import barrier
+
+    args, shard, pipe = job.args, job.shard, gill.diffusion.pipe
+    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler)
     counts = {}
-    for name in names:
-        mode, build = table[name]
-        if protocol.seeds == "stream":  # a fresh stream per setting: the original ran one script per setting
+    for name in job.names:
+        if job.protocol.seeds == "stream":  # a fresh stream per setting: the original ran one script per setting
             param = next(pipe.unet.parameters())
             noise = SeedStream(args.seed, pipeline_latent_shape(pipe), device=param.device, dtype=param.dtype)
         else:
             noise = PerExampleSeeds(args.seed)
-        setting = Setting(name, mode, build)
-        counts[name] = run_setting(gill, dataset, setting, out, diffusion=options, batch_size=args.batch_size,
-                                   seed=args.seed, noise=noise, truncate=args.truncate, shard=shard,
-                                   one_output_per_target=per_target, prepare=prepare)
+        setting = Setting(name, *job.table[name])
+        counts[name] = c = run_setting(gill, job.dataset, setting, job.out, diffusion=options,
+                                       batch_size=args.batch_size, seed=args.seed, noise=noise, truncate=args.truncate,
+                                       shard=shard, one_output_per_target=job.per_target, prepare=job.prepare,
+                                       sd_like_original=job.protocol.sd_long_prompts == "original")
         barrier(shard)
         if shard.is_main:
-            merged = merge_setting(dataset, setting, out, one_output_per_target=per_target)
-            counts[name]["skipped"] = merged["skipped"]
-        c = counts[name]
-        if shard.is_main:
+            c["skipped"] = merge_setting(job.dataset, setting, job.out, one_output_per_target=job.per_target)["skipped"]
             print(f"{name}: {c['computed']} generated" + (f" here ({shard.world} processes)" if shard.world > 1 else "")
                   + f", {c['reused']} already done"
                   + (f", {len(c['skipped'])} skipped ({', '.join(f'{n} {k}' for k, n in skip_counts(c['skipped']).items())})"
                      if c["skipped"] else ""))
-    if not shard.is_main:
-        return 0
-    retrieval = None
-    if args.task == "vist":
-        from gill.eval.runner import vist_retrieval
+    return counts
 
-        retrieval = vist_retrieval(gill, dataset, out, [n for n in names if n.startswith("gill/")],
-                                   protocol=protocol, builds={n: table[n][1] for n in names}, prepare=prepare,
-                                   truncate=args.truncate)
-        atomic_write_text(out / "retrieval.json", json.dumps(retrieval, indent=1, ensure_ascii=False) + "\n")
-    if args.no_score:
-        print(f"generated; score with: python -m gill.eval score {out} --task {args.task}")
-        return 0
-    summary = score(out, scorer, lpips=lpips, retrieval=retrieval, prepare_target=prepare, protocol=protocol,
-                    extra={"model": str(args.model), "skipped": dataset.skipped, "runs": counts,
-                           "context_dir": state["context_dir"], "protocol": protocol.as_dict(), "run": run_info,
-                           "compare_with": state["compare_with"]})
+
+def score_run(job: Job, state: dict, scorer, lpips, retrieval: dict | None, counts: dict) -> dict:
+    from gill.eval.runner import score
+
+    return score(job.out, scorer, lpips=lpips, retrieval=retrieval, prepare_target=job.prepare, protocol=job.protocol,
+                 extra={"model": str(job.args.model), "skipped": job.dataset.skipped, "runs": counts,
+                        "context_dir": state["context_dir"], "protocol": job.protocol.as_dict(), "run": state["run"],
+                        "compare_with": state["compare_with"]})
+
+
+def print_summary(job: Job, summary: dict) -> None:
+    from gill.eval.data import skip_counts
+
     for name, s in summary["settings"].items():
         ci = "" if s["clip_similarity_ci95"] is None else f" +- {s['clip_similarity_ci95']:.4f}"
         sim = "-" if s["clip_similarity"] is None else f"{s['clip_similarity']:.4f}"
         print(f"{name:28s} n={s['n']:5d}  CLIP similarity {sim}{ci}"
               + (f"  ({len(s['skipped'])} not scored)" if s.get("skipped") else ""))
-    if dataset.skipped:
-        by_kind = ", ".join(f"{n} {kind}" for kind, n in skip_counts(dataset.skipped).items())
-        print(f"skipped {len(dataset.skipped)} example(s) ({by_kind}): see {out / 'summary.json'}")
-    print(write_report(out, args.task))
-    return 0
+    if job.dataset.skipped:
+        by_kind = ", ".join(f"{n} {kind}" for kind, n in skip_counts(job.dataset.skipped).items())
+        print(f"skipped {len(job.dataset.skipped)} example(s) ({by_kind}): see {job.out / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -53,9 +53,26 @@ class Dataset:
     examples: list[Example]
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"id", "kind", "reason"}
     gallery: dict[str, Path] = field(default_factory=dict)  # image id -> file (VIST retrieval)
+    # VIST, original protocol: stories not generated for (a context image is missing) but scored with the
+    # output of another story with the same last photo; and each story's place in the annotation file
+    score_only: list[Example] = field(default_factory=list)
+    file_order: dict[str, int] = field(default_factory=dict)
 
     def skip(self, example_id: str, kind: str, reason: str) -> None:
         self.skipped.append({"id": example_id, "kind": kind, "reason": reason})
+
+    def first(self, n: int) -> None:
+        """Keep the first ``n`` examples, and the ``score_only`` stories up to the last of them in the file."""
+        self.examples = self.examples[:n]
+        last = max((self.file_order.get(e.id, -1) for e in self.examples), default=-1)
+        self.score_only = [e for e in self.score_only if self.file_order.get(e.id, -1) < last]
+
+    def in_file_order(self) -> list[Example]:
+        """``examples`` and ``score_only`` together, in the annotation file's order."""
+        if not self.score_only:
+            return list(self.examples)
+        rank = {e.id: n for n, e in enumerate(self.examples)}
+        return sorted(self.examples + self.score_only, key=lambda e: self.file_order.get(e.id, rank.get(e.id, 0)))
 
 
 def skip_counts(skipped: Iterable[dict[str, Any]]) -> dict[str, int]:
@@ -160,7 +177,8 @@ def image_folder(annotations: Path, images: Path) -> Path:
 
 def load_vist(annotations: str | Path, images: str | Path, caption_field: str = "original_text",
               story_length: int = 5, *, allow_outside_root: bool = False, verify: bool = True,
-              story_order: str = "annotated", whole_gallery: bool = False) -> Dataset:
+              story_order: str = "annotated", whole_gallery: bool = False,
+              score_missing_context: bool = False) -> Dataset:
     """SIS JSON (``{"annotations": [[{story_id, photo_flickr_id, worker_arranged_photo_order, original_text,
     text}], ...]}``) -> stories of ``story_length`` (caption, image) steps.
 
@@ -173,7 +191,10 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
     A story is skipped when it has fewer steps or any of its image files is missing (as the original), when
     one of its images cannot be read (``verify``), when an image id points outside ``images`` (unless
     ``allow_outside_root``), when an entry is malformed, and when two stories share its id (a step order
-    that occurs twice: both copies are skipped, since their steps cannot be told apart)."""
+    that occurs twice: both copies are skipped, since their steps cannot be told apart).
+    ``score_missing_context`` (the original protocol): a story whose ground-truth image is there but one of
+    its context images is missing is skipped for generation but kept in ``score_only``, to be scored with
+    the output of another story with the same last photo, as the original's scoring script does."""
     if story_order not in ("annotated", "file"):
         raise ValueError(f"story_order is {story_order!r}; expected 'annotated' or 'file'")
     annotations = Path(annotations)
@@ -182,60 +203,9 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{annotations}: not a VIST SIS file (no 'annotations' list)")
     out = Dataset([])
-    stories: dict[str, list[dict]] = {}
-    broken: dict[str, str] = {}  # story id -> why one of its entries is unusable
-    for n, entry in enumerate(data["annotations"]):
-        item = entry[0] if isinstance(entry, list) and len(entry) == 1 else entry
-        if not isinstance(item, dict) or item.get("story_id") is None:
-            out.skip(f"annotations[{n}]", BAD_ENTRY, f"annotation {n} in {annotations} is not a story step "
-                                                     "(no story_id)")
-            continue
-        story_id = str(item["story_id"])
-        stories.setdefault(story_id, []).append(item)
-        pid = item.get("photo_flickr_id")
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "" or "\x00" in str(pid):
-            broken.setdefault(story_id, f"annotation {n} in {annotations} has photo_flickr_id {pid!r}")
-        order = item.get("worker_arranged_photo_order", 0)
-        try:
-            item["_order"] = int(order)
-        except (TypeError, ValueError):
-            broken.setdefault(story_id, f"annotation {n} in {annotations} has worker_arranged_photo_order {order!r}")
-            item["_order"] = 0
-    position = 0
-    for story_id, items in stories.items():
-        if story_id in broken:
-            out.skip(story_id, BAD_ENTRY, broken[story_id])
-            continue
-        orders = [a["_order"] for a in items if "worker_arranged_photo_order" in a]
-        repeated = sorted({o for o in orders if orders.count(o) > 1})
-        if repeated:
-            copies = max(orders.count(o) for o in repeated)
-            out.skip(story_id, DUPLICATE, f"duplicate story id {story_id!r} in {annotations}: step order "
-                     f"{repeated[0]} occurs {copies} times ({len(items)} steps); all copies skipped")
-            continue
-        if story_order == "annotated":
-            items.sort(key=lambda a: a["_order"])
-        ids = [str(a["photo_flickr_id"]) for a in items[:story_length]]
-        try:
-            paths = [find_image(images, i, allow_outside_root) for i in ids]
-        except OutsideRootError as e:
-            out.skip(story_id, OUTSIDE, f"{e} (in {annotations}; pass --allow-outside-root to read it)")
-            continue
-        except OSError as e:
-            out.skip(story_id, BAD_ENTRY, f"cannot look up its images in {images} ({e})")
-            continue
-        drew = all(p is not None for p in paths[:-1])  # the original generated for it (a draw of its seed stream)
-        position += drew
-        if len(items) < story_length:
-            out.skip(story_id, TOO_SHORT, f"story has {len(items)} steps, needs {story_length}")
-            continue
-        items = items[:story_length]
-        missing = [i for i, p in zip(ids, paths) if p is None]
-        if missing:
-            out.skip(story_id, MISSING, f"missing image file(s) {missing} in {images}")
-            continue
-        captions = [_caption(a, caption_field) for a in items]
-        out.examples.append(Example(story_id, captions, paths[:-1], paths[-1], ids[-1], ids[:-1], position - 1))
+    stories = _vist_steps(out, data["annotations"], annotations)
+    _vist_examples(out, stories, annotations, images, caption_field, story_length, allow_outside_root,
+                   story_order, score_missing_context)
 
     def images_of(e: Example) -> list[tuple[str, Path]]:
         return list(zip(e.context_ids + [e.target_id], e.context_images + [e.target]))
@@ -248,6 +218,76 @@ def load_vist(annotations: str | Path, images: str | Path, caption_field: str = 
     if whole_gallery:
         _add_whole_gallery(out, stories, images, allow_outside_root, verify)
     return out
+
+
+def _vist_steps(out: Dataset, annotations: list, source: Path) -> dict[str, list[dict]]:
+    """Story id -> its steps in file order (``_order``: the step's ``worker_arranged_photo_order``); a story
+    with a malformed entry gets ``_broken`` on its first step, saying why."""
+    stories: dict[str, list[dict]] = {}
+    for n, entry in enumerate(annotations):
+        item = entry[0] if isinstance(entry, list) and len(entry) == 1 else entry
+        if not isinstance(item, dict) or item.get("story_id") is None:
+            out.skip(f"annotations[{n}]", BAD_ENTRY, f"annotation {n} in {source} is not a story step (no story_id)")
+            continue
+        steps = stories.setdefault(str(item["story_id"]), [])
+        steps.append(item)
+        pid = item.get("photo_flickr_id")
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "" or "\x00" in str(pid):
+            steps[0].setdefault("_broken", f"annotation {n} in {source} has photo_flickr_id {pid!r}")
+        order = item.get("worker_arranged_photo_order", 0)
+        try:
+            item["_order"] = int(order)
+        except (TypeError, ValueError):
+            steps[0].setdefault("_broken", f"annotation {n} in {source} has worker_arranged_photo_order {order!r}")
+            item["_order"] = 0
+    return stories
+
+
+def _vist_examples(out: Dataset, stories: dict[str, list[dict]], source: Path, images: Path, caption_field: str,
+                   story_length: int, allow_outside_root: bool, story_order: str, score_missing_context: bool) -> None:
+    """The stories -> ``out.examples`` (and ``out.score_only``), or ``out.skipped`` with the reason."""
+    position = 0
+    for number, (story_id, items) in enumerate(stories.items()):
+        if "_broken" in items[0]:
+            out.skip(story_id, BAD_ENTRY, items[0]["_broken"])
+            continue
+        orders = [a["_order"] for a in items if "worker_arranged_photo_order" in a]
+        repeated = sorted({o for o in orders if orders.count(o) > 1})
+        if repeated:
+            copies = max(orders.count(o) for o in repeated)
+            out.skip(story_id, DUPLICATE, f"duplicate story id {story_id!r} in {source}: step order "
+                     f"{repeated[0]} occurs {copies} times ({len(items)} steps); all copies skipped")
+            continue
+        if story_order == "annotated":
+            items.sort(key=lambda a: a["_order"])
+        ids = [str(a["photo_flickr_id"]) for a in items[:story_length]]
+        try:
+            paths = [find_image(images, i, allow_outside_root) for i in ids]
+        except OutsideRootError as e:
+            out.skip(story_id, OUTSIDE, f"{e} (in {source}; pass --allow-outside-root to read it)")
+            continue
+        except OSError as e:
+            out.skip(story_id, BAD_ENTRY, f"cannot look up its images in {images} ({e})")
+            continue
+        drew = all(p is not None for p in paths[:-1])  # the original generated for it (a draw of its seed stream)
+        position += drew
+        if len(items) < story_length:
+            out.skip(story_id, TOO_SHORT, f"story has {len(items)} steps, needs {story_length}")
+            continue
+        captions = [_caption(a, caption_field) for a in items[:story_length]]
+        missing = [i for i, p in zip(ids, paths) if p is None]
+        example = Example(story_id, captions, [p or images / i for i, p in zip(ids[:-1], paths[:-1])],
+                          paths[-1] or images / ids[-1], ids[-1], ids[:-1], position - 1 if drew else -1)
+        out.file_order[story_id] = number
+        if not missing:
+            out.examples.append(example)
+            continue
+        scored = score_missing_context and paths[-1] is not None
+        out.skip(story_id, MISSING, f"missing image file(s) {missing} in {images}" + (
+            "; not generated for, but scored with the output of another story with the same last photo, if one "
+            "has it (the original protocol)" if scored else ""))
+        if scored:
+            out.score_only.append(example)
 
 
 def _caption(step: dict, field_name: str) -> str:

@@ -33,6 +33,25 @@ def recall_at_k(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] =
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
+FROMAGE_PUSH_DOWN = 10000.0  # FROMAGe's eval_vist_retrieval.py: a story's earlier images get ``scores -= 10000``
+
+
+def topk_recall(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5, 10),
+                pushed_down: torch.Tensor | None = None) -> dict[int, float]:
+    """FROMAGe's Recall@k: ``pushed_down`` (Q, G) counts, per query, how many times 10000 is taken off each
+    gallery item's score (its story's context images, the target too where the story repeats it); then
+    ``torch.topk`` of each query's row alone (as the original ranked one story at a time) gives the first
+    max(ks), ties in topk's order, and a query hits at k when its target is among the first k. Scores are
+    ranked in float64 (the original's were bf16 on the GPU, where ties are more frequent)."""
+    scores = scores.double()
+    if pushed_down is not None:
+        scores = scores - FROMAGE_PUSH_DOWN * pushed_down.double()
+    n = min(max(ks), scores.shape[1])
+    top = torch.stack([row.topk(n).indices for row in scores]) if len(scores) else torch.zeros(0, n, dtype=torch.long)
+    hits = top == targets[:, None]
+    return {k: hits[:, :k].any(-1).float().mean().item() for k in ks}
+
+
 def mean_and_ci(values: Sequence[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% normal-approximation confidence interval."""
     t = torch.tensor(list(values), dtype=torch.float64)

@@ -119,24 +119,28 @@ def _gill_input(gill, example_id: str, inputs: Any, prepare: Callable[[Any], Any
     return loaded, over, None
 
 
-def output_owners(examples: Sequence[Example]) -> dict[str, Example]:
+def output_owners(examples: Sequence[Example], score_only: Sequence[Example] = ()) -> dict[str, Example]:
     """Example id -> the example whose output it is scored with when outputs are kept per ground-truth
-    image (the original protocol): the last example in order with the same target."""
+    image (the original protocol): the last example in order with the same target. ``score_only`` stories
+    (not generated for) get that owner too where there is one."""
     last = {e.target_id or str(e.target): e for e in examples}
-    return {e.id: last[e.target_id or str(e.target)] for e in examples}
+    owners = {e.id: last[e.target_id or str(e.target)] for e in examples}
+    owners.update({e.id: last[e.target_id or str(e.target)] for e in score_only if (e.target_id or str(e.target)) in last})
+    return owners
 
 
 def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusion, batch_size: int = 8,
                 seed: int = 42, truncate_left: bool = True, noise=None, truncate: bool = False,
                 shard: Shard = Shard(), one_output_per_target: bool = False,
-                prepare: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+                prepare: Callable[[Any], Any] | None = None, sd_like_original: bool = False) -> dict[str, Any]:
     """Generate the missing outputs of one setting; this process's share of them under torchrun.
 
     ``noise``: ``gill.eval.seeds.PerExampleSeeds(seed)`` (the default) or a ``SeedStream``. ``truncate``: a
     GILL prompt longer than the model's context loses its oldest positions (recorded as ``truncated``)
     instead of being skipped. ``one_output_per_target``: examples sharing a ground-truth image share the
     output of the last of them (the original keyed its files by that image). ``prepare``: applied to each
-    opened input image (the original protocol squashes them to 224x224).
+    opened input image (the original protocol squashes them to 224x224). ``truncate_left`` and
+    ``sd_like_original``: how the plain-SD settings cut long prompts (``generate_from_text``).
 
     Batches are cut from the whole dataset, then dealt out to the processes (``shard``), so an example's
     output does not depend on the number of processes. Returns counts: computed, reused, and ``skipped``:
@@ -149,16 +153,7 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
     folder = out / setting.name
     (folder / "images").mkdir(parents=True, exist_ok=True)
     own = folder / ("records.jsonl" if shard.world == 1 else f"records.rank-{shard.rank:05d}.jsonl")
-    records, dropped, rewrite = _scan_records(own)
-    for d in dropped:
-        LOG.warning("%s: %s; dropped (its example will be recomputed)", own, d)
-    if rewrite:
-        _write_records(own, records.values())
-    finished = dict(records)
-    for other in [folder / "records.jsonl", *_rank_files(folder, "records")]:
-        if other != own:
-            finished.update(_scan_records(other)[0])
-    done = {i for i, r in finished.items() if _output_path(folder, r["image"]) is not None}
+    done = _finished(folder, own)
     owners = output_owners(dataset.examples) if one_output_per_target else {}
     computed_here = [e for e in dataset.examples if owners.get(e.id, e) is e]
     position = {e.id: e.position if e.position >= 0 else n for n, e in enumerate(dataset.examples)}
@@ -169,17 +164,7 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
         if not shard.takes(number):
             continue
         reused += sum(e.id in done for e in batch)
-        ready = []  # (example, its inputs as described, its inputs as given to the model, extra record fields)
-        for e in (e for e in batch if e.id not in done):
-            inputs = setting.build(e)
-            if setting.mode != "gill":
-                ready.append((e, inputs, inputs, {}))
-                continue
-            loaded, over, skip = _gill_input(gill, e.id, inputs, prepare, truncate)
-            if skip is not None:
-                skipped.append(skip)
-                continue
-            ready.append((e, inputs, loaded, {"truncated": over} if over else {}))
+        ready = _ready(gill, setting, [e for e in batch if e.id not in done], prepare, truncate, skipped)
         if not ready:
             continue
         examples = [e for e, _, _, _ in ready]
@@ -193,39 +178,80 @@ def run_setting(gill, dataset: Dataset, setting: Setting, out: Path, *, diffusio
                 x["retrieval_embedding"] = [round(v, 6) for v in r.tolist()]
         else:
             with gill.diffusion.scheduled(diffusion.scheduler) as pipe:  # the scheduler GILL's settings draw with
-                images = generate_from_text(pipe, inputs, diffusion, plan.seeds, truncate_left, latents=plan.latents)
-        with open(own, "a", encoding="utf-8") as f:
-            for (e, described, _, _), label, image, x in zip(ready, plan.labels, images, extra):
-                rel = f"images/{output_name(e.id)}.png"
-                with atomic_path(folder / rel) as tmp:
-                    image.save(tmp, format="PNG")
-                f.write(json.dumps({"id": e.id, "image": rel, **label, "target": str(e.target),
-                                    "target_id": e.target_id, "prompt": describe(described), **x},
-                                   ensure_ascii=False) + "\n")
-                f.flush()
-                computed += 1
+                images = generate_from_text(pipe, inputs, diffusion, plan.seeds, truncate_left, latents=plan.latents,
+                                            like_original=sd_like_original)
+        computed += _write_outputs(folder, own, ready, plan.labels, images, extra)
     skip_file = folder / ("skipped.json" if shard.world == 1 else f"skipped.rank-{shard.rank:05d}.json")
     atomic_write_text(skip_file, json.dumps(skipped, indent=1, ensure_ascii=False) + "\n")
     return {"computed": computed, "reused": reused, "skipped": skipped}
 
 
+def _finished(folder: Path, own: Path) -> set[str]:
+    """The ids whose record (in this process's file, another process's or an earlier run's) and image are
+    there; this process's file rewritten first when a line of it had to be dropped."""
+    records, dropped, rewrite = _scan_records(own)
+    for d in dropped:
+        LOG.warning("%s: %s; dropped (its example will be recomputed)", own, d)
+    if rewrite:
+        _write_records(own, records.values())
+    finished = dict(records)
+    for other in [folder / "records.jsonl", *_rank_files(folder, "records")]:
+        if other != own:
+            finished.update(_scan_records(other)[0])
+    return {i for i, r in finished.items() if _output_path(folder, r["image"]) is not None}
+
+
+def _ready(gill, setting: Setting, examples: list[Example], prepare, truncate: bool,
+           skipped: list[dict[str, str]]) -> list[tuple[Example, Any, Any, dict]]:
+    """(example, its inputs as described, its inputs as given to the model, extra record fields) for each
+    example that can run now; the others appended to ``skipped``."""
+    ready = []
+    for e in examples:
+        inputs = setting.build(e)
+        if setting.mode != "gill":
+            ready.append((e, inputs, inputs, {}))
+            continue
+        loaded, over, skip = _gill_input(gill, e.id, inputs, prepare, truncate)
+        if skip is not None:
+            skipped.append(skip)
+            continue
+        ready.append((e, inputs, loaded, {"truncated": over} if over else {}))
+    return ready
+
+
+def _write_outputs(folder: Path, own: Path, ready: list, labels: list[dict], images: list, extra: list[dict]) -> int:
+    """Each image under a unique temporary name renamed into place, then its record line; returns how many."""
+    with open(own, "a", encoding="utf-8") as f:
+        for (e, described, _, _), label, image, x in zip(ready, labels, images, extra):
+            rel = f"images/{output_name(e.id)}.png"
+            with atomic_path(folder / rel) as tmp:
+                image.save(tmp, format="PNG")
+            f.write(json.dumps({"id": e.id, "image": rel, **label, "target": str(e.target),
+                                "target_id": e.target_id, "prompt": describe(described), **x},
+                               ensure_ascii=False) + "\n")
+            f.flush()
+    return len(ready)
+
+
 def merge_setting(dataset: Dataset, setting: Setting, out: Path, *, one_output_per_target: bool = False) -> dict:
     """Rank 0, once every process has finished ``run_setting``: every process's records (and those of
     earlier runs) into one ``records.jsonl`` in dataset order, examples that share another's output
-    (``one_output_per_target``) recorded with it, and the skipped examples into ``skipped.json``. The
-    per-process files are then removed. Returns ``{"records": n, "skipped": [...]}``."""
+    (``one_output_per_target``, with the dataset's ``score_only`` stories) recorded with it, and the skipped
+    examples into ``skipped.json``. The per-process files are then removed. Returns ``{"records": n,
+    "skipped": [...]}``."""
     folder = out / setting.name
     merged: dict[str, dict] = {}
     rank_records = _rank_files(folder, "records")
     for path in [folder / "records.jsonl", *rank_records]:
         merged.update(read_records(path))
-    owners = output_owners(dataset.examples) if one_output_per_target else {}
-    for e in dataset.examples:
+    everyone = dataset.in_file_order() if one_output_per_target else dataset.examples
+    owners = output_owners(dataset.examples, dataset.score_only) if one_output_per_target else {}
+    for e in everyone:
         owner = owners.get(e.id, e)
         if owner is not e and owner.id in merged:
             shared = {k: v for k, v in merged[owner.id].items() if k not in ("id", "prompt", "truncated")}
             merged[e.id] = {"id": e.id, **shared, "prompt": describe(setting.build(e)), "output_of": owner.id}
-    order = {e.id: n for n, e in enumerate(dataset.examples)}
+    order = {e.id: n for n, e in enumerate(everyone)}
     ranked = sorted(merged.values(), key=lambda r: (order.get(r["id"], len(order)), r["id"]))
     _write_records(folder / "records.jsonl", ranked)
     skipped: list[dict] = []
@@ -234,7 +260,7 @@ def merge_setting(dataset: Dataset, setting: Setting, out: Path, *, one_output_p
         if path.is_file():
             skipped += json.loads(path.read_text(encoding="utf-8"))
     skipped += [{"id": e.id, "kind": s["kind"], "reason": f"shares the output of {owners[e.id].id}, which was "
-                 f"skipped: {s['reason']}"} for e in dataset.examples for s in skipped
+                 f"skipped: {s['reason']}"} for e in everyone for s in skipped
                 if owners.get(e.id, e) is not e and s["id"] == owners[e.id].id]
     skipped.sort(key=lambda s: (order.get(s["id"], len(order)), s["id"]))
     atomic_write_text(folder / "skipped.json", json.dumps(skipped, indent=1, ensure_ascii=False) + "\n")
@@ -271,14 +297,29 @@ def describe(prompt: Any) -> Any:
     return [p if isinstance(p, str) else f"<image {Path(str(p)).name}>" for p in prompt]
 
 
+def original_left_cut(tokenizer, prompt: str) -> str:
+    """The text the original's Stable Diffusion pipeline encodes for ``prompt`` (``gill/custom_sd.py`` with
+    ``truncate_side='left'``): unchanged when its tokens, start and end tokens included, fit the tokenizer's
+    length L; else the L tokens before its last token, decoded back to text. The pipeline then tokenises
+    that text again and cuts it at L from the right, so the prompt's last two tokens are lost too."""
+    ids = tokenizer(prompt).input_ids
+    length = tokenizer.model_max_length
+    if len(ids) <= length:
+        return prompt
+    return tokenizer.batch_decode([ids[-1 - length:-1]], clean_up_tokenization_spaces=True)[0]
+
+
 @torch.no_grad()
 def generate_from_text(pipe, prompts: Sequence[str], options, seeds: Sequence[int] | None, truncate_left: bool,
-                       latents: torch.Tensor | None = None) -> list[Any]:
-    """Plain Stable Diffusion on text prompts (the baseline). Long prompts keep their end
-    (left truncation), where the story's last caption is."""
+                       latents: torch.Tensor | None = None, *, like_original: bool = False) -> list[Any]:
+    """Plain Stable Diffusion on text prompts (the baseline). A prompt over the text encoder's length keeps
+    its end (``truncate_left``: the tokenizer's left truncation), where the story's last caption is, or its
+    start (a plain diffusers call); ``like_original``: the original's left cut (``original_left_cut``)."""
     tokenizer = pipe.tokenizer
     side = getattr(tokenizer, "truncation_side", "right")
-    tokenizer.truncation_side = "left" if truncate_left else side
+    tokenizer.truncation_side = "right" if like_original else "left" if truncate_left else side
+    if like_original:
+        prompts = [original_left_cut(tokenizer, p) for p in prompts]
     try:
         device = getattr(pipe, "device", torch.device("cpu"))
         kwargs = dict(prompt=list(prompts), num_inference_steps=options.steps, guidance_scale=options.guidance_scale,
@@ -314,84 +355,15 @@ def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra
     an output unrelated to its prompt reaches. The runner's skipped examples (``skipped.json``) are listed
     with the scorer's. The dataset's own skipped examples (``extra["skipped"]``) are counted by kind in
     ``skipped_counts``."""
-    from gill.eval.metrics import mean_and_ci, paired_cosine
-    from gill.images import ImageError, open_image
-
-    def load(path: Path | None, what: str, prepare=None) -> tuple[Any, str | None]:  # (image, None) or (None, why)
-        try:
-            if path is None:
-                raise FileNotFoundError("no such file in the setting's folder")
-            return open_image(path, name=str(path), prepare=prepare), None
-        except (ImageError, OSError) as e:
-            return None, f"{what} cannot be read: {e}"
-
     per_file = protocol is not None and protocol.lpips == "per-file"
     summary: dict[str, Any] = {"scorer": getattr(scorer, "spec", type(scorer).__name__), "settings": {}}
     target_cache: dict[str, torch.Tensor | str] = {}  # target path -> its features, or why it cannot be read
     for records_path in sorted(out.glob("*/*/records.jsonl")):
         folder = records_path.parent
-        name = folder.relative_to(out).as_posix()
         records = list(read_records(records_path).values())
-        if not records:
-            continue
-        sims: list[float] = []
-        distances: dict[str, float] = {}  # per example id, or per output file
-        skipped: list[dict[str, str]] = []
-        skip_file = folder / "skipped.json"
-        if skip_file.is_file():
-            skipped += json.loads(skip_file.read_text(encoding="utf-8"))
-        scored_outputs: list[torch.Tensor] = []
-        scored_targets: list[str] = []
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            new_targets = list(dict.fromkeys(r["target"] for r in chunk if r["target"] not in target_cache))
-            opened = []
-            for t in new_targets:
-                im, why = load(Path(t), "the ground-truth image", prepare_target)
-                if im is None:
-                    target_cache[t] = why
-                else:
-                    opened.append((t, im))
-            if opened:
-                target_cache.update(zip([t for t, _ in opened], scorer.embed([im for _, im in opened])))
-            pairs, outputs = [], {}
-            for r in chunk:
-                if isinstance(target_cache[r["target"]], str):
-                    skipped.append({"id": r["id"], "kind": UNREADABLE, "reason": target_cache[r["target"]]})
-                    continue
-                if r["image"] not in outputs:
-                    outputs[r["image"]] = load(_output_path(folder, r["image"]), f"the output image {r['image']}")
-                output, why = outputs[r["image"]]
-                if output is None:
-                    skipped.append({"id": r["id"], "kind": UNREADABLE_OUTPUT, "reason": why})
-                else:
-                    pairs.append((r, output))
-            if not pairs:
-                continue
-            images = list(dict.fromkeys(r["image"] for r, _ in pairs))
-            feats = dict(zip(images, scorer.embed([outputs[i][0] for i in images])))
-            out_feats = torch.stack([feats[r["image"]] for r, _ in pairs])
-            sims += paired_cosine(out_feats, torch.stack([target_cache[r["target"]] for r, _ in pairs])).tolist()
-            scored_outputs += list(out_feats)
-            scored_targets += [r["target"] for r, _ in pairs]
-            if lpips is not None:
-                for r, o in pairs:
-                    key = r["image"] if per_file else r["id"]
-                    if key in distances:
-                        continue
-                    target, _ = load(Path(r["target"]), "the ground-truth image", prepare_target)
-                    if target is not None:
-                        distances[key] = lpips.distance(o, target)
-        mean, ci = (_number(x) for x in mean_and_ci(sims))
-        entry = {"n": len(sims), "clip_similarity": mean, "clip_similarity_ci95": ci, "skipped": skipped}
-        if len(scored_outputs) > 1:
-            shifted = [target_cache[t] for t in scored_targets[1:] + scored_targets[:1]]
-            entry["chance"] = float(paired_cosine(torch.stack(scored_outputs), torch.stack(shifted)).mean())
-        if lpips is not None:
-            entry["lpips"], entry["lpips_ci95"] = (_number(x) for x in mean_and_ci(list(distances.values())))
-            entry["lpips_n"] = len(distances)
-            entry["lpips_per"] = "output file" if per_file else "example"
-        summary["settings"][name] = entry
+        if records:
+            summary["settings"][folder.relative_to(out).as_posix()] = _score_setting(
+                folder, records, scorer, lpips, per_file, target_cache, batch_size, prepare_target)
     if retrieval:
         summary["retrieval"] = retrieval
     summary.update(extra or {})
@@ -401,114 +373,72 @@ def score(out: Path, scorer, *, lpips=None, retrieval: dict | None = None, extra
     return summary
 
 
-def _gallery_features(gill, dataset: Dataset, prepare, batch_size: int) -> tuple[list[str], torch.Tensor | None, list[dict]]:
-    """(image ids, their L2-normalised image-side retrieval embeddings, the gallery images that could not
-    be read). Each image is opened with ``gill.images.open_image`` (and ``prepare``)."""
+def _open(path: Path | None, what: str, prepare=None) -> tuple[Any, str | None]:
+    """(the image, None), or (None, why it cannot be read)."""
     from gill.images import ImageError, open_image
 
-    ids, feats, gallery_skipped = [], [], []
-    candidates = sorted(dataset.gallery)
-    param = next(gill.model.vision.parameters())
-    for start in range(0, len(candidates), batch_size):
-        images = []
-        for i in candidates[start:start + batch_size]:
-            try:
-                images.append(open_image(dataset.gallery[i], name=str(dataset.gallery[i]), prepare=prepare))
-                ids.append(i)
-            except (ImageError, OSError) as e:
-                gallery_skipped.append({"id": i, "kind": UNREADABLE, "reason": f"a gallery image cannot be read: {e}"})
-        if images:
-            pixels = gill.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            feats.append(gill.model.encode_images(pixels.to(param.device, param.dtype)).retrieval.float().cpu())
-    gallery = torch.nn.functional.normalize(torch.cat(feats), dim=-1) if feats else None
-    return ids, gallery, gallery_skipped
+    try:
+        if path is None:
+            raise FileNotFoundError("no such file in the setting's folder")
+        return open_image(path, name=str(path), prepare=prepare), None
+    except (ImageError, OSError) as e:
+        return None, f"{what} cannot be read: {e}"
 
 
-def _context_mask(records_or_examples: list[tuple[str, str]], context: dict[str, list[str]], index: dict[str, int],
-                  shape: tuple[int, int]) -> torch.Tensor:
-    mask = torch.zeros(shape, dtype=torch.bool)
-    for row, (example_id, target_id) in enumerate(records_or_examples):
-        for image_id in context.get(example_id, []):
-            if image_id != target_id and image_id in index:
-                mask[row, index[image_id]] = True
-    return mask
+def _score_setting(folder: Path, records: list[dict], scorer, lpips, per_file: bool, target_cache: dict,
+                   batch_size: int, prepare_target) -> dict[str, Any]:
+    """One setting's entry of the summary (``score``)."""
+    from gill.eval.metrics import mean_and_ci, paired_cosine
 
-
-@torch.no_grad()
-def _fromage_queries(gill, examples: list[Example], build, prepare, batch_size: int, truncate: bool
-                     ) -> tuple[list[Example], torch.Tensor | None, list[dict]]:
-    """FROMAGe's retrieval query: the setting's input with BOS before every caption, then the [IMG] tokens,
-    in one forward; the text-side retrieval embedding, L2-normalised."""
-    kept, feats, skipped = [], [], []
-    for start in range(0, len(examples), batch_size):
-        batch, inputs = [], []
-        for e in examples[start:start + batch_size]:
-            loaded, _, skip = _gill_input(gill, e.id, build(e), prepare, truncate, bos_every_text=True)
-            if skip is not None:
-                skipped.append(skip)
+    sims: list[float] = []
+    distances: dict[str, float] = {}  # per example id, or per output file
+    skip_file = folder / "skipped.json"
+    skipped: list[dict[str, str]] = json.loads(skip_file.read_text(encoding="utf-8")) if skip_file.is_file() else []
+    scored_outputs: list[torch.Tensor] = []
+    scored_targets: list[str] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        opened = []
+        for t in dict.fromkeys(r["target"] for r in chunk if r["target"] not in target_cache):
+            im, why = _open(Path(t), "the ground-truth image", prepare_target)
+            if im is None:
+                target_cache[t] = why
+            else:
+                opened.append((t, im))
+        if opened:
+            target_cache.update(zip([t for t, _ in opened], scorer.embed([im for _, im in opened])))
+        pairs, outputs = [], {}
+        for r in chunk:
+            if isinstance(target_cache[r["target"]], str):
+                skipped.append({"id": r["id"], "kind": UNREADABLE, "reason": target_cache[r["target"]]})
                 continue
-            batch.append(e)
-            inputs.append(loaded)
-        if inputs:
-            slots = gill.image_slot_embeddings(inputs, truncate=truncate, bos_every_text=True)
-            feats.append(torch.nn.functional.normalize(slots.retrieval.float().cpu(), dim=-1))
-            kept += batch
-    return kept, (torch.cat(feats) if feats else None), skipped
-
-
-@torch.no_grad()
-def vist_retrieval(gill, dataset: Dataset, out: Path, settings: Sequence[str], batch_size: int = 32, *,
-                   protocol=None, builds: dict[str, Callable] | None = None, prepare=None,
-                   truncate: bool = False) -> dict:
-    """Recall@1/5/10 of each story's last image among the gallery's images, for each GILL setting.
-
-    ``protocol.retrieval == "fromage"`` (the original protocol; FROMAGe's ``evals/eval_vist_retrieval.py``,
-    which GILL's table follows): the gallery is every readable image the annotations name, the query is
-    the setting's input with BOS before every caption followed by the [IMG] tokens, and the story's
-    context images are masked (``context_masked`` only). Otherwise the text-side embedding saved with each
-    record is the query, the gallery is the evaluated stories' images, and both gallery protocols are
-    reported: ``context_masked`` and ``full_gallery``.
-
-    A gallery image that cannot be read is left out and listed in ``gallery_skipped``; a query whose
-    target is not in the gallery is not scored (listed in its setting's ``skipped``)."""
-    from gill.eval.metrics import recall_at_k
-
-    fromage = protocol is not None and protocol.retrieval == "fromage"
-    ids, gallery, gallery_skipped = _gallery_features(gill, dataset, prepare, batch_size)
-    results: dict[str, Any] = {"gallery_size": len(ids), "protocol": "fromage" if fromage else "both-galleries"}
-    if gallery_skipped:
-        results["gallery_skipped"] = gallery_skipped
-    if gallery is None:
-        return results
-    index = {i: n for n, i in enumerate(ids)}
-    context = {e.id: e.context_ids or [Path(p).stem for p in e.context_images] for e in dataset.examples}
-    for name in settings:
-        if fromage:
-            if builds is None or name not in builds:
-                continue
-            examples = [e for e in dataset.examples if e.target_id in index]
-            skipped = [{"id": e.id, "kind": UNREADABLE, "reason": f"its target {e.target_id} is not in the gallery"}
-                       for e in dataset.examples if e.target_id not in index]
-            examples, q, more = _fromage_queries(gill, examples, builds[name], prepare, batch_size, truncate)
-            skipped += more
-            pairs = [(e.id, e.target_id) for e in examples]
-        else:
-            records = [r for r in read_records(out / name / "records.jsonl").values() if "retrieval_embedding" in r]
-            skipped = [{"id": r["id"], "kind": UNREADABLE, "reason": f"its target {r['target_id']} is not in the gallery"}
-                       for r in records if r["target_id"] not in index]
-            records = [r for r in records if r["target_id"] in index]
-            pairs = [(r["id"], r["target_id"]) for r in records]
-            q = torch.nn.functional.normalize(torch.tensor([r["retrieval_embedding"] for r in records]), dim=-1) if records else None
-        if q is None or not pairs:
+            if r["image"] not in outputs:
+                outputs[r["image"]] = _open(_output_path(folder, r["image"]), f"the output image {r['image']}")
+            output, why = outputs[r["image"]]
+            if output is None:
+                skipped.append({"id": r["id"], "kind": UNREADABLE_OUTPUT, "reason": why})
+            else:
+                pairs.append((r, output))
+        if not pairs:
             continue
-        scores = q @ gallery.T
-        targets = torch.tensor([index[t] for _, t in pairs])
-        mask = _context_mask(pairs, context, index, tuple(scores.shape))
-        results[name] = {"context_masked": {f"R@{k}": v for k, v in recall_at_k(scores, targets, exclude=mask).items()},
-                         "n": len(pairs)}
-        if not fromage:
-            results[name]["full_gallery"] = {f"R@{k}": v for k, v in recall_at_k(scores, targets).items()}
-        results[name]["chance"] = {f"R@{k}": min(1.0, k / max(1, len(ids) - 4)) for k in (1, 5, 10)}
-        if skipped:
-            results[name]["skipped"] = skipped
-    return results
+        images = list(dict.fromkeys(r["image"] for r, _ in pairs))
+        feats = dict(zip(images, scorer.embed([outputs[i][0] for i in images])))
+        out_feats = torch.stack([feats[r["image"]] for r, _ in pairs])
+        sims += paired_cosine(out_feats, torch.stack([target_cache[r["target"]] for r, _ in pairs])).tolist()
+        scored_outputs += list(out_feats)
+        scored_targets += [r["target"] for r, _ in pairs]
+        for r, o in pairs if lpips is not None else ():
+            key = r["image"] if per_file else r["id"]
+            target = None if key in distances else _open(Path(r["target"]), "the ground-truth image", prepare_target)[0]
+            if target is not None:
+                distances[key] = lpips.distance(o, target)
+    mean, ci = (_number(x) for x in mean_and_ci(sims))
+    entry = {"n": len(sims), "clip_similarity": mean, "clip_similarity_ci95": ci, "skipped": skipped}
+    if len(scored_outputs) > 1:
+        shifted = [target_cache[t] for t in scored_targets[1:] + scored_targets[:1]]
+        entry["chance"] = float(paired_cosine(torch.stack(scored_outputs), torch.stack(shifted)).mean())
+    if lpips is not None:
+        entry["lpips"], entry["lpips_ci95"] = (_number(x) for x in mean_and_ci(list(distances.values())))
+        entry["lpips_n"] = len(distances)
+        entry["lpips_per"] = "output file" if per_file else "example"
+    return entry

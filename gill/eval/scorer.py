@@ -16,21 +16,32 @@ from gill.settings import LIBRARY_DEFAULTS
 DEFAULT_SCORER = LIBRARY_DEFAULTS.scorer
 
 
+PROCESSORS = ("auto", "pil")
+
+
 class ClipScorer:
     """``hf:NAME_OR_PATH`` (transformers CLIPModel.get_image_features, as the original's scripts) or
-    ``open_clip:MODEL/PRETRAINED`` (e.g. ``open_clip:ViT-L-14/openai``; needs the ``eval`` extra)."""
+    ``open_clip:MODEL/PRETRAINED`` (e.g. ``open_clip:ViT-L-14/openai``; needs the ``eval`` extra).
 
-    def __init__(self, spec: str = DEFAULT_SCORER, device: str | None = None):
+    ``processor`` (``hf:`` only): ``"pil"``, transformers' PIL-backed ``CLIPImageProcessorPil`` (Pillow's
+    bicubic resize, the path the original's transformers 4.30 ran; the original protocol), or ``"auto"``,
+    ``CLIPImageProcessor`` (torchvision-backed under transformers 5 where torchvision is installed, PIL
+    otherwise)."""
+
+    def __init__(self, spec: str = DEFAULT_SCORER, device: str | None = None, processor: str = "auto"):
         self.spec, self.device = spec, device or "cpu"
         kind, _, name = spec.partition(":")
         if kind not in ("hf", "open_clip"):
             raise ValueError(f"scorer {spec!r}: expected 'hf:NAME_OR_PATH' or 'open_clip:MODEL/PRETRAINED'")
+        if processor not in PROCESSORS:
+            raise ValueError(f"processor {processor!r}: expected one of {PROCESSORS}")
         try:
             if kind == "hf":
-                from transformers import CLIPImageProcessor, CLIPModel
+                import transformers
 
-                self.model = CLIPModel.from_pretrained(name, trust_remote_code=False).eval().to(self.device)
-                self.processor = CLIPImageProcessor.from_pretrained(name, trust_remote_code=False)
+                self.model = transformers.CLIPModel.from_pretrained(name, trust_remote_code=False).eval().to(self.device)
+                cls = transformers.CLIPImageProcessorPil if processor == "pil" else transformers.CLIPImageProcessor
+                self.processor = cls.from_pretrained(name, trust_remote_code=False)
                 self._embed = self._hf
             else:
                 import open_clip
