@@ -392,7 +392,7 @@ LAYERS = [
     {"gill.pipeline"},
     {"gill", "gill.demo", "gill.__main__", "gill.eval", "gill.eval.__main__", "gill.eval.data", "gill.eval.metrics",
      "gill.eval.report", "gill.eval.runner", "gill.eval.scorer", "gill.eval.protocol", "gill.eval.seeds",
-     "gill.eval.shard"},
+     "gill.eval.shard", "gill.eval.retrieval"},
 ]
 
 
