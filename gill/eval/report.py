@@ -98,39 +98,47 @@ def write_report(out: Path, task: str, grid: int = 12) -> Path:
                          f"<td>{html.escape(str(x.get('kind', '')))}</td><td>{html.escape(str(x.get('reason')))}</td></tr>")
         parts.append("</table>")
     if "retrieval" in summary:
-        r = summary["retrieval"]
-        parts.append(f"<h2>Retrieval of the last image (gallery of {r.get('gallery_size')} images; "
-                     f"{html.escape(str(r.get('protocol', 'both-galleries')))})</h2><table>"
-                     "<tr><th>setting / gallery</th><th>R@1</th><th>R@5</th><th>R@10</th></tr>")
-        for name, v in r.items():
-            if not isinstance(v, dict) or "context_masked" not in v:
-                continue
-            for gallery in ("context_masked", "full_gallery", "chance"):
-                if gallery in v and (versus_paper is False or gallery != "chance"):
-                    x = v[gallery]
-                    parts.append(f"<tr><td>{html.escape(name)} / {gallery}</td>" + "".join(
-                        f"<td>{100 * x[f'R@{k}']:.1f}</td>" for k in (1, 5, 10)) + "</tr>")
-        if versus_paper:
-            for name, vals in PAPER_RETRIEVAL.items():
-                parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
-        parts.append("</table>")
+        parts += _retrieval_table(summary["retrieval"], versus_paper)
     for name in summary["settings"]:
-        records = list(read_records(out / name / "records.jsonl").values())[:grid]
-        parts.append(f"<h2>{html.escape(name)}</h2>")
-        for r in records:
-            prompt = r["prompt"] if isinstance(r["prompt"], list) else [r["prompt"]]
-            context = []
-            for p in prompt:
-                if p.startswith("<image ") and "context_dir" in summary:
-                    context.append(f"<img src='{html.escape(str(Path(summary['context_dir']) / p[7:-1]))}'>")
-                else:
-                    context.append(f"<span class='cap'>{html.escape(p)}</span>")
-            parts.append(
-                f"<div class='row'><b>{html.escape(r['id'])}</b> {' '.join(context)}<span class='arrow'>&rarr;</span>"
-                f"<img src='{html.escape(name + '/' + r['image'])}' title='output'><span class='arrow'>|</span>"
-                f"<img src='{html.escape(str(Path(r['target']).resolve()))}' title='ground truth'></div>"
-            )
+        parts += _grid(out, name, summary, grid)
     parts.append("</body></html>")
     path = out / "report.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def _retrieval_table(r: dict, versus_paper: bool) -> list[str]:
+    parts = [f"<h2>Retrieval of the last image (gallery of {r.get('gallery_size')} images; "
+             f"{html.escape(str(r.get('protocol', 'both-galleries')))})</h2><table>"
+             "<tr><th>setting / gallery</th><th>R@1</th><th>R@5</th><th>R@10</th></tr>"]
+    for name, v in r.items():
+        if not isinstance(v, dict) or "context_masked" not in v:
+            continue
+        for gallery in ("context_masked", "full_gallery", "chance"):
+            if gallery in v and (versus_paper is False or gallery != "chance"):
+                x = v[gallery]
+                parts.append(f"<tr><td>{html.escape(name)} / {gallery}</td>" + "".join(
+                    f"<td>{100 * x[f'R@{k}']:.1f}</td>" for k in (1, 5, 10)) + "</tr>")
+    if versus_paper:
+        for name, vals in PAPER_RETRIEVAL.items():
+            parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
+    return parts + ["</table>"]
+
+
+def _grid(out: Path, name: str, summary: dict, grid: int) -> list[str]:
+    """A setting's first ``grid`` examples: their inputs, the output and the ground truth."""
+    parts = [f"<h2>{html.escape(name)}</h2>"]
+    for r in list(read_records(out / name / "records.jsonl").values())[:grid]:
+        prompt = r["prompt"] if isinstance(r["prompt"], list) else [r["prompt"]]
+        context = []
+        for p in prompt:
+            if p.startswith("<image ") and "context_dir" in summary:
+                context.append(f"<img src='{html.escape(str(Path(summary['context_dir']) / p[7:-1]))}'>")
+            else:
+                context.append(f"<span class='cap'>{html.escape(p)}</span>")
+        parts.append(
+            f"<div class='row'><b>{html.escape(r['id'])}</b> {' '.join(context)}<span class='arrow'>&rarr;</span>"
+            f"<img src='{html.escape(name + '/' + r['image'])}' title='output'><span class='arrow'>|</span>"
+            f"<img src='{html.escape(str(Path(r['target']).resolve()))}' title='ground truth'></div>"
+        )
+    return parts
