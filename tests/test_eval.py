@@ -96,8 +96,12 @@ def test_vist_end_to_end_on_the_fixture(tmp_path):
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["settings"]) == {"gill/1-caption", "gill/5-captions", "gill/5-captions-4-images", "sd/1-caption", "sd/5-captions"}
-    assert all(s["n"] == 3 and -1 <= s["clip_similarity"] <= 1 for s in summary["settings"].values())
-    assert {s["id"] for s in summary["skipped"]} == {"s3", "s4"}
+    # s3 misses a context image but ends (file order) on s1's last photo: scored with s1's output, as the
+    # original's scoring script looks outputs up by that photo
+    assert all(s["n"] == 4 and -1 <= s["clip_similarity"] <= 1 for s in summary["settings"].values())
+    records = [json.loads(line) for line in (out / "sd/5-captions/records.jsonl").read_text().splitlines()]
+    assert [(r["id"], r.get("output_of")) for r in records] == [("s1", None), ("s2", None), ("s3", "s1"), ("s5", None)]
+    assert {s["id"] for s in summary["skipped"]} == {"s3", "s4"}  # neither generated for
     assert summary["protocol"]["name"] == "original" and summary["run"]["steps"] == 2
     r = summary["retrieval"]
     # FROMAGe's gallery: every image the annotations name that can be read (s3's and s5's too), context masked
