@@ -146,11 +146,15 @@ def test_loading_takes_a_separate_dtype_for_the_diffusion_pipeline():
 def test_the_original_protocols_scorer_uses_the_pil_processor(monkeypatch):
     """Where torchvision is installed, transformers 5's ``CLIPImageProcessor`` is torchvision-backed: a spy
     in its place stands for it (here, without torchvision, it would fall back to PIL by itself)."""
+    import importlib
+
     import transformers
 
     from gill.eval.__main__ import load_scorers
     from gill.presets import toy_metric_dir
 
+    assert transformers.CLIPModel  # the lazy module puts its final self in sys.modules on first use: patch that one
+    transformers = importlib.import_module("transformers")
     asked = []
 
     class TorchvisionBacked(transformers.CLIPImageProcessorPil):

@@ -40,7 +40,9 @@ class ClipScorer:
                 import transformers
 
                 self.model = transformers.CLIPModel.from_pretrained(name, trust_remote_code=False).eval().to(self.device)
-                cls = transformers.CLIPImageProcessorPil if processor == "pil" else transformers.CLIPImageProcessor
+                # transformers 4's CLIPImageProcessor is the PIL path itself; 5 names it CLIPImageProcessorPil
+                pil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+                cls = pil if processor == "pil" else transformers.CLIPImageProcessor
                 self.processor = cls.from_pretrained(name, trust_remote_code=False)
                 self._embed = self._hf
             else:
