@@ -177,6 +177,6 @@ def test_the_clip_scorer_gives_known_similarities_on_fixed_images():
     images = [world.render(red_circle), world.render(red_circle, jitter=(1, 0)),
               world.render(by_caption["a large red square on the left on white"]),
               world.render(by_caption["a small blue triangle on the right on gray"])]
-    features = ClipScorer(f"hf:{toy_metric_dir()}").embed(images)
+    features = ClipScorer(f"hf:{toy_metric_dir()}", processor="pil").embed(images)  # the same with torchvision
     similarity = paired_cosine(features[[0, 0, 0, 0]], features)
     torch.testing.assert_close(similarity, torch.tensor([1.0, 0.99047, 0.73006, -0.36634]), atol=1e-4, rtol=0)
