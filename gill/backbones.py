@@ -268,8 +268,17 @@ def load_diffusion(name_or_path: str, torch_dtype: torch.dtype | None = None, **
     from diffusers import DiffusionPipeline
 
     with _refusing_unsafe(name_or_path):
-        return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=torch_dtype, **kwargs,
+        return DiffusionPipeline.from_pretrained(name_or_path, **{_diffusers_dtype_keyword(): torch_dtype}, **kwargs,
                                                  trust_remote_code=False)
+
+
+def _diffusers_dtype_keyword() -> str:
+    """``dtype`` where diffusers takes it (it deprecated ``torch_dtype`` with a FutureWarning), else ``torch_dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401 (present where ``dtype`` is)
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
 
 
 def tiny_stable_diffusion(cross_attention_dim: int, seq_len: int, image_size: int = 32, seed: int = 0) -> Any:
