@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gill._io import atomic_write_text
+from gill.io import atomic_write_text
 from gill.settings import RunSettings
 
 # 2: the ``run`` block (run settings) and ``training_data``; version-1 files read as before (no run settings).

@@ -287,7 +287,7 @@ def _read_key(create: bool = False) -> bytes | None:
     """This user's signing key (32 random bytes, mode 0600); None where there is none and it cannot be made."""
     import secrets
 
-    from gill._io import unique_temp_name
+    from gill.io import unique_temp_name
 
     path = _key_file()
     try:
@@ -567,7 +567,7 @@ class FaissIndex:
     def image_path(self, source: str) -> Path:
         """The file a local ``source`` names (relative ones are read from the index directory), refused with
         ``SourceOutsideError`` where it (symlinks followed) leaves the folders this index may read."""
-        from gill._io import inside
+        from gill.io import inside
 
         try:
             target = Path(os.path.realpath(self.path / source))  # an absolute source replaces the index path

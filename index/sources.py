@@ -13,10 +13,10 @@ relative path that leaves the table's folder (``../x.jpg``, a symlink out), is r
 read as given. Folder and table sources are recorded as absolute paths.
 
 Every local entry is looked at (``lstat``/``stat``) before it is opened: a dangling link, a FIFO, a socket or
-a device is an item error (never opened, so a FIFO cannot hang a build), and a file over ``MAX_FILE_BYTES``
-is refused from its size, unread. A URL body is read up to the same bound (its ``Content-Length`` checked
-first) within a total time per URL, however slowly the server sends. A file name that is not UTF-8 is an
-item error; the rest of the folder is read. Every item of one source has its own ``uid``: a name seen
+a device is an item error (never opened, so a FIFO cannot hang a build), and a file over
+``gill.io.MAX_FILE_BYTES`` is refused from its size, unread. A URL body is read up to the same bound (its
+``Content-Length`` checked first) within a total time per URL, however slowly the server sends. A file name
+that is not UTF-8 is an item error; the rest of the folder is read. Every item of one source has its own ``uid``: a name seen
 again (a table row repeated, a webdataset key that comes back later in its shard) gets ``~2``, ``~3``...
 """
 
@@ -36,14 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gill._io import FileTooLarge, NotRegularFile, file_kind, inside, read_regular_file
+from gill.io import (MAX_CAPTION_BYTES, MAX_FILE_BYTES, FileTooLarge, NotRegularFile, file_kind, inside,
+                     read_regular_file)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LOCATION_COLUMNS = ("path", "url", "image", "file", "filepath", "image_url")
 CAPTION_COLUMNS = ("caption", "text", "title")
 LICENSE_COLUMNS = ("license", "licence")
-MAX_FILE_BYTES = 64 * 2**20  # an image file or URL body larger than this is refused unread (no photo needs more)
-MAX_CAPTION_BYTES = 1 * 2**20
 
 
 @dataclass

@@ -76,7 +76,7 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*[0-9]"))
 
 
-# What an interrupted atomic write leaves in a run directory (gill._io: a hidden ``.NAME.<pid>.<random>.tmp``
+# What an interrupted atomic write leaves in a run directory (gill.io: a hidden ``.NAME.<pid>.<random>.tmp``
 # beside NAME, or ``.old`` for the copy being replaced): checkpoints, best, final and the run's JSON files.
 TEMPORARY_PATTERNS = ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old", ".best.*.tmp", ".best.*.old",
                       ".final.*.tmp", ".final.*.old", ".history.json.*.tmp", ".skipped.json.*.tmp",
@@ -130,7 +130,7 @@ def exit_on_sigterm():
 def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
     from gill.checkpoint import save_model
 
-    from gill._io import atomic_dir
+    from gill.io import atomic_dir
 
     final = out / "checkpoints" / f"step-{state['step']:07d}"
     with atomic_dir(final) as tmp:
@@ -518,7 +518,7 @@ def validate_and_keep_best(run: Run) -> dict[str, float]:
                 run.writer.add_scalar(k, v, run.state["step"])
     score = metrics.get("val/t2i_recall@1", -1.0)
     if run.rank == 0 and score > run.state["best"]:
-        from gill._io import atomic_write_text
+        from gill.io import atomic_write_text
         from gill.checkpoint import save_model
 
         run.state["best"] = score
@@ -630,7 +630,7 @@ def _main(argv: list[str] | None) -> int:
         D.cleanup()
         return 1
     if run.rank == 0:
-        from gill._io import atomic_write_text
+        from gill.io import atomic_write_text
         from gill.checkpoint import save_model
 
         save_model(out / "final", run.model)
