@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gill._io import atomic_dir, atomic_path, atomic_write_text
+from gill.io import atomic_dir, atomic_path, atomic_write_text
 from gill.config import GILLConfig, config_from_model_args
 from gill.decision import DecisionHead
 from gill.model import GILLAdapter, GILLModel

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gill._io import atomic_write_text
+from gill.io import atomic_write_text
 from gill.settings import RunSettings
 
 # 2: the ``run`` block (run settings) and ``training_data``; version-1 files read as before (no run settings).
@@ -294,17 +294,55 @@ def config_from_model_args(
     ``ret_text_fc_mode="linear"``, ``text_emb_layers=[-1]``, shared retrieval/generation tokens); anything
     else is an error naming the field. Backbone widths come from the known ids or must be passed.
     """
-    source = "model_args"
+    args, source = _read_model_args(args)
+    ret_ids = _check_model_args(args, source)
+    lm, vision = args["opt_version"], args["visual_encoder"]
+    lm_hidden_size = lm_hidden_size or KNOWN_LM_HIDDEN.get(lm)
+    vision_hidden_size = vision_hidden_size or KNOWN_VISION_HIDDEN.get(vision)
+    if lm_hidden_size is None:
+        raise ConfigError(f"{source}: unknown LM {lm!r}; pass lm_hidden_size")
+    if vision_hidden_size is None:
+        raise ConfigError(f"{source}: unknown visual encoder {vision!r}; pass vision_hidden_size")
+    if not isinstance(lm, str) or not isinstance(vision, str):
+        raise ConfigError(f"{source}: opt_version and visual_encoder must be strings, got {lm!r} and {vision!r}")
+    config = GILLConfig(
+        lm=lm,
+        vision=vision,
+        lm_hidden_size=lm_hidden_size,
+        vision_hidden_size=vision_hidden_size,
+        n_visual_tokens=args["n_visual_tokens"],
+        ret_emb_dim=args["ret_emb_dim"],
+        gen_seq_len=args["num_clip_tokens"],
+        gen_emb_dim=args["gen_emb_dim"],
+        tie_img_embeddings=True,
+        tokens=TokenConfig(
+            num_img_tokens=args["num_tokens"],
+            img_token_ids=ret_ids,
+            # The original tokenizer ends with the [IMG] tokens (OPT: 50274).
+            vocab_size=vocab_size if vocab_size is not None else max(ret_ids) + 1,
+        ),
+    )
+    return GILLConfig.from_dict(config.to_dict(), source=source)  # every field type-checked, naming the file
+
+
+def _read_model_args(args: dict[str, Any] | str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(the parsed ``model_args``, the name errors give it): a dict as given, or a JSON file's object."""
+    if isinstance(args, dict):
+        return args, "model_args"
+    source = str(args)
+    try:
+        args = json.loads(Path(args).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: not valid JSON ({e})") from None
     if not isinstance(args, dict):
-        source = str(args)
-        try:
-            args = json.loads(Path(args).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{source}: not valid JSON ({e})") from None
-        if not isinstance(args, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(args).__name__}")
+        raise ConfigError(f"{source}: expected a JSON object, got {type(args).__name__}")
+    return args, source
+
+
+def _check_model_args(args: dict[str, Any], source: str) -> list[int]:
+    """Refuse (``ConfigError`` naming the field) what the released model does not use; the [IMG] token ids."""
     required = ["opt_version", "visual_encoder", "n_visual_tokens", "ret_emb_dim", "gen_emb_dim",
                 "num_tokens", "num_clip_tokens", "retrieval_token_idx"]
     missing = [k for k in required if k not in args]
@@ -335,31 +373,4 @@ def config_from_model_args(
     if len(ret_ids) != args["num_tokens"]:
         raise ConfigError(f"{source}: retrieval_token_idx has {len(ret_ids)} ids but num_tokens is "
                           f"{args['num_tokens']}")
-
-    lm, vision = args["opt_version"], args["visual_encoder"]
-    lm_hidden_size = lm_hidden_size or KNOWN_LM_HIDDEN.get(lm)
-    vision_hidden_size = vision_hidden_size or KNOWN_VISION_HIDDEN.get(vision)
-    if lm_hidden_size is None:
-        raise ConfigError(f"{source}: unknown LM {lm!r}; pass lm_hidden_size")
-    if vision_hidden_size is None:
-        raise ConfigError(f"{source}: unknown visual encoder {vision!r}; pass vision_hidden_size")
-    if not isinstance(lm, str) or not isinstance(vision, str):
-        raise ConfigError(f"{source}: opt_version and visual_encoder must be strings, got {lm!r} and {vision!r}")
-    config = GILLConfig(
-        lm=lm,
-        vision=vision,
-        lm_hidden_size=lm_hidden_size,
-        vision_hidden_size=vision_hidden_size,
-        n_visual_tokens=args["n_visual_tokens"],
-        ret_emb_dim=args["ret_emb_dim"],
-        gen_seq_len=args["num_clip_tokens"],
-        gen_emb_dim=args["gen_emb_dim"],
-        tie_img_embeddings=True,
-        tokens=TokenConfig(
-            num_img_tokens=args["num_tokens"],
-            img_token_ids=ret_ids,
-            # The original tokenizer ends with the [IMG] tokens (OPT: 50274).
-            vocab_size=vocab_size if vocab_size is not None else max(ret_ids) + 1,
-        ),
-    )
-    return GILLConfig.from_dict(config.to_dict(), source=source)  # every field type-checked, naming the file
+    return ret_ids

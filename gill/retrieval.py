@@ -8,35 +8,23 @@ model alone (vision encoder + retrieval projection), for building indexes withou
 (``gill.loading.load_image_embedder`` reads one from a model). ``read_original_embeddings`` reads the
 original release's ``cc3m_embeddings_urls.npy`` with a restricted unpickler.
 
-Index directory (``INDEX_FORMAT_VERSION`` 3; format 1 and 2 directories are read too):
-- ``manifest.json``: format_version, dim, metric ("inner_product" over L2-normalised vectors), count,
-  index_type ("flat", "ivf", "ivfpq", "hnsw"), index_params, fingerprint (of the model's image-retrieval
-  projection, ``projection_fingerprint``), model (name or path it was built with), files (the names of
-  this generation's FAISS index and metadata table; format 1: ``index.faiss`` and ``metadata.sqlite``),
-  file_sha256 (format 3: the sha256 of each of those two files, so a file swapped for another index's is
-  refused even where its size and count agree), source_roots (the folders outside the directory of the
-  sources the user named to the build and its updates, never folders the index's own rows name) and
-  roots_signature;
-- the FAISS index (``index-GENERATION.faiss``): vector i is the image with id i;
-- the metadata table (``metadata-GENERATION.sqlite``): ``images(id, source, caption, sha256, width, height,
-  license)``;
-- ``report.json`` (build counts, skipped items) and ``work/`` (resumable build state) are the builder's.
+Index directories and their format: ``gill.index_format`` (the manifest, the files, the checks before a file
+is trusted); where an index may read images from: ``gill.index_trust``; the original release's embeddings
+file: ``gill.original_embeddings``. Their public names are importable from here too.
 
-The manifest is written last, in one rename: it is the commit point of a build or an update, so a reader
-sees the previous generation's files or the new ones, never a mix. Every file is checked when the index
-is opened (``IndexFormatError`` names the one at fault), and hits' local images are read only from
-inside the index directory or the build's own source folders (``FaissIndex.image_path``).
+Every file of an index directory is checked when it is opened (``IndexFormatError`` names the one at fault),
+and hits' local images are read only from inside the index directory or the build's own source folders
+(``FaissIndex.image_path``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +32,22 @@ import torch
 import torch.nn.functional as F
 
 from gill.images import check_image, open_image
+from gill.index_format import (  # noqa: F401  (public names of the index format, importable from here)
+    FAISS_FOURCC,
+    INDEX_FORMAT_VERSION,
+    INDEX_NAME,
+    INDEX_TYPES,
+    MANIFEST_NAME,
+    METADATA_COLUMNS,
+    METADATA_NAME,
+    IndexFormatError,
+    IndexManifest,
+    IndexMismatchError,
+    check_faiss_header,
+    projection_fingerprint,
+)
+from gill.index_trust import KEY_FILE_ENV, SourceOutsideError, sign_source_roots, source_roots_signed  # noqa: F401
+from gill.original_embeddings import read_original_embeddings  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -138,258 +142,6 @@ class EmbeddingIndex:
 
 
 # ---- index directories ---------------------------------------------------------------------------------
-
-INDEX_FORMAT_VERSION = 3  # 2: ``files`` (the generation's file names), ``source_roots``, ``roots_signature``;
-# 3: ``file_sha256``
-MANIFEST_NAME = "manifest.json"
-INDEX_NAME = "index.faiss"  # format 1's fixed names; format 2 names each generation's files in the manifest
-METADATA_NAME = "metadata.sqlite"
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
-METADATA_COLUMNS = ("id", "source", "caption", "sha256", "width", "height", "license")
-KEY_FILE_ENV = "GILL_INDEX_KEY_FILE"
-
-
-class IndexMismatchError(ValueError):
-    """An index built with another model's image-retrieval projection."""
-
-
-class IndexFormatError(ValueError):
-    """A file of an index directory that is missing, unreadable, corrupt or inconsistent with the others;
-    ``path`` names the file and the message says what was expected."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        super().__init__(f"{os.fspath(path)}: {problem}")
-        self.path = Path(path)
-
-
-class SourceOutsideError(ValueError):
-    """A hit's local source lies outside the folders an index may read images from."""
-
-
-def _is_int(lo: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _is_file_name(v: Any) -> bool:
-    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v and "\0" not in v
-
-
-# field -> (check, what is expected), for reading a manifest written by anyone
-_MANIFEST_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "format_version": (_is_int(1), "an integer >= 1"),
-    "dim": (_is_int(1), "an integer >= 1"),
-    "count": (_is_int(0), "an integer >= 0"),
-    "index_type": (lambda v: v in INDEX_TYPES, f"one of {', '.join(INDEX_TYPES)}"),
-    "fingerprint": (lambda v: isinstance(v, str), "a string"),
-    "model": (lambda v: isinstance(v, str), "a string"),
-    "metric": (lambda v: v == "inner_product", '"inner_product"'),
-    "index_params": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(1)(x) for k, x in v.items()),
-                     "an object of integers >= 1 (nlist, nprobe, pq_m, hnsw_m, ef_search)"),
-    "files": (lambda v: isinstance(v, dict) and set(v) == {"index", "metadata"} and all(map(_is_file_name, v.values())),
-              'an object {"index": FILE, "metadata": FILE} of file names inside the index directory'),
-    "file_sha256": (lambda v: isinstance(v, dict) and set(v) == {"index", "metadata"}
-                    and all(isinstance(h, str) and len(h) == 64 for h in v.values()),
-                    'an object {"index": SHA256, "metadata": SHA256} of hex digests'),
-    "source_roots": (lambda v: isinstance(v, list) and all(isinstance(r, str) and os.path.isabs(r) for r in v),
-                     "a list of absolute folder paths"),
-    "roots_signature": (lambda v: isinstance(v, str), "a string"),
-}
-_REQUIRED = ("dim", "count", "index_type", "fingerprint")
-
-
-def _legacy_files() -> dict[str, str]:
-    return {"index": INDEX_NAME, "metadata": METADATA_NAME}
-
-
-@dataclass
-class IndexManifest:
-    dim: int
-    count: int
-    index_type: str
-    fingerprint: str
-    model: str = ""
-    metric: str = "inner_product"
-    index_params: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=_legacy_files)
-    file_sha256: dict[str, str] = field(default_factory=dict)  # format 3; empty: not recorded (older formats)
-    source_roots: list[str] = field(default_factory=list)
-    roots_signature: str = ""
-    format_version: int = INDEX_FORMAT_VERSION
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        if not data["file_sha256"]:
-            del data["file_sha256"]
-        return json.dumps(data, indent=2) + "\n"
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> IndexManifest:
-        """Read and check a manifest: a file that is not JSON, lacks a field or has one of the wrong type
-        raises ``IndexFormatError`` naming the file and the field."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no index manifest (is this an index directory?)") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise IndexFormatError(path, f"cannot read the index manifest ({e})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise IndexFormatError(path, f"not JSON ({e}); expected the index manifest, a JSON object") from None
-        if not isinstance(data, dict):
-            raise IndexFormatError(path, f"holds a JSON {type(data).__name__}; expected the index manifest, a JSON object")
-        version = data.get("format_version", 1)
-        if _is_int(1)(version) and version > INDEX_FORMAT_VERSION:
-            raise IndexFormatError(path, f"index format {version} is newer than this library reads "
-                                         f"(up to {INDEX_FORMAT_VERSION})")
-        unknown = sorted(set(data) - set(_MANIFEST_FIELDS))
-        if unknown:
-            raise IndexFormatError(path, f"unknown manifest field(s) {unknown}")
-        missing = [name for name in _REQUIRED if name not in data]
-        if missing:
-            raise IndexFormatError(path, f"missing manifest field(s) {missing}")
-        for name, value in data.items():
-            check, expected = _MANIFEST_FIELDS[name]
-            if not check(value):
-                raise IndexFormatError(path, f"manifest field {name!r} is {value!r}; expected {expected}")
-        return cls(**data)
-
-
-def projection_fingerprint(projection: torch.nn.Linear) -> str:
-    """sha256 of the image-retrieval projection's weight and bias (as float32), which fixes the space
-    an index's vectors live in."""
-    h = hashlib.sha256()
-    for t in (projection.weight, projection.bias):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---- where an index may read images from ------------------------------------------------------------
-#
-# An index records local images as paths; a shared index is data from someone else, and its metadata (or
-# its manifest) could name any file: ``../../etc/passwd``, ``/home/you/private.jpg``. So a hit's local
-# image is read only from inside the index directory, or from a folder the build recorded in the
-# manifest's ``source_roots`` *and* signed with this user's key (an HMAC with a random key kept in
-# ``~/.config/gill/index-key``, or the file ``$GILL_INDEX_KEY_FILE``): an index this user built from their
-# own folders reads them, an index from elsewhere reads only what it carries. ``allow_outside=True``
-# or ``source_roots=[...]`` (folders the caller trusts) open it up.
-
-
-def _key_file() -> Path:
-    if os.environ.get(KEY_FILE_ENV):
-        return Path(os.environ[KEY_FILE_ENV])
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "gill" / "index-key"
-
-
-def _read_key(create: bool = False) -> bytes | None:
-    """This user's signing key (32 random bytes, mode 0600); None where there is none and it cannot be made."""
-    import secrets
-
-    from gill._io import unique_temp_name
-
-    path = _key_file()
-    try:
-        key = path.read_bytes()
-        return key if len(key) >= 32 else None
-    except FileNotFoundError:
-        if not create:
-            return None
-    except OSError:
-        return None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = unique_temp_name(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # a secret: not the umask's mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
-        try:
-            os.link(tmp, path)  # never replaces a key another process made meanwhile
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links
-            if not path.exists():
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        key = path.read_bytes()
-        return key if len(key) >= 32 else None
-    except OSError:
-        return None
-
-
-def _roots_mac(key: bytes, roots: Sequence[str]) -> str:
-    import hmac
-
-    return hmac.new(key, json.dumps(sorted(roots)).encode("utf-8"), "sha256").hexdigest()
-
-
-def sign_source_roots(roots: Sequence[str]) -> str:
-    """The signature a build stores beside its ``source_roots`` ("" for none, or where no key can be kept)."""
-    if not roots:
-        return ""
-    key = _read_key(create=True)
-    return _roots_mac(key, roots) if key is not None else ""
-
-
-def source_roots_signed(manifest: IndexManifest) -> bool:
-    """Whether this user's key signed the manifest's ``source_roots`` (so this user's build recorded them)."""
-    import hmac
-
-    if not manifest.source_roots or not manifest.roots_signature:
-        return False
-    key = _read_key()
-    return key is not None and hmac.compare_digest(_roots_mac(key, manifest.source_roots), manifest.roots_signature)
-
-
-# The FAISS file's own header (``faiss/impl/index_write.cpp``): a four-byte type, then d (int32), ntotal (int64),
-# two int64 placeholders, is_trained (one byte) and the metric (int32; 37 bytes in all). faiss allocates what
-# the file claims before reading it, so a 61-byte file claiming 750M vectors would cost gigabytes: the header
-# is checked against the manifest and the file's length first.
-FAISS_FOURCC = {"flat": b"IxFI", "ivf": b"IwFl", "ivfpq": b"IwPQ", "hnsw": b"IHNf"}
-_FAISS_HEADER = 37
-
-
-def _min_vector_bytes(manifest: IndexManifest) -> int:
-    """The fewest bytes one stored vector takes in a file of this index type (a lower bound)."""
-    d = manifest.dim
-    if manifest.index_type == "ivfpq":
-        return manifest.index_params.get("pq_m", 1) + 8  # the code and its id
-    return 4 * d + (8 if manifest.index_type == "ivf" else 0)
-
-
-def check_faiss_header(path: Path, manifest: IndexManifest) -> None:
-    """Refuse (``IndexFormatError``) a FAISS file whose type, dimension or count is not the manifest's, or
-    whose length cannot hold the vectors it claims, before faiss reads (and allocates) anything. For a
-    flat index the length of its one array is checked exactly."""
-    import struct
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(_FAISS_HEADER + 8)
-    except OSError as e:
-        raise IndexFormatError(path, f"cannot read the FAISS index ({e.strerror or e})") from None
-    if len(head) < _FAISS_HEADER:
-        raise IndexFormatError(path, f"not a readable FAISS index, corrupt or truncated ({size} bytes)")
-    fourcc, d, ntotal = head[:4], *struct.unpack("<iq", head[4:16])
-    expected = FAISS_FOURCC[manifest.index_type]
-    if fourcc != expected:
-        raise IndexFormatError(path, f"not a readable FAISS index of type {manifest.index_type!r}: it starts with "
-                                     f"{fourcc!r}, expected {expected!r}")
-    if ntotal != manifest.count or d != manifest.dim:
-        raise IndexFormatError(path, f"holds {ntotal} vectors of dim {d}; the manifest says {manifest.count} of "
-                                     f"dim {manifest.dim}")
-    need = _FAISS_HEADER + ntotal * _min_vector_bytes(manifest)
-    if manifest.index_type == "flat" and len(head) == _FAISS_HEADER + 8:
-        (floats,) = struct.unpack("<Q", head[_FAISS_HEADER:])
-        if floats != ntotal * d or size != _FAISS_HEADER + 8 + 4 * floats:
-            raise IndexFormatError(path, f"not a readable FAISS index, corrupt or truncated: it claims {floats} "
-                                         f"floats for {ntotal} vectors of dim {d} in {size} bytes")
-    elif size < need:
-        raise IndexFormatError(path, f"not a readable FAISS index, corrupt or truncated: {ntotal} vectors of dim "
-                                     f"{d} need at least {need} bytes, the file has {size}")
 
 
 def read_records(db: sqlite3.Connection, ids: Sequence[int]) -> dict[int, ImageRecord]:
@@ -567,7 +319,7 @@ class FaissIndex:
     def image_path(self, source: str) -> Path:
         """The file a local ``source`` names (relative ones are read from the index directory), refused with
         ``SourceOutsideError`` where it (symlinks followed) leaves the folders this index may read."""
-        from gill._io import inside
+        from gill.io import inside
 
         try:
             target = Path(os.path.realpath(self.path / source))  # an absolute source replaces the index path
@@ -654,79 +406,3 @@ def image_keys(item: Any) -> set[str]:
     if not path or not Path(path).is_file():
         return set()
     return {str(path), file_sha256(path)}
-
-
-# ---- the original release's embeddings file ---------------------------------------------------------
-
-# (module, name) pairs a numpy-array pickle needs, across numpy 1.x and 2.x.
-_PICKLE_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "str"),
-    ("builtins", "int"), ("builtins", "float"), ("builtins", "bytes"), ("builtins", "bytearray"),
-    ("_codecs", "encode"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5's arrays
-}
-
-
-def _bounded(module: str, name: str, make: Callable[..., Any], limit: int) -> Callable[..., Any]:
-    """``make`` refusing arguments that would make more than ``limit`` bytes out of a few: a pickle holds
-    its data, so no allowed call may build more than the file is long (``bytearray(3_000_000_000)`` is
-    36 bytes of pickle)."""
-    import pickle
-
-    def sized(value: Any) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return abs(value)
-        if isinstance(value, (tuple, list)):  # a shape
-            total = 1
-            for v in value:
-                total *= sized(v) if isinstance(v, int) else 1
-            return total
-        return 0
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        for value in (*args, *kwargs.values()):
-            if sized(value) > limit:
-                raise pickle.UnpicklingError(f"refused: the pickle asks {module}.{name} for {sized(value)} items, "
-                                             f"more than the file's {limit} bytes could hold")
-        return make(*args, **kwargs)
-
-    return call
-
-
-def read_original_embeddings(path: str | os.PathLike) -> tuple[list[str], Any]:
-    """``cc3m_embeddings_urls.npy`` (despite its name a pickle of ``{'paths': [urls], 'embeddings': [vectors]}``)
-    -> (urls, float32 array (N, D)). Only lists, dicts, tuples, strings, numbers and numpy arrays are
-    admitted: a pickle that asks for anything else (a function to call, another class) is refused."""
-    import pickle
-
-    import numpy as np
-
-    limit = max(os.path.getsize(path), 1 << 16)
-
-    class Restricted(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            module = "builtins" if module == "__builtin__" else module  # protocol 2 names them the Python 2 way
-            if (module, name) not in _PICKLE_ALLOWED:
-                raise pickle.UnpicklingError(f"refused: the pickle asks for {module}.{name}, which is not data")
-            found = super().find_class(module, name)
-            if name == "ndarray":
-                return found  # named as _reconstruct's argument; numpy checks its state's size against its shape
-            return _bounded(module, name, found, limit)
-
-    with open(path, "rb") as f:
-        try:
-            data = Restricted(f).load()
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(f"{path}: {e or 'truncated file'}") from None
-        except (TypeError, AttributeError, IndexError, KeyError, MemoryError, OverflowError) as e:
-            raise ValueError(f"{path}: not the original embeddings pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or "paths" not in data or "embeddings" not in data:
-        raise ValueError(f"{path}: expected a dict with 'paths' and 'embeddings'")
-    paths = [str(p) for p in data["paths"]]
-    vectors = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in data["embeddings"]])
-    if len(paths) != len(vectors):
-        raise ValueError(f"{path}: {len(paths)} paths but {len(vectors)} embeddings")
-    return paths, vectors

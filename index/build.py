@@ -195,7 +195,7 @@ def barrier() -> None:
 
 def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     args = parser(prog="python -m index.update" if update else "python -m index.build").parse_args(argv)
-    from gill._quiet import quiet
+    from gill.quiet import quiet
 
     quiet(args.verbose)
     logging.getLogger("faiss").setLevel(logging.WARNING)

@@ -58,7 +58,7 @@ def empty_index_problem(path: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from gill._quiet import quiet
+    from gill.quiet import quiet
 
     quiet(args.verbose)  # no "Loading weights" bars nor library warnings unless --verbose
     if problem := empty_index_problem(args.index):

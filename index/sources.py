@@ -13,61 +13,35 @@ relative path that leaves the table's folder (``../x.jpg``, a symlink out), is r
 read as given. Folder and table sources are recorded as absolute paths.
 
 Every local entry is looked at (``lstat``/``stat``) before it is opened: a dangling link, a FIFO, a socket or
-a device is an item error (never opened, so a FIFO cannot hang a build), and a file over ``MAX_FILE_BYTES``
-is refused from its size, unread. A URL body is read up to the same bound (its ``Content-Length`` checked
-first) within a total time per URL, however slowly the server sends. A file name that is not UTF-8 is an
-item error; the rest of the folder is read. Every item of one source has its own ``uid``: a name seen
-again (a table row repeated, a webdataset key that comes back later in its shard) gets ``~2``, ``~3``...
+a device is an item error (never opened, so a FIFO cannot hang a build), and a file over
+``gill.io.MAX_FILE_BYTES`` is refused from its size, unread. A URL body is read up to the same bound (its
+``Content-Length`` checked first) within a total time per URL, however slowly the server sends. A file name
+that is not UTF-8 is an item error; the rest of the folder is read. Every item of one source has its own
+``uid``: a name seen again (a table row repeated, a webdataset key that comes back later in its shard) gets
+``~2``, ``~3``...
+
+Folders and tables are read here; URLs are fetched by ``index.fetch``, shard sets read by ``index.shards``;
+``Item`` and ``SourceError`` live in ``index.items`` (all importable from here).
 """
 
 from __future__ import annotations
 
 import csv
-import http.client
 import os
-import re
-import socket
-import threading
-import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-from gill._io import FileTooLarge, NotRegularFile, file_kind, inside, read_regular_file
+from gill.io import MAX_CAPTION_BYTES, MAX_FILE_BYTES, FileTooLarge, NotRegularFile, file_kind, inside, read_regular_file
+from index.fetch import fetch_url  # noqa: F401  (public here too)
+from index.items import (IMAGE_SUFFIXES, Item, Skip, SourceError, caption_text, size_text,  # noqa: F401
+                         unique_uids)
+from index.shards import oversized_members, tar_end_problem, webdataset_items  # noqa: F401
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LOCATION_COLUMNS = ("path", "url", "image", "file", "filepath", "image_url")
 CAPTION_COLUMNS = ("caption", "text", "title")
 LICENSE_COLUMNS = ("license", "licence")
-MAX_FILE_BYTES = 64 * 2**20  # an image file or URL body larger than this is refused unread (no photo needs more)
-MAX_CAPTION_BYTES = 1 * 2**20
-
-
-@dataclass
-class Item:
-    order: tuple[int, int]  # (shard, position): the global order of the source
-    uid: str  # stable identity: relative path, URL, or shard#key
-    source: str  # what the index records as provenance (path or URL)
-    caption: str = ""
-    license: str = ""
-    data: bytes | None = None
-    error: str | None = None  # the item is skipped and counted, with this reason
-    warning: str | None = None  # the item is kept, and this problem is counted (a bad caption)
-
-
-class SourceError(ValueError):
-    """A source that cannot be read at all; the message names it."""
-
-
-Skip = Callable[[str], bool]
-
-
-def _all(urls):
-    """Every shard: the split over ranks and workers is done by the caller, not by webdataset."""
-    return urls
 
 
 def kind_of(src: str) -> str:
@@ -80,21 +54,6 @@ def kind_of(src: str) -> str:
     if not os.path.exists(src):
         raise SourceError(f"source {src!r}: no such folder or file")
     raise SourceError(f"source {src!r}: expected an image folder, a .tsv/.csv/.parquet table or .tar shards")
-
-
-def unique_uids() -> Callable[[str], str]:
-    """A function giving each uid of one source once: a uid seen before comes back as ``uid~2``, ``uid~3``..."""
-    seen: set[str] = set()
-
-    def unique(uid: str) -> str:
-        new, n = uid, 1
-        while new in seen:
-            n += 1
-            new = f"{uid}~{n}"
-        seen.add(new)
-        return new
-
-    return unique
 
 
 def local_roots(src: str, *, allow_outside: bool = False) -> list[str]:
@@ -122,11 +81,7 @@ def iter_items(src: str, *, shard_filter: Callable[[int], bool] = lambda s: True
     elif kind == "table":
         yield from _table(Path(os.path.abspath(src)), shard_filter, skip, url_timeout, url_workers, allow_outside)
     else:
-        yield from _webdataset(src, shard_filter, skip)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
+        yield from webdataset_items(src, shard_filter, skip)
 
 
 def _read_file(path: Path, root: Path | None = None, *,
@@ -147,26 +102,18 @@ def _read_file(path: Path, root: Path | None = None, *,
         if what := file_kind(st.st_mode):
             return None, f"not a regular file: {path.name} is {what}; it is not opened"
         if st.st_size > max_bytes:
-            return None, f"too large: the file is {_mb(st.st_size)}; at most {_mb(max_bytes)} is read"
+            return None, f"too large: the file is {size_text(st.st_size)}; at most {size_text(max_bytes)} is read"
         # read without blocking and checked again on the open file: one swapped for a FIFO since the stat
         try:
             return read_regular_file(path, max_bytes), None
         except NotRegularFile as e:
             return None, f"not a regular file: {path.name} is {e.what}; it is not read"
         except FileTooLarge:
-            return None, f"too large: the file is over {_mb(max_bytes)}; at most {_mb(max_bytes)} is read"
+            return None, f"too large: the file is over {size_text(max_bytes)}; at most {size_text(max_bytes)} is read"
     except OSError as e:
         return None, f"unreadable file: {e.strerror or e}"
     except ValueError as e:  # a path with a NUL byte
         return None, f"unreadable file: {e}"
-
-
-def _text(data: bytes, what: str) -> tuple[str, str | None]:
-    """Caption bytes -> (text, None), or ("", warning) where they are not UTF-8 (a BOM is allowed)."""
-    try:
-        return data.decode("utf-8-sig").strip(), None
-    except UnicodeDecodeError as e:
-        return "", f"bad caption: {what} is not UTF-8 text (byte {e.start}); kept with an empty caption"
 
 
 def _read_caption(path: Path, root: Path) -> tuple[str, str | None]:
@@ -176,7 +123,7 @@ def _read_caption(path: Path, root: Path) -> tuple[str, str | None]:
     data, problem = _read_file(path, root, max_bytes=MAX_CAPTION_BYTES)
     if data is None:
         return "", f"bad caption: {path.name} is unusable ({problem}); kept with an empty caption"
-    return _text(data, path.name)
+    return caption_text(data, path.name)
 
 
 def _shown(name: str) -> str:
@@ -279,89 +226,6 @@ def _pick(row: dict[str, str], names: tuple[str, ...]) -> str | None:
     return None
 
 
-class _Sockets:
-    """The sockets one fetch opens, shut down together when its total time is up: a server that sends a
-    byte every second never holds a fetch past its deadline (a socket timeout alone bounds one read)."""
-
-    def __init__(self):
-        self.open: list[socket.socket] = []
-        self.expired = False
-        self.lock = threading.Lock()
-
-    def add(self, sock: socket.socket) -> None:
-        with self.lock:
-            self.open.append(sock)
-            if self.expired:
-                self._shut(sock)
-
-    def expire(self) -> None:
-        with self.lock:
-            self.expired = True
-            for sock in self.open:
-                self._shut(sock)
-
-    @staticmethod
-    def _shut(sock: socket.socket) -> None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-def _opener(sockets: _Sockets) -> urllib.request.OpenerDirector:
-    class HTTP(http.client.HTTPConnection):
-        def connect(self):
-            super().connect()
-            sockets.add(self.sock)
-
-    class HTTPS(http.client.HTTPSConnection):
-        def connect(self):
-            super().connect()
-            sockets.add(self.sock)
-
-    class HTTPHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(HTTP, req)
-
-    class HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(HTTPS, req, context=self._context)
-
-    return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
-
-
-def fetch_url(url: str, timeout: float, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes | None, str | None]:
-    """(body, None) or (None, reason). At most ``timeout`` seconds in total (connection, headers and body,
-    however slowly they come) and ``max_bytes`` of body: a larger ``Content-Length`` is refused unread, a
-    body that grows past the bound is dropped as soon as it does."""
-    sockets = _Sockets()
-    timer = threading.Timer(timeout, sockets.expire)
-    timer.daemon = True
-    timer.start()
-    start = time.monotonic()
-    try:
-        req = urllib.request.Request(url, headers={"User-Agent": "gill-index/0.1"})
-        with _opener(sockets).open(req, timeout=timeout) as r:
-            length = (r.headers.get("Content-Length") or "").strip()
-            if length.isdigit() and int(length) > max_bytes:
-                return None, f"too large: the URL's body is {_mb(int(length))}; at most {_mb(max_bytes)} is read"
-            chunks, size = [], 0
-            while chunk := r.read1(1 << 16):
-                size += len(chunk)
-                if size > max_bytes:
-                    return None, f"too large: the URL's body is over {_mb(max_bytes)}; at most {_mb(max_bytes)} is read"
-                chunks.append(chunk)
-            if sockets.expired:
-                raise TimeoutError
-            return b"".join(chunks), None
-    except Exception as e:  # network errors come in many types; each is a skipped, reported item
-        if sockets.expired or time.monotonic() - start >= timeout:
-            return None, f"unreachable URL: timed out after {timeout:g} s in total (--url-timeout)"
-        return None, f"unreachable URL: {type(e).__name__}: {e}"
-    finally:
-        timer.cancel()
-
-
 def _table(path: Path, shard_filter, skip, timeout: float, workers: int, allow_outside: bool = False) -> Iterator[Item]:
     rows = _rows(path)
     if not rows:
@@ -421,102 +285,3 @@ def _table(path: Path, shard_filter, skip, timeout: float, workers: int, allow_o
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
-
-
-def _expand(src: str) -> list[str]:
-    import braceexpand
-
-    urls = []
-    for part in src.split("::"):
-        urls.extend(braceexpand.braceexpand(part))
-    return urls
-
-
-def tar_end_problem(path: str) -> str | None:
-    """For a local shard: why it does not end like a complete tar archive (a multiple of 512 bytes
-    ending in two zero blocks), or None."""
-    try:
-        st = os.stat(path)
-        if what := file_kind(st.st_mode):  # a FIFO would block the open below, and webdataset's
-            return f"unreadable shard: {os.path.basename(path)} is {what}; it is not opened"
-        size = st.st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 1024))
-            tail = f.read()
-    except OSError as e:
-        return f"unreadable shard: {e.strerror or e}"
-    if size % 512 or len(tail) < 1024 or tail.count(0) != len(tail):
-        return f"truncated shard: {size} bytes, no end-of-archive marker"
-    return None
-
-
-_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # a shard member's name -> (sample key, extension)
-
-
-def oversized_members(path: str, max_bytes: int = MAX_FILE_BYTES) -> dict[str, int]:
-    """A local shard's members over ``max_bytes`` (name -> size), from the tar headers alone: the reader
-    seeks past each member's data. A shard that cannot be read this way gives what was found so far (the
-    read itself reports what is broken)."""
-    import tarfile
-
-    found: dict[str, int] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if member.isreg() and member.size > max_bytes:
-                    found[member.name] = member.size
-    except (tarfile.TarError, OSError, EOFError):
-        pass
-    return found
-
-
-def _webdataset(src: str, shard_filter, skip) -> Iterator[Item]:
-    import webdataset as wds
-
-    for shard_no, url in enumerate(_expand(src)):
-        if not shard_filter(shard_no):
-            continue
-        errors: list[str] = []
-        local = "://" not in url and not url.startswith("pipe:")
-        if local and (problem := tar_end_problem(url)):
-            if "it is not opened" in problem:
-                yield Item((shard_no, 0), f"{url}#error0", url, error=f"broken shard: {problem}")
-                continue
-            errors.append(problem)
-        # members over the size bound are never read (webdataset reads each member whole): counted instead
-        big = oversized_members(url) if local else {}
-        big_keys = {m.group(1) for name in big if (m := _MEMBER.match(name))}
-
-        def handler(exn: Exception) -> bool:
-            errors.append(f"{type(exn).__name__}: {exn}")
-            return True  # keep going with what could be read
-
-        pos, unique = -1, unique_uids()
-        try:
-            samples = wds.WebDataset(url, shardshuffle=False, handler=handler, empty_check=False,
-                                      nodesplitter=_all, workersplitter=_all,  # ranks are split here
-                                      select_files=(lambda name: name not in big) if big else None)
-            for pos, sample in enumerate(samples):
-                key = sample.get("__key__", str(pos))
-                image_ext = next((e for e in sample if "." + e.lower() in IMAGE_SUFFIXES), None)
-                if image_ext is None and key in big_keys:
-                    continue  # its image was too large: counted below, once
-                uid = unique(f"{url}#{key}")  # a key that comes back later in the shard is another sample
-                caption, warning = sample.get("txt", b""), None
-                if isinstance(caption, bytes):
-                    caption, warning = _text(caption, f"{key}.txt")
-                else:
-                    caption = str(caption).strip()
-                item = Item((shard_no, pos), uid, uid, caption, warning=warning)
-                if image_ext is None:
-                    item.error = "sample has no image"
-                elif not skip(uid):
-                    item.data = sample[image_ext]
-                yield item
-        except Exception as e:  # an unopenable shard is reported, not fatal
-            errors.append(f"{type(e).__name__}: {e}")
-        extra = [(unique(f"{url}#{name}"), f"too large: {name} is {_mb(size)}; at most {_mb(MAX_FILE_BYTES)} is read")
-                 for name, size in big.items()]
-        extra += [(f"{url}#error{i}", f"broken shard: {err}") for i, err in enumerate(errors)]
-        for i, (uid, reason) in enumerate(extra):
-            yield Item((shard_no, pos + 1 + i), uid, url, error=reason)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gill._io import atomic_path, atomic_write_text
+from gill.io import atomic_path, atomic_write_text
 from gill.retrieval import MANIFEST_NAME, IndexManifest, file_sha256, sign_source_roots, source_roots_signed
 
 REPORT_NAME = "report.json"

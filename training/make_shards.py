@@ -22,13 +22,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from gill import _io
-from gill._io import inside
 from gill.arguments import int_in
+from gill.io import MAX_CAPTION_BYTES, MAX_FILE_BYTES, FileTooLarge, NotRegularFile, inside, read_regular_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-MAX_BYTES = 64 * 2**20  # an image file larger than this is skipped (64 MiB: no photo is, a disk image might be)
-MAX_CAPTION_BYTES = 2**20  # a NAME.txt caption larger than this is left out (the sample gets no caption)
 
 
 @dataclass
@@ -48,7 +45,7 @@ class SourceError(ValueError):
 
 def caption_of(root: Path, image_name: str, allow_outside: bool = False) -> str:
     """The caption beside an image (``NAME.txt``, under the same rules as images: inside the source, a
-    regular file, at most ``MAX_CAPTION_BYTES``). One that breaks them or is not UTF-8 is reported and left
+    regular file, at most ``gill.io.MAX_CAPTION_BYTES``). One that breaks them or is not UTF-8 is reported and left
     empty, so training counts the sample as "empty caption" instead of the whole conversion failing."""
     name = str(Path(image_name).with_suffix(".txt"))
     if not os.path.lexists(root / name):
@@ -57,7 +54,7 @@ def caption_of(root: Path, image_name: str, allow_outside: bool = False) -> str:
     try:
         if problem is not None:
             raise ValueError(problem)
-        return read_regular_file(path, MAX_CAPTION_BYTES).decode("utf-8").strip()
+        return read_entry(path, MAX_CAPTION_BYTES).decode("utf-8").strip()
     except (ValueError, UnicodeDecodeError) as e:
         reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
         print(f"warning: {root / name}: caption left out ({reason}); the sample gets no caption", file=sys.stderr)
@@ -125,17 +122,17 @@ def entries(source: Path, allow_outside: bool = False) -> list[Entry]:
     raise SourceError(f"{source}: no such folder or table")
 
 
-def read_regular_file(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes`` (``gill._io.read_regular_file``: a FIFO or a
+def read_entry(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (``gill.io.read_regular_file``: a FIFO or a
     device is refused unopened for reading, whatever it is named); raises ValueError with a short reason."""
     try:
-        return _io.read_regular_file(path, max_bytes)
+        return read_regular_file(path, max_bytes)
     except OSError as e:
         raise ValueError(f"unreadable ({e.strerror or e})") from None
-    except _io.NotRegularFile as e:
+    except NotRegularFile as e:
         raise ValueError("a folder, not a file" if e.what == "a directory"
                          else "not a regular file (a FIFO, socket or device)") from None
-    except _io.FileTooLarge as e:
+    except FileTooLarge as e:
         raise ValueError(f"larger than {max_bytes} bytes ({'grew while read' if e.size is None else e.size})") from None
 
 
@@ -149,7 +146,8 @@ def parse(argv: list[str] | None):
     p.add_argument("--source", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--per-shard", type=int_in(1), default=10_000)
-    p.add_argument("--max-bytes", type=int_in(1), default=MAX_BYTES, help=f"largest image file read (default {MAX_BYTES})")
+    p.add_argument("--max-bytes", type=int_in(1), default=MAX_FILE_BYTES,
+                   help=f"largest image file read (default {MAX_FILE_BYTES})")
     p.add_argument("--allow-outside", action="store_true",
                    help="read table paths and folder links that leave the source (you trust its author)")
     return p.parse_args(argv)
@@ -173,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             problem = item.problem
             if problem is None:
                 try:
-                    data = read_regular_file(item.path, args.max_bytes)
+                    data = read_entry(item.path, args.max_bytes)
                 except ValueError as e:
                     problem = str(e)
             if problem is not None:

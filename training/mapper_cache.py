@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from training.state import TrainingError
+from training.step import autocast, batch_text, img_states
+
 
 @dataclass
 class CachedStates:
@@ -26,9 +29,6 @@ class CachedStates:
 @torch.no_grad()
 def collect_states(run, batches) -> CachedStates:
     """Every sample's [IMG] states from ``batches`` (global batches of training samples, one epoch)."""
-    from training.step import img_states
-    from training.train import autocast, batch_text
-
     model, cfg = run.model, run.cfg
     hidden, target, weight = [], [], []
     for samples, _ in batches:
@@ -49,7 +49,6 @@ def fit(run, states: CachedStates, on_step=None) -> list[dict[str, float]]:
     import math
 
     from gill import losses
-    from training.train import TrainingError, autocast
 
     cfg = run.cfg
     draw = torch.Generator().manual_seed(cfg.seed)

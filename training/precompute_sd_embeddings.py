@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import save_file
 
-    from gill._io import atomic_path
+    from gill.io import atomic_path
 
     from training.data import expand_shards, shard_name
 

@@ -67,6 +67,23 @@ def tokenize(tokenizer, captions: list[str], max_len: int, n_img: int,
     return TextBatch(captions_ids, context, bos)
 
 
+def batch_text(tokenizer, samples: list, cfg, model_config) -> tuple[TextBatch, torch.Tensor | None]:
+    """The batch's text (with the contexts of interleaved samples) and the pixels of the context images
+    it keeps (M, 3, H, W), or None when no sample has a context."""
+    contexts = [[t for t, _ in s.context] for s in samples]
+    text = tokenize(tokenizer, [s.caption for s in samples], cfg.max_len, model_config.tokens.num_img_tokens,
+                    contexts=contexts if any(contexts) else None, n_visual=model_config.n_visual_tokens)
+    if not text.interleaved:
+        return text, None
+    kept = [px for s, ids in zip(samples, text.context) for _, px in s.context[len(s.context) - len(ids):]]
+    return text, torch.stack(kept) if kept else None
+
+
+def autocast(cfg, device: torch.device):
+    """bf16 autocast where the recipe's ``precision`` is bf16 (fp32 master weights); a no-op otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
 def _pad(rows: list[torch.Tensor], value: float) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True, padding_value=value)
 

@@ -13,6 +13,10 @@ Checkpoints (``OUT/checkpoints/step-NNNNNNN``) are model directories plus ``trai
 scheduler, RNG, data position), written atomically; the last ``--keep-last`` are kept, and ``OUT/best`` is
 the checkpoint with the best validation text-to-image recall@1 (the original's criterion).
 """
+# (The docstring above is the command's --help.) The stages, each a function a test or another loop can drive
+# (torchtune-style): ``setup`` (``training.prepare``) builds a ``Run``; ``train_step`` takes one optimizer step;
+# ``validate_and_keep_best`` (``training.validation``) and ``save`` (``training.checkpoints``) run every
+# ``--val-every`` / ``--save-every`` steps; ``train_loop`` and ``main`` put them together.
 
 from __future__ import annotations
 
@@ -21,186 +25,31 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+# The stages' modules; their public names are importable from here too.
+from training.checkpoints import (  # noqa: F401
+    TEMPORARY_PATTERNS,
+    OtherModel,
+    checkpoints,
+    exit_on_sigterm,
+    remove_stale_temporaries,
+    resume,
+    save,
+    save_checkpoint,
+    verified_checkpoint,
+)
+from training.prepare import DTYPES, build_model, prepare_run, record_run_settings  # noqa: F401
+from training.state import Run, TrainingError, settings_record  # noqa: F401
+from training.step import autocast, batch_text
+from training.validation import evaluate, validate, validate_and_keep_best  # noqa: F401
+
 LOG = logging.getLogger("training.train")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ---- model -------------------------------------------------------------------------------------------
-
-
-def build_model(spec: str, backbone_dtype: torch.dtype):
-    """(GILLModel, tokenizer, image_processor, img_tokens) for a model spec (see the module doc), read by
-    ``gill.loading.load_for_training``."""
-    from gill.loading import load_for_training
-
-    parts = load_for_training(spec, torch_dtype=backbone_dtype)
-    return parts.model, parts.tokenizer, parts.image_processor, parts.img_tokens
-
-
-def record_run_settings(model, run_settings: str | None, training_data: str | None) -> None:
-    """Write what the saved model directories carry besides weights: run settings (a JSON object or a
-    file holding one, merged over the model's own) and a description of the training data."""
-    from gill.settings import RunSettings, resolve_settings
-
-    if run_settings:
-        text = Path(run_settings).read_text(encoding="utf-8") if Path(run_settings).is_file() else run_settings
-        try:
-            given = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: --run-settings is neither a JSON object nor a file holding one ({e})") from None
-        if not isinstance(given, dict):
-            raise SystemExit("error: --run-settings must be a JSON object, e.g. '{\"guidance_scale\": 2.0}'")
-        try:
-            resolve_settings(given)  # names every unknown or bad field
-        except ValueError as e:
-            raise SystemExit(f"error: --run-settings: {e}") from None
-        model.config.run = RunSettings(**given).over(model.config.run)
-    if training_data:
-        model.config.training_data = training_data
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------
-
-
-def checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*[0-9]"))
-
-
-# What an interrupted atomic write leaves in a run directory (gill._io: a hidden ``.NAME.<pid>.<random>.tmp``
-# beside NAME, or ``.old`` for the copy being replaced): checkpoints, best, final and the run's JSON files.
-TEMPORARY_PATTERNS = ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old", ".best.*.tmp", ".best.*.old",
-                      ".final.*.tmp", ".final.*.old", ".history.json.*.tmp", ".skipped.json.*.tmp",
-                      "best/.*.tmp", "final/.*.tmp")
-
-
-def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove the temporary files and directories that a killed write left in the run directory ``out``
-    (a kill -9 or a crash runs no cleanup). A run directory belongs to one run at a time, and this runs
-    before that run writes anything or after its own write finished, so whatever is there is stale.
-    Returns what was removed."""
-    removed = []
-    for pattern in TEMPORARY_PATTERNS:
-        for path in sorted(out.glob(pattern)):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    if removed:
-        LOG.info("removed %d temporary file(s) left by an interrupted run in %s: %s", len(removed), out,
-                 ", ".join(str(p.relative_to(out)) for p in removed))
-    return removed
-
-
-@contextlib.contextmanager
-def exit_on_sigterm():
-    """While inside: SIGTERM (what ``kill``, a job scheduler and torchrun send) raises SystemExit(143)
-    instead of ending the process on the spot, so ``finally`` blocks run and a checkpoint being written
-    removes its temporary directory (the last complete checkpoint stays). Outside the main thread, where
-    Python cannot set handlers, nothing changes."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        LOG.warning("training terminated (signal %d); what was being written is removed, the last complete "
-                    "checkpoint is kept (--resume continues from it)", signum)
-        raise SystemExit(128 + signum)
-
-    before = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-
-
-def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
-    from gill.checkpoint import save_model
-
-    from gill._io import atomic_dir
-
-    final = out / "checkpoints" / f"step-{state['step']:07d}"
-    with atomic_dir(final) as tmp:
-        save_model(tmp, model)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **state},
-                   tmp / "trainer_state.pt")
-    for old in checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    remove_stale_temporaries(out)
-    return final
-
-
-# ---- validation --------------------------------------------------------------------------------------
-
-
-def batch_text(tokenizer, samples: list, cfg, model_config):
-    """The batch's text (with the contexts of interleaved samples) and the pixels of the context images
-    it keeps (M, 3, H, W), or None when no sample has a context."""
-    from training.step import tokenize
-
-    contexts = [[t for t, _ in s.context] for s in samples]
-    text = tokenize(tokenizer, [s.caption for s in samples], cfg.max_len, model_config.tokens.num_img_tokens,
-                    contexts=contexts if any(contexts) else None, n_visual=model_config.n_visual_tokens)
-    if not text.interleaved:
-        return text, None
-    kept = [px for s, ids in zip(samples, text.context) for _, px in s.context[len(s.context) - len(ids):]]
-    return text, torch.stack(kept) if kept else None
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, batches, cfg, device) -> dict[str, float]:
-    """Caption loss and text<->image recall@1/5/10 over a held-out set (full similarity matrix)."""
-    from gill import losses
-    from training.step import caption_inputs, img_states
-
-    model.eval()
-    texts, images, loss_sum, n_tok = [], [], 0.0, 0.0
-    for i, samples in enumerate(batches):
-        if cfg.val_batches and i >= cfg.val_batches:
-            break
-        dtype = next(model.vision.parameters()).dtype
-        pixels = torch.stack([s.pixel_values for s in samples]).to(device, dtype)
-        text, context = batch_text(tokenizer, samples, cfg, model.config)
-        with autocast(cfg, device):
-            image = model.encode_images(pixels)
-            embeds, mask, labels = caption_inputs(model, image.prefix, text, concat=False)
-            logits = model.lm_forward(embeds, mask).logits
-            count = losses.num_targets(labels)
-            loss_sum += losses.caption_loss(logits, labels, 1.0).item()
-            n_tok += count.item()
-            img_hidden = img_states(model, text, context, device)
-            texts.append(model.text_retrieval_embeddings(img_hidden).float())
-            images.append(image.retrieval.float())
-    model.train()
-    if not texts:
-        return {}
-    sim = losses.retrieval_logits(torch.cat(texts), torch.cat(images), model.adapter.logit_scale)
-    metrics = {"val/caption_loss": loss_sum / max(n_tok, 1.0)}
-    for name, s in (("t2i", sim), ("i2t", sim.T)):
-        ranks = (s > s.diagonal()[:, None]).sum(-1)  # how many candidates beat the right one
-        for k in (1, 5, 10):
-            metrics[f"val/{name}_recall@{k}"] = (ranks < k).float().mean().item()
-    return metrics
-
-
-def autocast(cfg, device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
-# ---- the loop ----------------------------------------------------------------------------------------
 
 
 def parse(argv: list[str] | None):
@@ -231,200 +80,9 @@ def parse(argv: list[str] | None):
     return p.parse_args(argv)
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (too many bad steps in a row, no usable checkpoint to resume)."""
-
-
-@dataclass
-class Run:
-    """Everything ``setup`` builds; ``train_step``, ``validate_and_keep_best`` and ``save`` drive it, so a
-    test (or another loop) can run any part."""
-
-    args: argparse.Namespace
-    cfg: Any
-    device: torch.device
-    world: int
-    rank: int
-    per_rank: int
-    out: Path
-    model: Any
-    tokenizer: Any
-    processor: Any
-    step_module: Any
-    ddp: Any
-    trainable: list
-    optimizer: Any
-    scheduler: Any
-    emb_norm: float | None  # what the [IMG] input rows are rescaled to after each step; None: left as trained
-    out_norm: float | None  # what untied [IMG] output rows are rescaled to; None: left as trained
-    concat_rng: torch.Generator
-    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "position": 0, "best": -1.0, "skipped": {},
-                                                 "bad_steps": 0, "history": []})
-    skipped: Counter = field(default_factory=Counter)
-    bad_in_a_row: int = 0
-    writer: Any = None
-
-
 def setup(argv: list[str] | None = None) -> Run:
-    from training import distributed as D
-    from training.config import from_args, lr_factor
-    from training.step import (TrainStep, adapter_parts, init_img_embeddings, mean_row_norm, reinit_parts,
-                               renorm_img_embeddings, train_only)
-
-    args = parse(argv)
-    cfg = from_args(args.recipe, args)
-    device = torch.device(args.device or "cpu")
-    D.setup(device.type)
-    world, rank = D.world_size(), D.rank()
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", D.local_rank())
-    per_rank, rest = divmod(cfg.batch_size, world * cfg.grad_accum)
-    if rest or per_rank == 0:
-        raise SystemExit(f"error: batch size {cfg.batch_size} is not divisible by {world} processes x {cfg.grad_accum} accumulation steps")
-    if cfg.concat_prob > 0 and per_rank % 2:
-        raise SystemExit(f"error: concat-captions pairs examples: the per-process micro-batch ({per_rank}) must be even")
-    torch.manual_seed(cfg.seed)
-    model, tokenizer, processor, _ = build_model(args.model, DTYPES[cfg.backbone_dtype])
-    record_run_settings(model, args.run_settings, args.training_data or model.config.training_data or args.data)
-    if cfg.img_init:
-        try:
-            init_img_embeddings(model, tokenizer, cfg.img_init)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    try:
-        fresh, only = adapter_parts(model, cfg.reinit, "--reinit"), adapter_parts(model, cfg.train_only, "--train-only")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.cache_states and (only != ["mapper"] or world > 1 or args.resume):
-        raise SystemExit("error: --cache-states fits the mapper alone in one process: it needs --train-only mapper, "
-                         "and no torchrun or --resume")
-    reinit_parts(model, fresh)
-    if only:
-        train_only(model, only)
-    model.to(device).train()
-    step_module = TrainStep(model, cfg.weights, cfg.contrastive_queue, cfg.queue_duplicate_cos, cfg.mapper_input_noise)
-    trainable = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    # (frozen rows, --train-only, stay as loaded)
-    renorm = cfg.renorm_img_embeddings and model.adapter.img_embeddings.requires_grad
-    emb_norm = mean_row_norm(model.lm.get_input_embeddings().weight) if renorm else None
-    out_emb = model.lm.get_output_embeddings()
-    out_norm = mean_row_norm(out_emb.weight) if out_emb is not None and cfg.renorm_img_output else None
-    if emb_norm is not None:
-        renorm_img_embeddings(model, emb_norm, out_norm)
-    if world > 1:
-        frozen = [n for n, p in step_module.named_parameters() if not p.requires_grad]
-        frozen += [n for n, _ in step_module.named_buffers()]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step_module, frozen)
-        ddp = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        ddp = step_module
-    run = Run(args, cfg, device, world, rank, per_rank, Path(args.out), model, tokenizer, processor, step_module, ddp,
-              trainable, optimizer, scheduler, emb_norm, out_norm, torch.Generator().manual_seed(cfg.seed + 1))
-    if rank == 0:
-        remove_stale_temporaries(run.out)
-    D.barrier()  # no rank reads the run directory while rank 0 cleans it
-    if args.resume:
-        resume(run)
-    return run
-
-
-def settings_record(run: Run) -> dict:
-    """What a resumed run compares against: the recipe's values and the data it reads."""
-    import dataclasses
-
-    cfg = dataclasses.asdict(run.cfg)
-    return {**cfg, "model": run.args.model, "data": run.args.data, "sd_embeddings": run.args.sd_embeddings,
-            "world_size": run.world}
-
-
-class OtherModel(ValueError):
-    """A checkpoint trained from another ``--model`` than this run's, whose weights do not fit this one."""
-
-    def __init__(self, path: Path, trained_from: str, problem: Exception):
-        super().__init__(f"{path.name} was trained from model {trained_from!r} ({problem})")
-        self.trained_from = trained_from
-
-
-def verified_checkpoint(path: Path, run: Run) -> dict:
-    """A checkpoint's trainer state, after checking its weights against the model (raises naming the file;
-    ``OtherModel`` where the weights do not fit because the checkpoint was trained from another model)."""
-    from gill.checkpoint import check_state_dict, expected_shapes, load_safetensors, load_problem
-
-    try:
-        saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, missing, foreign: say which file and why (one line)
-        raise ValueError(f"{path / 'trainer_state.pt'}: cannot be read ({load_problem(e)})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path / 'trainer_state.pt'}: holds a {type(saved).__name__}, not a trainer state")
-    missing = {"optimizer", "scheduler", "concat_rng", "torch_rng", "step"} - set(saved)
-    if missing:
-        raise ValueError(f"{path / 'trainer_state.pt'}: lacks {sorted(missing)}")
-    settings = saved.get("settings")
-    trained_from = settings.get("model") if isinstance(settings, dict) else None
-    try:
-        weights = load_safetensors(path / "gill.safetensors")
-        check_state_dict(weights, expected_shapes(run.model.adapter), str(path / "gill.safetensors"))
-    except ValueError as e:
-        if isinstance(trained_from, str) and trained_from != run.args.model:
-            raise OtherModel(path, trained_from, e) from None
-        raise
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-        raise ValueError(f"{path / 'gill.safetensors'}: holds NaN or infinite weights")
-    saved["weights"] = weights
-    return saved
-
-
-def resume(run: Run) -> Path | None:
-    """Continue from the newest checkpoint that verifies, saying which and why newer ones were passed over,
-    and what differs from the settings it was saved with. None when there is no checkpoint (a fresh run)."""
-    from gill.checkpoint import load_strict
-
-    found = checkpoints(run.out)
-    if not found:
-        LOG.info("no checkpoint in %s: starting from step 0", run.out / "checkpoints")
-        return None
-    problems, other_models = [], []
-    for path in reversed(found):
-        try:
-            saved = verified_checkpoint(path, run)
-        except (ValueError, OSError) as e:
-            problems.append(str(e))
-            if isinstance(e, OtherModel):
-                other_models.append(e.trained_from)
-                LOG.warning("checkpoint %s was trained from model %r, not this run's %r; trying the one before",
-                            path.name, e.trained_from, run.args.model)
-            else:
-                LOG.warning("checkpoint %s is unusable (%s); trying the one before", path.name, e)
-            continue
-        load_strict(run.model.adapter, saved.pop("weights"), str(path))
-        run.optimizer.load_state_dict(saved.pop("optimizer"))
-        run.scheduler.load_state_dict(saved.pop("scheduler"))
-        run.concat_rng.set_state(saved.pop("concat_rng"))
-        torch.set_rng_state(saved.pop("torch_rng"))
-        before = saved.pop("settings", None)
-        run.state.update(saved)
-        run.skipped = Counter(run.state["skipped"])
-        if problems:
-            LOG.warning("resumed from %s (step %d), the newest usable checkpoint", path, run.state["step"])
-        else:
-            LOG.info("resumed from %s (step %d)", path, run.state["step"])
-        if before is not None:
-            now = settings_record(run)
-            changed = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
-            if changed:
-                LOG.warning("resuming with changed settings: %s",
-                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items())))
-        return path
-    if other_models:  # good checkpoints of another model: not to be deleted, just not this run's
-        names = ", ".join(repr(m) for m in dict.fromkeys(other_models))
-        raise TrainingError(f"--resume: the checkpoints in {run.out / 'checkpoints'} were trained from model {names} "
-                            f"and this run names {run.args.model!r}: pass the same --model to continue them, or "
-                            "another --out to start a new run")
-    raise TrainingError(f"--resume: none of the {len(found)} checkpoint(s) in {run.out / 'checkpoints'} is usable:\n  "
-                        + "\n  ".join(problems) + "\nremove them to start again, or restore a good copy")
+    """The run for these command-line arguments, ready to step (``training.prepare.prepare_run``)."""
+    return prepare_run(parse(argv))
 
 
 def train_step(run: Run, samples: list) -> dict[str, float] | None:
@@ -489,42 +147,130 @@ def train_step(run: Run, samples: list) -> dict[str, float] | None:
     return logged
 
 
-def save(run: Run) -> Path | None:
-    """A checkpoint of the current step (rank 0 writes; every rank waits). Refused, keeping the older ones,
-    if a weight is not finite."""
-    from training import distributed as D
-
-    run.state["skipped"] = dict(run.skipped)
-    path = None
-    if run.rank == 0:
-        bad = [n for n, p in run.model.adapter.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise TrainingError(f"step {run.state['step']}: weights {bad[:5]} are not finite; no checkpoint written "
-                                f"(the last good one is kept in {run.out / 'checkpoints'})")
-        path = save_checkpoint(run.out, run.model, run.optimizer, run.scheduler,
-                               {**run.state, "concat_rng": run.concat_rng.get_state(), "torch_rng": torch.get_rng_state(),
-                                "settings": settings_record(run)},
-                               run.cfg.keep_last)
-    D.barrier()
-    return path
+# ---- the loop ----------------------------------------------------------------------------------------
 
 
-def validate_and_keep_best(run: Run) -> dict[str, float]:
-    metrics = validate(run.model, run.tokenizer, run.processor, run.args, run.cfg, run.device)
-    if run.rank == 0:
-        LOG.info("step %d %s", run.state["step"], json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-        if run.writer is not None:
-            for k, v in metrics.items():
-                run.writer.add_scalar(k, v, run.state["step"])
-    score = metrics.get("val/t2i_recall@1", -1.0)
-    if run.rank == 0 and score > run.state["best"]:
-        from gill._io import atomic_write_text
-        from gill.checkpoint import save_model
+def open_progress(run: Run) -> Any:
+    """On rank 0: TensorBoard logs in ``OUT/tensorboard`` (``run.writer``; unless --no-tensorboard) and a
+    progress bar, returned (None with --no-progress and on the other ranks)."""
+    if run.rank != 0:
+        return None
+    if not run.args.no_tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-        run.state["best"] = score
-        save_model(run.out / "best", run.model)
-        atomic_write_text(run.out / "best" / "metrics.json", json.dumps({"step": run.state["step"], **metrics}, indent=2))
-    return metrics
+            run.writer = SummaryWriter(str(run.out / "tensorboard"))
+        except ImportError:
+            LOG.warning("tensorboard not installed: no TensorBoard logs")
+    if run.args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.cfg.steps, initial=run.state["step"], unit="step", dynamic_ncols=True)
+
+
+def sd_shape(run: Run) -> tuple[int, int]:
+    """The shape of one sample's diffusion text embedding, as the model's mapper writes it."""
+    return run.model.config.gen_seq_len, run.model.config.gen_emb_dim
+
+
+def training_batches(run: Run, shards: list[str], epoch: int, start: int):
+    """Global batches of an epoch's shuffled training stream, from stream item ``start`` on: yields
+    (samples, items of the epoch consumed)."""
+    from training.data import ShardStream, global_batches
+
+    cfg = run.cfg
+    stream = ShardStream(shards, run.processor, run.args.sd_embeddings, epoch=epoch, seed=cfg.seed, start=start,
+                         shuffle_buffer=cfg.shuffle_buffer, sd_shape=sd_shape(run))
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, collate_fn=lambda x: x)
+    return global_batches(iter(dl), cfg.batch_size, run.skipped)
+
+
+def log_step(run: Run, logged: dict[str, float], bar: Any, rate: float | None = None) -> None:
+    """Rank 0's record of a step: the progress bar, and every ``--log-every`` steps TensorBoard (the losses;
+    with ``rate`` also the learning rate and samples per second)."""
+    step = run.state["step"]
+    if bar is not None:
+        bar.update(1)
+        if rate is None:
+            bar.set_postfix(loss=f"{logged['total']:.3f}")
+        else:
+            bar.set_postfix(loss=f"{logged['total']:.3f}", samples_per_s=f"{rate:.1f}")
+    if run.writer is not None and step % run.cfg.log_every == 0:
+        for k, v in logged.items():
+            run.writer.add_scalar(f"train/{k}", v, step)
+        if rate is not None:
+            run.writer.add_scalar("train/lr", run.scheduler.get_last_lr()[0], step)
+            run.writer.add_scalar("train/samples_per_s", rate, step)
+
+
+def fit_cached_states(run: Run, bar: Any) -> None:
+    """--cache-states: every training sample's [IMG] states computed once, then the mapper fitted on them
+    for the run's steps (``training.mapper_cache``)."""
+    from training.data import ShardStream, expand_shards, global_batches
+    from training.mapper_cache import collect_states, fit
+
+    cfg = run.cfg
+    stream = ShardStream(expand_shards(run.args.data), run.processor, run.args.sd_embeddings, seed=cfg.seed,
+                         shuffle_buffer=0, sd_shape=sd_shape(run))
+    states = collect_states(run, global_batches(iter(stream), cfg.batch_size, run.skipped, drop_last=False))
+    LOG.info("--cache-states: [IMG] states of %d samples", len(states.hidden))
+    run.state["history"] = fit(run, states, lambda step, logged: log_step(run, logged, bar))
+
+
+def train_loop(run: Run, bar: Any) -> None:
+    """Steps until ``--steps``, epoch after epoch, validating and saving on schedule; the data position is
+    kept in ``run.state`` (the resume point). Raises ``TrainingError`` where the run cannot go on."""
+    from training.data import expand_shards
+
+    cfg, args, state = run.cfg, run.args, run.state
+    shards = expand_shards(args.data)
+    t_start, samples_seen, fresh = time.perf_counter(), 0, False
+    batches = training_batches(run, shards, state["epoch"], state["position"])
+    while state["step"] < cfg.steps:
+        try:
+            samples, consumed = next(batches)
+        except StopIteration:
+            if fresh:
+                raise SystemExit(f"error: no complete batch of {cfg.batch_size} in the training data") from None
+            state["epoch"] += 1
+            state["position"] = 0
+            batches = training_batches(run, shards, state["epoch"], 0)
+            fresh = True
+            continue
+        fresh = False
+        logged = train_step(run, samples)
+        state["position"] = consumed  # stream items of this epoch consumed (the resume point)
+        if logged is None:
+            continue
+        samples_seen += cfg.batch_size
+        state["history"].append(logged)
+        if run.rank == 0:
+            log_step(run, logged, bar, samples_seen / max(time.perf_counter() - t_start, 1e-9))
+        if args.val_data and (state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps):
+            validate_and_keep_best(run)
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
+            save(run)
+
+
+def finish(run: Run, bar: Any) -> None:
+    """On rank 0: the final model (``OUT/final``), the loss history and the skipped-sample report."""
+    if run.rank != 0:
+        return
+    from gill.checkpoint import save_model
+    from gill.io import atomic_write_text
+
+    state = run.state
+    save_model(run.out / "final", run.model)
+    atomic_write_text(run.out / "history.json", json.dumps(state["history"]))
+    report = {**dict(run.skipped), **({"non-finite steps": state["bad_steps"]} if state.get("bad_steps") else {})}
+    atomic_write_text(run.out / "skipped.json", json.dumps(report, indent=2))
+    if bar is not None:
+        bar.close()
+    if run.writer is not None:
+        run.writer.close()
+    LOG.info("done: %d steps; bad samples skipped (occurrences): %s; non-finite steps skipped: %d",
+             state["step"], dict(run.skipped) or "none", state.get("bad_steps", 0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,125 +281,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from training import distributed as D
-    from training.data import ShardStream, expand_shards, global_batches
 
     try:
         run = setup(argv)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    cfg, args, state, out = run.cfg, run.args, run.state, run.out
-    if run.rank == 0 and not args.no_tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            run.writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            LOG.warning("tensorboard not installed: no TensorBoard logs")
-    bar = None
-    if run.rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=state["step"], unit="step", dynamic_ncols=True)
-
-    train_shards = expand_shards(args.data)
-    sd_shape = (run.model.config.gen_seq_len, run.model.config.gen_emb_dim)
-    t_start, samples_seen = time.perf_counter(), 0
-
-    def loader(epoch: int, start: int):
-        stream = ShardStream(train_shards, run.processor, args.sd_embeddings, epoch=epoch, seed=cfg.seed, start=start,
-                             shuffle_buffer=cfg.shuffle_buffer, sd_shape=sd_shape)
-        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                                         collate_fn=lambda x: x)
-        return global_batches(iter(dl), cfg.batch_size, run.skipped)
-
-    if args.cache_states:
-        from training.mapper_cache import collect_states, fit
-
-        stream = ShardStream(train_shards, run.processor, args.sd_embeddings, seed=cfg.seed, shuffle_buffer=0,
-                             sd_shape=sd_shape)
-        states = collect_states(run, global_batches(iter(stream), cfg.batch_size, run.skipped, drop_last=False))
-        LOG.info("--cache-states: [IMG] states of %d samples", len(states.hidden))
-
-        def on_step(step: int, logged: dict) -> None:
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{logged['total']:.3f}")
-            if run.writer is not None and step % cfg.log_every == 0:
-                for k, v in logged.items():
-                    run.writer.add_scalar(f"train/{k}", v, step)
-
-        try:
-            state["history"] = fit(run, states, on_step)
-        except TrainingError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        batches = iter(())
-    else:
-        batches = loader(state["epoch"], state["position"])
-    fresh = False
+    bar = open_progress(run)
     try:
-        while state["step"] < cfg.steps:
-            try:
-                samples, consumed = next(batches)
-            except StopIteration:
-                if fresh:
-                    raise SystemExit(f"error: no complete batch of {cfg.batch_size} in the training data") from None
-                state["epoch"] += 1
-                state["position"] = 0
-                batches = loader(state["epoch"], 0)
-                fresh = True
-                continue
-            fresh = False
-            logged = train_step(run, samples)
-            state["position"] = consumed  # stream items of this epoch consumed (the resume point)
-            if logged is None:
-                continue
-            samples_seen += cfg.batch_size
-            state["history"].append(logged)
-            if run.rank == 0:
-                rate = samples_seen / max(time.perf_counter() - t_start, 1e-9)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{logged['total']:.3f}", samples_per_s=f"{rate:.1f}")
-                if run.writer is not None and state["step"] % cfg.log_every == 0:
-                    for k, v in logged.items():
-                        run.writer.add_scalar(f"train/{k}", v, state["step"])
-                    run.writer.add_scalar("train/lr", run.scheduler.get_last_lr()[0], state["step"])
-                    run.writer.add_scalar("train/samples_per_s", rate, state["step"])
-            if args.val_data and (state["step"] % cfg.val_every == 0 or state["step"] == cfg.steps):
-                validate_and_keep_best(run)
-            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.steps:
-                save(run)
+        if run.args.cache_states:
+            fit_cached_states(run, bar)
+        else:
+            train_loop(run, bar)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         D.cleanup()
         return 1
-    if run.rank == 0:
-        from gill._io import atomic_write_text
-        from gill.checkpoint import save_model
-
-        save_model(out / "final", run.model)
-        atomic_write_text(out / "history.json", json.dumps(state["history"]))
-        report = {**dict(run.skipped), **({"non-finite steps": state["bad_steps"]} if state.get("bad_steps") else {})}
-        atomic_write_text(out / "skipped.json", json.dumps(report, indent=2))
-        if bar is not None:
-            bar.close()
-        if run.writer is not None:
-            run.writer.close()
-        LOG.info("done: %d steps; bad samples skipped (occurrences): %s; non-finite steps skipped: %d",
-                 state["step"], dict(run.skipped) or "none", state.get("bad_steps", 0))
+    finish(run, bar)
     D.cleanup()
     return 0
-
-
-def validate(model, tokenizer, processor, args, cfg, device) -> dict[str, float]:
-    from training.data import ShardStream, expand_shards, global_batches
-
-    stream = ShardStream(expand_shards(args.val_data), processor, args.val_sd_embeddings, shuffle_buffer=0, need_sd=False)
-    size = max(2, cfg.batch_size // max(1, cfg.grad_accum))
-    batches = (b for b, _ in global_batches(iter(stream), size, Counter(), drop_last=False))
-    return evaluate(model, tokenizer, batches, cfg, device)
 
 
 if __name__ == "__main__":
