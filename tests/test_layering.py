@@ -23,16 +23,10 @@ MAX_FUNCTION_LINES = 80
 KNOWN_LONG_MODULES = {
     "gill/pipeline.py": "H40a, issue 40 (split of the pipeline)",
     "app/app.py": "H40a, issue 40 (chat session logic apart from Gradio)",
-    "gill/eval/runner.py": "H41p, issue 40 (gill/eval split)",
 }
 KNOWN_LONG_FUNCTIONS = {
     "app/app.py::build_demo": "H40a, issue 40",
     "app/app.py::build_demo.answer_message": "H40a, issue 40",
-    "gill/eval/__main__.py::_run": "H41p, issue 40",
-    "gill/eval/data.py::load_vist": "H41p, issue 40",
-    "gill/eval/report.py::write_report": "H41p, issue 40",
-    "gill/eval/runner.py::run_setting": "H41p, issue 40",
-    "gill/eval/runner.py::score": "H41p, issue 40",
     "training/toy/backbones.py::stage_sd": "coordinator, issues 38/40 (training/toy)",
 }
 KNOWN_PRIVATE_IMPORTS = {
