@@ -23,6 +23,7 @@ from gill.diffusion import DiffusionGenerator, DiffusionOptions
 from gill.generate import DecodeOptions, DoneEvent, ImageEvent, ImageSlot, TokenEvent, decode, iter_decode
 from gill.model import GILLModel
 from gill.retrieval import EmbeddingIndex, image_keys
+from gill.run import Run, resolve_run
 from gill.settings import RunSettings, context_limit, resolve_settings
 from gill.tokens import ImageTokens
 
@@ -352,13 +353,16 @@ class GILL:
 
     # ---- 2. decoding -----------------------------------------------------------------------------
 
-    def _decode_options(self, options: DecodeOptions | None, overrides: dict[str, Any]) -> DecodeOptions:
-        """Explicit options and keyword overrides, the rest from the model's settings and the library's."""
-        options = replace(options or DecodeOptions(), **overrides).with_settings(self.settings)
+    def _run(self, settings: RunSettings | dict[str, Any] | None, options: DecodeOptions | None,
+             diffusion: DiffusionOptions | None, seed: int | None, overrides: dict[str, Any]) -> Run:
+        """A call's options resolved once (``gill.run.resolve_run``) against this model's settings, and
+        checked against its context before anything runs."""
+        run = resolve_run(self.settings, settings=settings, options=options, diffusion=diffusion, seed=seed,
+                          overrides=overrides)
         if self.diffusion is None and self.retriever is None:
-            options = replace(options, allow_images=False)
-        self._check_answer_length(options.max_new_tokens)
-        return options
+            run = replace(run, decode=replace(run.decode, allow_images=False))
+        self._check_answer_length(run.decode.max_new_tokens)
+        return run
 
     def _check_answer_length(self, max_new_tokens: int) -> None:
         """Refuse, before anything runs, an answer that cannot fit the model's context whatever the prompt."""
@@ -369,20 +373,11 @@ class GILL:
                          f"it {self._reads(limit)} for prompt and answer together, and an [IMG] group takes {n}; "
                          f"give max_new_tokens <= {limit - n}")
 
-    def _seed_and_diffusion(self, seed: int | None, diffusion: DiffusionOptions | None) -> tuple[int, DiffusionOptions]:
-        """``seed`` (else the diffusion options', else the model's, else the library's) seeds decoding and the
-        diffusion options' unset seed; their other unset fields come from the settings."""
-        diffusion = diffusion or DiffusionOptions()
-        seed = self.run_settings({"seed": seed if seed is not None else diffusion.seed}).seed
-        if diffusion.seed is None:
-            diffusion = replace(diffusion, seed=seed)
-        return seed, diffusion.with_settings(self.settings)
-
-    def _decode_args(self, prompts: list[_Prompt], options: DecodeOptions, seed: int | None) -> dict[str, Any]:
+    def _decode_args(self, prompts: list[_Prompt], run: Run) -> dict[str, Any]:
         embeds, mask = self._batch(prompts)
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        generator = torch.Generator(device=self.device).manual_seed(run.settings.seed)
         return dict(
-            model=self.model, inputs_embeds=embeds, attention_mask=mask, options=options,
+            model=self.model, inputs_embeds=embeds, attention_mask=mask, options=run.decode,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id or 0,
             decode_text=self.tokenizer.decode, generator=generator,
         )
@@ -503,6 +498,7 @@ class GILL:
         inputs: Sequence[InputItem] | Sequence[Sequence[InputItem]],
         *,
         policy: str = "auto",
+        settings: RunSettings | dict[str, Any] | None = None,
         options: DecodeOptions | None = None,
         diffusion: DiffusionOptions | None = None,
         seed: int | None = None,
@@ -515,21 +511,23 @@ class GILL:
         A prompt that with its answer (``max_new_tokens`` plus an [IMG] group) exceeds the model's context
         (``context_length``: its run settings', else its LM's positions) raises ``PromptTooLongError`` naming
         the lengths; ``truncate=True`` drops its oldest positions instead.
+        Run settings (decoding, diffusion steps, guidance, scheduler, seed) come as ``settings`` (a
+        ``RunSettings`` or a dict of its fields: what the front ends pass), or as keyword arguments and
+        ``options`` / ``diffusion`` fields of the same names, which win over ``settings``; those not given are
+        the model's (``self.settings``), else the library's, resolved once (``gill.run.resolve_run``).
         ``decode_overrides`` set fields of ``DecodeOptions`` (max_new_tokens, temperature, top_p, top_k,
-        stop_strings, img_scale_factor, min_tokens_before_image, ...). Run settings not given here (decoding,
-        diffusion steps, guidance, scheduler, seed) are the model's (``self.settings``), else the library's. ``original_truncation`` reproduces
+        stop_strings, img_scale_factor, min_tokens_before_image, ...). ``original_truncation`` reproduces
         the original's post-processing for evaluation parity: each text cut at its first newline or
         period, and text after the last image dropped.
         """
         batched, conversations = _conversations(inputs)
         _check_policy(policy)
-        options = self._decode_options(options, decode_overrides)
-        seed, diffusion = self._seed_and_diffusion(seed, diffusion)
+        run = self._run(settings, options, diffusion, seed, decode_overrides)
         prompts = self.build_prompts(conversations)
-        self._fit(prompts, options, truncate)
-        results = decode(**self._decode_args(prompts, options, seed))
+        self._fit(prompts, run.decode, truncate)
+        results = decode(**self._decode_args(prompts, run))
         slots = [(row, s) for row, r in enumerate(results) for s in r.images]
-        images = self._images(slots, prompts, policy, diffusion, [set() for _ in prompts], [0] * len(prompts))
+        images = self._images(slots, prompts, policy, run.diffusion, [set() for _ in prompts], [0] * len(prompts))
         answers = []
         k = 0
         for r in results:
@@ -549,6 +547,7 @@ class GILL:
         inputs: Sequence[InputItem],
         *,
         policy: str = "auto",
+        settings: RunSettings | dict[str, Any] | None = None,
         options: DecodeOptions | None = None,
         diffusion: DiffusionOptions | None = None,
         seed: int | None = None,
@@ -563,15 +562,14 @@ class GILL:
         if batched:
             raise TypeError("stream answers one conversation: give a list of texts and images, not a list of lists")
         _check_policy(policy)
-        options = self._decode_options(options, decode_overrides)
-        seed, diffusion = self._seed_and_diffusion(seed, diffusion)
+        run = self._run(settings, options, diffusion, seed, decode_overrides)
         prompts = self.build_prompts(conversations)
-        self._fit(prompts, options, truncate)
+        self._fit(prompts, run.decode, truncate)
         retrieved: list[set[str]] = [set()]
         pending: list[int] = []
         count = [0]
         shown = ""
-        for event in iter_decode(**self._decode_args(prompts, options, seed)):
+        for event in iter_decode(**self._decode_args(prompts, run)):
             if isinstance(event, TokenEvent):
                 pending.append(event.token_id)
                 if deltas:
@@ -590,7 +588,7 @@ class GILL:
                 pending = []
                 if text:
                     yield Text(text)
-                yield from self._images([(0, event.slot)], prompts, policy, diffusion, retrieved, count)[0]
+                yield from self._images([(0, event.slot)], prompts, policy, run.diffusion, retrieved, count)[0]
                 count[0] += 1
             elif isinstance(event, DoneEvent):
                 text = self._text(pending)
