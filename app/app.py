@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,32 +29,6 @@ MAX_IMAGE_PIXELS = 40_000_000
 MAX_SIDE = 1024  # an attached picture is kept (shown, read by the model) at most this many pixels a side
 CACHE_MAX_AGE_S = 86400  # the app's files in Gradio's cache that no ended session removed go after a day
 QUEUE_WAIT_S = 600  # a message sent while another is answered waits this long for its turn at most
-
-
-@dataclass
-class Defaults:
-    """The controls' initial values: the model's run settings (``GILL.run_settings``), with the policy."""
-
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    img_scale_factor: float  # the original demo's "frequency multiplier for returning images"
-    steps: int
-    guidance: float
-    seed: int
-    scheduler: str | None = None
-    policy: str = "auto"
-
-    @classmethod
-    def from_settings(cls, s: Any, policy: str = "auto") -> "Defaults":
-        return cls(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                   img_scale_factor=s.img_scale_factor, steps=s.steps, guidance=s.guidance_scale, seed=s.seed,
-                   scheduler=s.scheduler, policy=policy)
-
-
-def settings_for(pipeline: Any, args: argparse.Namespace) -> Any:
-    """The app's run settings: its flags > the model's settings > the library's defaults."""
-    return pipeline.run_settings({"steps": args.steps, "seed": args.seed})
 
 
 class BadInput(ValueError):
@@ -338,19 +311,23 @@ def check_seed(seed: Any) -> int:
     return value
 
 
-def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GILL") -> Any:
-    """The Gradio Blocks app around a ``gill.GILL``. Each session (browser tab) has its own folder for
-    its files, inside Gradio's cache (served from there, never copied), removed when the tab closes."""
+def build_demo(pipeline: Any, settings: Any = None, *, policy: str = "auto", title: str = "GILL") -> Any:
+    """The Gradio Blocks app around a ``gill.GILL``. ``settings``: the app's run settings (a
+    ``gill.RunSettings``, as its flags give them; unset fields: the model's, else the library's), the
+    controls' initial values and, for the scheduler (no control), every answer's; ``policy``: the decision
+    policy's initial value. Each session (browser tab) has its own folder for its files, inside Gradio's
+    cache (served from there, never copied), removed when the tab closes."""
     analytics = analytics_enabled()
     import gradio as gr
     from gradio.utils import get_upload_folder
 
     from app.session import Sessions
     from gill import chat
-    from gill.diffusion import DiffusionOptions
     from gill.pipeline import Text, TextDelta
+    from gill.settings import RunSettings
 
-    d = defaults or Defaults.from_settings(pipeline.run_settings())
+    given = settings or RunSettings()  # what the app was started with: every answer's unless a control says
+    d = pipeline.run_settings(given)  # the controls' initial values
     uploads = Path(get_upload_folder()).resolve()
     uploads.mkdir(parents=True, exist_ok=True)
     sessions = Sessions(Path(tempfile.mkdtemp(prefix="gill-app-", dir=uploads)))
@@ -418,11 +395,11 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                 shown.append({"role": "user", "content": save_image(image, session.folder)})
             if not text and not turn:
                 raise BadInput("Please type a message or attach an image.")
-            try:
-                settings = pipeline.run_settings({
-                    "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": int(max_tokens),
-                    "img_scale_factor": float(frequency), "steps": int(steps), "guidance_scale": float(guidance),
-                    "seed": check_seed(seed)})
+            try:  # the controls over what the app was started with; the rest the model's (GILL resolves them)
+                settings = RunSettings(
+                    temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_tokens),
+                    img_scale_factor=float(frequency), steps=int(steps), guidance_scale=float(guidance),
+                    seed=check_seed(seed)).over(given).validated("explicit run settings")
             except (TypeError, ValueError, OverflowError) as e:
                 if isinstance(e, BadInput):
                     raise
@@ -451,15 +428,9 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
         answer: list[Any] = []
         current = None  # the assistant text message being streamed
         try:
-            for segment in pipeline.stream(
-                [item for t in turns + [turn] for item in t], policy=policy, seed=settings.seed, deltas=True,
-                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                top_p=settings.top_p if settings.temperature > 0 else 1.0,
-                img_scale_factor=settings.img_scale_factor, stop_strings=chat.STOP_STRINGS,
-                end_at_image=chat.END_AT_IMAGE,
-                diffusion=DiffusionOptions(steps=settings.steps, guidance_scale=settings.guidance_scale,
-                                           seed=settings.seed, scheduler=d.scheduler),
-            ):
+            for segment in pipeline.stream([item for t in turns + [turn] for item in t], settings=settings,
+                                           policy=policy, deltas=True, stop_strings=chat.STOP_STRINGS,
+                                           end_at_image=chat.END_AT_IMAGE):
                 if not session.current(ticket):  # Reset or Undo: the answer is abandoned
                     return
                 if isinstance(segment, TextDelta):
@@ -551,12 +522,13 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
             with gr.Row():
                 frequency = gr.Slider(0, max(5.0, d.img_scale_factor), value=d.img_scale_factor, step=0.05,
                                       label="Image frequency (scale factor)")
-                policy = gr.Radio(["auto", "generate", "retrieve", "both"], value=d.policy, label="Decision policy")
+                chosen_policy = gr.Radio(["auto", "generate", "retrieve", "both"], value=policy, label="Decision policy")
             with gr.Row():
                 steps = gr.Slider(1, max(100, d.steps), value=d.steps, step=1, label="Diffusion steps")
-                guidance = gr.Slider(0, max(15.0, d.guidance), value=d.guidance, step=0.5, label="Guidance scale")
+                guidance = gr.Slider(0, max(15.0, d.guidance_scale), value=d.guidance_scale, step=0.5,
+                                     label="Guidance scale")
                 seed = gr.Number(value=d.seed, precision=0, label="Seed")
-        controls = [temperature, top_p, max_tokens, frequency, policy, steps, guidance, seed]
+        controls = [temperature, top_p, max_tokens, frequency, chosen_policy, steps, guidance, seed]
         # "multiple": a message sent while another is being answered reaches the server and waits its turn
         answering = box.submit(respond, [box, chatbot, history, *controls], [chatbot, history, box],
                                trigger_mode="multiple")
@@ -570,24 +542,17 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gill.arguments import int_in, port_arg, seed_arg
-    from gill.presets import DEFAULT_MODEL
+    from gill.arguments import int_in, port_arg
+    from gill.settings import add_run_arguments
 
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or preset (default: {DEFAULT_MODEL})")
-    p.add_argument("--index", default=None, help="retrieval index directory (your own image collection)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: localhost only; the app has no login: any other address "
                         "lets everyone who can reach it chat with the model)")
     p.add_argument("--port", type=port_arg(), default=7860)
     p.add_argument("--concurrency", type=int_in(1), default=1, help="requests served at once (the rest queue)")
     p.add_argument("--queue-size", type=int_in(1), default=16, help="requests that may wait (the rest are refused)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--steps", type=int_in(1), default=None,
-                   help="initial diffusion steps (default: the model's run settings)")
-    p.add_argument("--seed", type=seed_arg(), default=None, help="initial seed (default: the model's run settings)")
-    p.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
+    add_run_arguments(p, title="model and run settings (the controls' initial values)")
     return p
 
 
@@ -635,18 +600,15 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet(args.verbose)
     analytics_enabled()
-    import torch
-
     from gill.pipeline import GILL
+    from gill.settings import load_kwargs, settings_from_args
 
     try:
-        pipeline = GILL.from_pretrained(args.model, index=args.index, device=args.device,
-                                        torch_dtype=getattr(torch, args.dtype) if args.dtype else None)
+        pipeline = GILL.from_pretrained(args.model, **load_kwargs(args))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    defaults = Defaults.from_settings(settings_for(pipeline, args))
-    demo = build_demo(pipeline, defaults, title=f"GILL · {Path(str(args.model)).name}")
+    demo = build_demo(pipeline, settings_from_args(args), title=f"GILL · {Path(str(args.model)).name}")
     try:
         launch(demo, args.host, args.port, args.concurrency, args.queue_size)
     except OSError as e:

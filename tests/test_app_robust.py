@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from app.app import Defaults, build_demo, build_parser, image_label, main, plain_text
+from app.app import build_demo, build_parser, image_label, main, plain_text
+from gill.settings import RunSettings
 from synthetic import free_port
 
 CONTROLS = (0.0, 0.95, 8, 1.0, "both", 2, 7.5, 0)
@@ -23,8 +24,7 @@ CONTROLS = (0.0, 0.95, 8, 1.0, "both", 2, 7.5, 0)
 
 @pytest.fixture
 def demo(tiny_gill):
-    d = build_demo(tiny_gill, Defaults.from_settings(
-        tiny_gill.run_settings({"steps": 2, "max_new_tokens": 8, "img_scale_factor": 1.0}), policy="both"))
+    d = build_demo(tiny_gill, RunSettings(steps=2, max_new_tokens=8, img_scale_factor=1.0), policy="both")
     yield d
     d.sessions.close_all()
 
