@@ -390,7 +390,7 @@ LAYERS = [
     {"gill.generate", "gill.opt_static", "gill.retrieval", "gill.diffusion", "gill.run"},
     {"gill.checkpoint", "gill.backbones"},
     {"gill.loading"},
-    {"gill.pipeline"},
+    {"gill.pipeline", "gill.prompts", "gill.slots", "gill.saving", "gill.segments"},
     {"gill", "gill.demo", "gill.__main__", "gill.eval", "gill.eval.__main__", "gill.eval.data", "gill.eval.metrics",
      "gill.eval.report", "gill.eval.runner", "gill.eval.scorer", "gill.eval.protocol", "gill.eval.seeds",
      "gill.eval.shard"},
