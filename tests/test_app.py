@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.app import BadInput, build_demo, conversation_html, load_user_image, message_parts, plain_text
+from app.app import BadInput, build_demo, load_user_image
+from app.render import conversation_html, message_parts, plain_text
 from gill.settings import RunSettings
 from synthetic import free_port
 
@@ -120,7 +121,7 @@ def test_the_toy_hints_examples_each_get_the_worlds_answer_and_its_picture():
     """The page's "Try" examples for the default model, each as a new chat's first message with the app's
     defaults (the third, a change, after the first): exactly the world's answer, and one picture of the
     colour and shape it names (the world's judge)."""
-    from app.app import model_hint
+    from app.conversation import model_hint
     from gill import GILL
     from gill.toy import world
 
@@ -432,7 +433,7 @@ def test_eight_clients_at_once_each_get_the_answer_they_get_alone():
 
 
 def test_gradio_analytics_are_off_unless_the_user_turns_them_on(monkeypatch, tiny_gill):
-    from app.app import analytics_enabled
+    from app.demo import analytics_enabled
 
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
     assert analytics_enabled() is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
