@@ -20,6 +20,8 @@ from gill.tokens import ImageTokens
 
 @dataclass
 class Prompt:
+    """One conversation's prompt: its embeddings, and the keys of its images (an answer never retrieves them)."""
+
     embeds: torch.Tensor  # (T, d)
     exclude: set[str] = field(default_factory=set)  # keys of the conversation's images
 
