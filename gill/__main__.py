@@ -9,8 +9,8 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (its ``generate`` subcommand's parser is ``.generate``). Numbers out of range
     and an --out that is a file are refused when the command line is parsed, naming the flag."""
-    from gill.arguments import MAX_SEED, float_in, int_in, out_dir_arg, seed_arg
-    from gill.settings import MAX_STEPS, SCHEDULERS
+    from gill.arguments import MAX_SEED, int_in, out_dir_arg, seed_arg
+    from gill.settings import add_run_arguments
 
     parser = argparse.ArgumentParser(prog="python -m gill", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
@@ -36,26 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'python -m gill generate --model DIR \"a photo of\" --image a.png \"and?\"'.")
     gen.add_argument("items", nargs="*", help="text segments (in order with the --image options)")
     gen.add_argument("--image", action="append", default=[], help="an image file (repeatable, keeps its position)")
-    gen.add_argument("--model", default="toy", help="model directory or preset (default: toy, the offline toy world)")
     gen.add_argument("--out", type=out_dir_arg(), default="gill-output", help="folder for the answer's images")
     gen.add_argument("--policy", choices=["auto", "generate", "retrieve", "both"], default="auto")
-    defaults = "default: the model's run settings, else the library's"
-    gen.add_argument("--max-new-tokens", type=int_in(1), default=None,
-                     help=f">= 1, at most the model's context less an [IMG] group ({defaults})")
-    gen.add_argument("--temperature", type=float_in(0), default=None, help=f">= 0; 0 is greedy ({defaults})")
-    gen.add_argument("--top-p", type=float_in(0, 1, above=True), default=None, help=f"in (0, 1] ({defaults})")
     gen.add_argument("--top-k", type=int_in(0), default=0, help=">= 0; 0 keeps every token")
-    gen.add_argument("--img-scale-factor", type=float_in(0), default=None,
-                     help=f"the original's image-frequency factor, >= 0 ({defaults})")
-    gen.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None, help=f"diffusion steps, 1-{MAX_STEPS} ({defaults})")
-    gen.add_argument("--guidance", type=float_in(0), default=None,
-                     help=f"classifier-free guidance scale, >= 0 ({defaults})")
-    gen.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
-                     help=f"diffusion scheduler ({defaults})")
-    gen.add_argument("--seed", type=seed_arg(), default=None, help=f"0-{MAX_SEED} ({defaults})")
-    gen.add_argument("--index", default=None, help="retrieval index directory (default: the model's own corpus)")
-    gen.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    add_run_arguments(gen, verbose=False)  # --model, --index, --device, --dtype and the run settings
 
     parser.generate = gen
     return parser
@@ -137,27 +121,17 @@ def _ordered_items(argv: list[str], options: dict[str, bool]) -> list[tuple[str,
     return items
 
 
-def settings_for(gill, args: argparse.Namespace):
-    """The run settings of ``python -m gill generate``: its flags > the model's settings > the library's."""
-    return gill.run_settings({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                              "top_p": args.top_p, "img_scale_factor": args.img_scale_factor, "steps": args.steps,
-                              "guidance_scale": args.guidance, "scheduler": args.scheduler, "seed": args.seed})
-
-
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from gill.diffusion import DiffusionOptions
     from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Text
+    from gill.settings import load_kwargs, settings_from_args
 
     inputs = [Path(v) if kind == "image" else v for kind, v in args.ordered]
     if not inputs:
         print("error: give at least one text or --image", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    gill = GILL.from_pretrained(args.model, torch_dtype=dtype, device=args.device, index=args.index)
+    gill = GILL.from_pretrained(args.model, **load_kwargs(args))
     if gill.retriever is not None and len(gill.retriever) == 0:  # an empty index: said, not a vanished image
         where = args.index or f"{args.model}'s own corpus"
         if args.policy == "retrieve":
@@ -165,12 +139,7 @@ def _generate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         print(f"warning: the retrieval index {where} is empty: no image will be retrieved", file=sys.stderr)
-    s = settings_for(gill, args)
-    answer = gill.generate_interleaved(
-        inputs, policy=args.policy, seed=s.seed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, top_k=args.top_k, img_scale_factor=s.img_scale_factor,
-        diffusion=DiffusionOptions(steps=s.steps, guidance_scale=s.guidance_scale, seed=s.seed, scheduler=s.scheduler),
-    )
+    answer = gill.generate_interleaved(inputs, policy=args.policy, settings=settings_from_args(args), top_k=args.top_k)
     out = Path(args.out)
     n = 0
     for segment in answer:

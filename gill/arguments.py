@@ -1,6 +1,8 @@
 """Command-line argument types shared by every front end (``gill.eval``, the index and training recipes):
 a number out of range is refused when the command line is parsed, and argparse names the flag
-("argument --batch-size: must be an integer >= 1, got '0'"). Imports no torch."""
+("argument --batch-size: must be an integer >= 1, got '0'"). Imports no torch at import time (``torch_dtype``
+does when called). The flags of a model and its run settings, shared by the app, ``python -m gill generate``
+and ``gill.eval``, are ``gill.settings.add_run_arguments``."""
 
 from __future__ import annotations
 
@@ -83,3 +85,18 @@ def seed_arg():
 def port_arg():
     """An argparse ``type=`` for TCP ports: an integer from 1 to 65535."""
     return int_in(1, MAX_PORT)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""The ``--dtype`` choices of every front end (the backbones' dtype; unset: as stored)."""
+
+
+def torch_dtype(name: str | None):
+    """A ``--dtype`` value as a ``torch.dtype`` (None stays None: the dtype the weights are stored in)."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype is {name!r}; choose one of {list(DTYPES)}")
+    import torch
+
+    return getattr(torch, name)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gill.settings import SCHEDULERS, RunSettings, fill_unset
+from gill.settings import SCHEDULERS, RunSettings
 
 MAX_IMAGE_SIDE = 2048  # pixels: SD v1.5 draws 512, SDXL 1024; larger sides are refused before any latent is made
 MAX_TORCH_SEED = 2**64 - 1  # what a torch.Generator takes
@@ -22,20 +22,22 @@ MAX_TORCH_SEED = 2**64 - 1  # what a torch.Generator takes
 
 @dataclass
 class DiffusionOptions:
-    """Diffusion options. Run settings left at None (steps, guidance_scale, scheduler, seed) are filled
-    in by ``GILL`` from the model's settings, then from ``gill.settings.LIBRARY_DEFAULTS``."""
+    """Diffusion options: values, read as given. ``GILL`` sets the run settings among them (steps,
+    guidance_scale, scheduler, seed) from a call's resolved settings (``gill.run``); called directly, those
+    left None are the pipeline's own (its call's default steps and guidance: SD v1.5's 50 and 7.5; its
+    scheduler), and an unset seed draws unseeded."""
 
     steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None  # image i of a call uses seed + i
-    scheduler: str | None = None  # one of SCHEDULERS; None everywhere keeps the pipeline's (SD v1.5: PNDM)
+    scheduler: str | None = None  # one of SCHEDULERS; None keeps the pipeline's (SD v1.5: PNDM)
     height: int | None = None
     width: int | None = None
     # (1, L, D) or (G, L, D) conditioning for classifier-free guidance; None encodes the empty prompt.
     negative_prompt_embeds: torch.Tensor | None = None
 
-    def with_settings(self, settings: RunSettings) -> DiffusionOptions:
-        """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
+    def validated(self) -> DiffusionOptions:
+        """Raise naming the field for a value no draw can use (the run settings by ``RunSettings``' rules)."""
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 8 or value % 8
@@ -44,7 +46,9 @@ class DiffusionOptions:
                                  f"{MAX_IMAGE_SIDE}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"diffusion options: scheduler is {self.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
-        return fill_unset(self, settings, "diffusion options")
+        RunSettings(steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
+                    scheduler=self.scheduler).validated("diffusion options")
+        return self
 
 
 class DiffusionGenerator:
@@ -96,9 +100,7 @@ class DiffusionGenerator:
         ``options.seed + i``; or starts from ``latents[i]`` (the initial noise itself, (G, C, h, w), as a
         seed stream shared across calls gives it). Without negative embeddings the pipeline encodes the
         empty prompt, as the original did."""
-        # unset steps/guidance: the library's defaults; an unset seed stays unseeded here
-        seed = (options or DiffusionOptions()).seed
-        options = replace((options or DiffusionOptions()).with_settings(RunSettings()), seed=seed)
+        options = (options or DiffusionOptions()).validated()
         with self.scheduled(options.scheduler):
             return self._generate(prompt_embeds, options, negative_prompt_embeds, seeds, latents)
 
@@ -124,13 +126,11 @@ class DiffusionGenerator:
             generator = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         if negative_prompt_embeds is not None and negative_prompt_embeds.shape[0] == 1 < prompt_embeds.shape[0]:
             negative_prompt_embeds = negative_prompt_embeds.expand(prompt_embeds.shape[0], -1, -1)
-        kwargs = dict(
-            prompt_embeds=prompt_embeds.to(device),
-            num_inference_steps=options.steps,
-            guidance_scale=options.guidance_scale,
-            generator=generator,
-            output_type="pil",
-        )
+        kwargs = dict(prompt_embeds=prompt_embeds.to(device), generator=generator, output_type="pil")
+        if options.steps is not None:  # else the pipeline's own
+            kwargs["num_inference_steps"] = options.steps
+        if options.guidance_scale is not None:
+            kwargs["guidance_scale"] = options.guidance_scale
         if latents is not None:
             kwargs["latents"] = latents.to(device)
         if negative_prompt_embeds is not None:

@@ -24,14 +24,15 @@ import torch
 
 from gill import sampling
 from gill.model import GILLModel
-from gill.settings import RunSettings, fill_unset
+from gill.settings import RunSettings
 
 
 @dataclass
 class DecodeOptions:
-    """Decoding options. The run settings among them (max_new_tokens, temperature, top_p,
-    img_scale_factor) left at None are filled in: by ``GILL`` from the model's settings, and from the
-    library's defaults (``gill.settings.LIBRARY_DEFAULTS``) where neither says."""
+    """Decoding options: values, read as given. ``GILL`` sets the run settings among them (max_new_tokens,
+    temperature, top_p, img_scale_factor) from a call's resolved settings (``gill.run``); called directly,
+    the decoder needs ``max_new_tokens``, and the others left None are not applied (greedy, no nucleus
+    filter, the [IMG0] logit as it is)."""
 
     max_new_tokens: int | None = None  # counts text tokens and each [IMG] token
     temperature: float | None = None  # 0 is greedy
@@ -48,13 +49,11 @@ class DecodeOptions:
     # is a pre-LN OPT, else Hugging Face's dynamic cache; "static" or "hf" force one.
     backend: str = "auto"
 
-    def with_settings(self, settings: RunSettings) -> DecodeOptions:
-        """The run settings this leaves unset, taken from ``settings`` (then from the library's defaults)."""
-        return fill_unset(self.validated(), settings, "decoding options")
-
     def validated(self) -> DecodeOptions:
-        """Raise naming the field for a value decoding cannot use (the run settings are checked by
-        ``fill_unset``). A bare string for ``stop_strings`` is one stop string, not its characters."""
+        """Raise naming the field for a value decoding cannot use (the run settings by ``RunSettings``'
+        rules). A bare string for ``stop_strings`` is one stop string, not its characters."""
+        RunSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                    img_scale_factor=self.img_scale_factor).validated("decoding options")
         if isinstance(self.stop_strings, str):
             raise TypeError(f"decoding options: stop_strings is the string {self.stop_strings!r}; give a tuple "
                             f"of strings, e.g. ({self.stop_strings!r},)")
@@ -120,7 +119,10 @@ class _Rows:
             raise ValueError("stop_strings need decode_text (e.g. a tokenizer's decode)")
         self.results = [DecodeResult() for _ in range(n_rows)]
         self.done = [False] * n_rows
-        options = options.with_settings(RunSettings())  # unset run settings: the library's defaults
+        options = options.validated()
+        if options.max_new_tokens is None:
+            raise ValueError("decoding options: max_new_tokens is not set; give the most tokens an answer may take "
+                             "(GILL sets it from the run settings)")
         self.model, self.options, self.eos, self.decode_text = model, options, eos_token_id, decode_text
         self.n_img = model.config.tokens.num_img_tokens
         self.img_ids = model.img_token_ids
@@ -132,14 +134,18 @@ class _Rows:
     def select(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Next token of every row (N,), on the device, from the last-position logits (N, V)."""
         o = self.options
-        logits = sampling.scale_img_logit(logits.float(), self.img0, o.img_scale_factor)
+        logits = logits.float()
+        if o.img_scale_factor is not None:
+            logits = sampling.scale_img_logit(logits, self.img0, o.img_scale_factor)
         logits = sampling.mask_ids(logits, self.img_ids[1:])  # [IMG1..] are forced, never sampled
         no_img = tuple(not self.image_allowed(r) for r in range(len(self.results)))
         if any(no_img):
             if self._no_img_key != no_img:  # copied to the device only when it changes
                 self._no_img_key, self._no_img = no_img, torch.tensor(no_img, device=logits.device)
             logits = sampling.mask_ids(logits, self.img_ids[:1], self._no_img)
-        return sampling.sample(logits, o.temperature, o.top_p, o.top_k, generator)
+        greedy, everything = o.temperature is None, o.top_p is None  # not set: not applied
+        return sampling.sample(logits, 0.0 if greedy else o.temperature, 1.0 if everything else o.top_p, o.top_k,
+                               generator)
 
     def image_allowed(self, row: int) -> bool:
         o, r = self.options, self.results[row]

@@ -4,14 +4,21 @@ place.
 
 A model directory's ``config.json`` carries a ``run`` block (a ``RunSettings``); fields it leaves out
 (``None``) fall back to the library's defaults, ``LIBRARY_DEFAULTS``, the one place their values are
-written. Every front end (``GILL.generate_interleaved``/``stream``, ``python -m gill generate``, the app,
-``gill.eval``) calls ``resolve_settings``: explicit argument > the model's settings > the library default.
+written. ``resolve_settings`` is the one resolver: explicit argument > the model's settings > the library
+default. ``GILL`` calls it once per run and hands the resolved values down to the decoder and Stable
+Diffusion, which never fill a default of their own.
+
+The front ends (the app, ``python -m gill generate``, ``gill.eval``) share one argument group,
+``add_run_arguments``: the model, device, dtype and verbose flags and one flag per run setting, named as its
+field (``--guidance-scale`` sets ``guidance_scale``); ``settings_from_args`` builds the ``RunSettings`` they
+give, ``load_kwargs`` the keyword arguments of ``GILL.from_pretrained``.
 
 This module imports no torch.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -19,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gill.arguments import MAX_SEED
+from gill.arguments import DTYPES, MAX_SEED, float_in, int_in, seed_arg
 
 MAX_STEPS = 1000  # the diffusion schedulers' training timesteps: more inference steps than these are refused
 
@@ -127,22 +134,18 @@ def resolve_settings(explicit: RunSettings | dict[str, Any] | None = None,
                      model: RunSettings | None = None) -> RunSettings:
     """Explicit argument > the model's settings > ``LIBRARY_DEFAULTS``. ``explicit`` may be a dict whose
     ``None`` values mean "not given" (as argparse leaves unset flags)."""
+    return as_settings(explicit).over((model or RunSettings()).over(LIBRARY_DEFAULTS))
+
+
+def as_settings(explicit: RunSettings | dict[str, Any] | None, source: str = "explicit run settings") -> RunSettings:
+    """``explicit`` (a RunSettings, a dict of fields or None) as validated RunSettings; an unknown field or a
+    value no run can use raises ``ValueError`` naming it."""
     if isinstance(explicit, dict):
         unknown = sorted(set(explicit) - _FIELDS)
         if unknown:
             raise ValueError(f"unknown run setting(s) {unknown}; known: {sorted(_FIELDS)}")
         explicit = RunSettings(**explicit)
-    explicit = (explicit or RunSettings()).validated("explicit run settings")
-    return explicit.over((model or RunSettings()).over(LIBRARY_DEFAULTS))
-
-
-def fill_unset(options: Any, settings: RunSettings, source: str) -> Any:
-    """A copy of an options dataclass whose run-setting fields (those named as in ``RunSettings``) left at
-    None are taken from ``settings``, then from ``LIBRARY_DEFAULTS``; the given ones are validated first."""
-    names = [f.name for f in dataclasses.fields(options) if f.name in _FIELDS]
-    given = RunSettings(**{n: getattr(options, n) for n in names}).validated(source)
-    full = given.over(settings).over(LIBRARY_DEFAULTS)
-    return dataclasses.replace(options, **{n: getattr(full, n) for n in names})
+    return (explicit or RunSettings()).validated(source)
 
 
 def resolve_scorer_path(settings: RunSettings, base: str | os.PathLike) -> RunSettings:
@@ -155,3 +158,86 @@ def resolve_scorer_path(settings: RunSettings, base: str | os.PathLike) -> RunSe
     if os.path.isabs(path) or not (Path(base) / path).exists():
         return settings
     return dataclasses.replace(settings, scorer="hf:" + str((Path(base) / path).resolve()))
+
+
+# ---- the front ends' flags -------------------------------------------------------------------------------
+
+# earlier spellings of a run setting's flag, still read (not shown in --help): a flag is named as its field
+FLAG_ALIASES = {"guidance_scale": ("--guidance",)}
+
+
+def scorer_spec(text: str) -> str:
+    """An argparse ``type=`` for ``--scorer``: ``hf:NAME_OR_PATH`` or ``open_clip:MODEL/PRETRAINED``."""
+    kind, sep, name = text.partition(":")
+    if not sep or kind not in ("hf", "open_clip") or not name:
+        raise argparse.ArgumentTypeError(f"must be 'hf:NAME_OR_PATH' or 'open_clip:MODEL/PRETRAINED', got {text!r}")
+    return text
+
+
+def run_flags(*, scorer: bool = False) -> dict[str, dict[str, Any]]:
+    """RunSettings field -> the keyword arguments of its flag ``--FIELD-NAME`` (argparse's ``type`` or
+    ``choices`` and ``help``). ``context_length`` is the model's (what it was trained on), not a flag;
+    ``scorer`` (the evaluation's) only with ``scorer``."""
+    d = LIBRARY_DEFAULTS
+    flags = {
+        "max_new_tokens": dict(type=int_in(1), help=f"text tokens and [IMG] tokens of an answer, >= 1, at most the "
+                                                    f"model's context less an [IMG] group (library: {d.max_new_tokens})"),
+        "temperature": dict(type=float_in(0), help=f">= 0; 0 is greedy (library: {d.temperature:g})"),
+        "top_p": dict(type=float_in(0, 1, above=True), help=f"nucleus sampling, in (0, 1] (library: {d.top_p:g})"),
+        "img_scale_factor": dict(type=float_in(0), help="the original's image-frequency factor on the [IMG0] logit, "
+                                                        f">= 0 (library: {d.img_scale_factor:g})"),
+        "steps": dict(type=int_in(1, MAX_STEPS), help=f"diffusion steps, 1-{MAX_STEPS} (library: {d.steps})"),
+        "guidance_scale": dict(type=float_in(0), help=f"classifier-free guidance scale, >= 0 (library: {d.guidance_scale:g})"),
+        "scheduler": dict(choices=list(SCHEDULERS), help="diffusion scheduler (library: the pipeline's own)"),
+        "seed": dict(type=seed_arg(), help=f"decoding and diffusion seed, 0-{MAX_SEED} (library: {d.seed})"),
+    }
+    if scorer:
+        flags["scorer"] = dict(type=scorer_spec, help="the evaluation's CLIP scorer, hf:NAME_OR_PATH or "
+                                                      "open_clip:MODEL/PRETRAINED (library: CLIP ViT-L/14, as the paper)")
+    return flags
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, index: bool = True, verbose: bool = True,
+                      scorer: bool = False, title: str = "model and run settings") -> Any:
+    """Add the flags every front end shares to ``parser``, as one argument group (returned): ``--model``,
+    ``--index`` (with ``index``), ``--device``, ``--dtype``, ``--verbose`` (with ``verbose``; a front end with
+    subcommands keeps it on its top parser), and one flag per run setting named as its field (``run_flags``),
+    each left unset (None) unless given: the model's setting, else the library's."""
+    from gill.presets import DEFAULT_MODEL
+
+    group = parser.add_argument_group(title, "each run setting left out is the model's (its config.json's run "
+                                             "block), else the library's")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"model directory, preset or Hub repo id (default: {DEFAULT_MODEL}, the offline toy world)")
+    if index:
+        group.add_argument("--index", default=None, help="retrieval index directory (default: the model's own corpus)")
+    group.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    group.add_argument("--dtype", choices=list(DTYPES), default=None, help="the backbones' dtype (default: as stored)")
+    if verbose:
+        group.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
+    for name, kwargs in run_flags(scorer=scorer).items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kwargs)
+        for alias in FLAG_ALIASES.get(name, ()):
+            group.add_argument(alias, dest=name, default=None, **{**kwargs, "help": argparse.SUPPRESS})
+    return group
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The run settings given on a command line with ``add_run_arguments``'s flags (unset fields None)."""
+    return RunSettings(**{name: getattr(args, name) for name in _FIELDS if hasattr(args, name)})
+
+
+def settings_for(gill: Any, args: argparse.Namespace) -> RunSettings:
+    """The run settings a front end's flags give, resolved against ``gill``'s (a ``GILL``) and the library's."""
+    return gill.run_settings(settings_from_args(args))
+
+
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``GILL.from_pretrained``'s keyword arguments from ``add_run_arguments``'s flags (``--model`` is its
+    first argument): ``GILL.from_pretrained(args.model, **load_kwargs(args))``."""
+    from gill.arguments import torch_dtype
+
+    kwargs = {"torch_dtype": torch_dtype(args.dtype), "device": args.device}
+    if hasattr(args, "index"):
+        kwargs["index"] = args.index
+    return kwargs

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.app import BadInput, Defaults, build_demo, conversation_html, load_user_image, message_parts, plain_text
+from app.app import BadInput, build_demo, load_user_image
+from app.render import conversation_html, message_parts, plain_text
+from gill.settings import RunSettings
 from synthetic import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -41,8 +43,8 @@ def test_uploads_are_checked(tmp_path):
 
 
 def test_respond_streams_labels_and_survives_errors(tiny_gill, tmp_path, monkeypatch):
-    demo = build_demo(tiny_gill, Defaults.from_settings(
-        tiny_gill.run_settings({"steps": 2, "max_new_tokens": 16, "img_scale_factor": 1.0}), policy="both"))
+    demo = build_demo(tiny_gill, RunSettings(steps=2, max_new_tokens=16, img_scale_factor=1.0),
+                      policy="both")
     fn = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "respond")
     Image.new("RGB", (40, 40), "blue").save(tmp_path / "in.png")
     controls = (0.0, 0.95, 16, 1.0, "both", 2, 7.5, 0)
@@ -83,14 +85,12 @@ def test_a_chat_keeps_inside_the_models_context_dropping_the_oldest_whole_turns_
     """A model whose run settings say it was trained on 60 positions (its LM has 256): every prompt the app
     sends fits 60 with room for the answer, starts at a turn, ends with the new message, and the chat says
     once that older turns were dropped."""
-    from gill.settings import RunSettings
-
     n, max_tokens = 60, 8
     monkeypatch.setattr(tiny_gill, "settings", RunSettings(**{**tiny_gill.settings.to_dict(), "context_length": n}))
     prompts = []
     real = tiny_gill.stream
     monkeypatch.setattr(tiny_gill, "stream", lambda items, **kw: prompts.append(list(items)) or real(items, **kw))
-    demo = build_demo(tiny_gill, Defaults.from_settings(tiny_gill.run_settings({"steps": 2}), policy="generate"))
+    demo = build_demo(tiny_gill, RunSettings(steps=2), policy="generate")
     fn = next(f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "respond")
     controls = (0.0, 0.95, max_tokens, 1.0, "generate", 2, 7.5, 0)
     messages, state = [], None
@@ -121,7 +121,7 @@ def test_the_toy_hints_examples_each_get_the_worlds_answer_and_its_picture():
     """The page's "Try" examples for the default model, each as a new chat's first message with the app's
     defaults (the third, a change, after the first): exactly the world's answer, and one picture of the
     colour and shape it names (the world's judge)."""
-    from app.app import model_hint
+    from app.conversation import model_hint
     from gill import GILL
     from gill.toy import world
 
@@ -185,8 +185,8 @@ def test_long_chats_and_huge_messages_with_the_default_model():
 def test_chat_in_a_real_browser(tiny_gill, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    demo = build_demo(tiny_gill, Defaults.from_settings(
-        tiny_gill.run_settings({"steps": 2, "max_new_tokens": 16, "img_scale_factor": 1.0}), policy="both"))
+    demo = build_demo(tiny_gill, RunSettings(steps=2, max_new_tokens=16, img_scale_factor=1.0),
+                      policy="both")
     demo.queue(default_concurrency_limit=1)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -433,14 +433,14 @@ def test_eight_clients_at_once_each_get_the_answer_they_get_alone():
 
 
 def test_gradio_analytics_are_off_unless_the_user_turns_them_on(monkeypatch, tiny_gill):
-    from app.app import analytics_enabled
+    from app.demo import analytics_enabled
 
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
     assert analytics_enabled() is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
     assert analytics_enabled() is True
     monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
-    assert build_demo(tiny_gill, Defaults.from_settings(tiny_gill.run_settings())).analytics_enabled is False
+    assert build_demo(tiny_gill).analytics_enabled is False
 
 
 def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():

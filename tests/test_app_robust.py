@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from app.app import Defaults, build_demo, build_parser, image_label, main, plain_text
+from app.app import build_demo, build_parser, main
+from app.render import image_label, plain_text
+from gill.settings import RunSettings
 from synthetic import free_port
 
 CONTROLS = (0.0, 0.95, 8, 1.0, "both", 2, 7.5, 0)
@@ -23,8 +25,7 @@ CONTROLS = (0.0, 0.95, 8, 1.0, "both", 2, 7.5, 0)
 
 @pytest.fixture
 def demo(tiny_gill):
-    d = build_demo(tiny_gill, Defaults.from_settings(
-        tiny_gill.run_settings({"steps": 2, "max_new_tokens": 8, "img_scale_factor": 1.0}), policy="both"))
+    d = build_demo(tiny_gill, RunSettings(steps=2, max_new_tokens=8, img_scale_factor=1.0), policy="both")
     yield d
     d.sessions.close_all()
 
@@ -213,7 +214,7 @@ def test_captions_and_sources_from_an_index_are_shown_as_text(hostile):
     assert page.count("<strong>") == 1 and "<code>" not in page  # only the label's own bold
     one_line = " ".join(hostile.split())
     assert one_line in plain_text(label) and f"folder/{one_line}.png" in plain_text(label)
-    from app.app import conversation_html
+    from app.render import conversation_html
 
     saved = conversation_html([{"role": "assistant", "content": label}])
     assert "<img" not in saved.split("<h1>")[1] and "<script" not in saved.split("<h1>")[1]
@@ -277,7 +278,8 @@ def test_a_host_beyond_this_machine_is_warned_about(capsys):
 def test_uploads_over_20_mb_are_refused_by_the_upload_route(demo, tmp_path):
     import httpx
 
-    from app.app import MAX_IMAGE_BYTES, launch
+    from app.app import launch
+    from app.inputs import MAX_IMAGE_BYTES
 
     port = free_port()
     launch(demo, "127.0.0.1", port, block=False)
@@ -369,7 +371,7 @@ def test_a_quick_second_message_over_the_server_is_answered_after_the_first(demo
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "I;16", "1", "CMYK"])
 def test_attachments_are_shrunk_as_they_are_decoded_in_every_mode(tmp_path, mode):
-    from app.app import MAX_SIDE, load_user_image
+    from app.inputs import MAX_SIDE, load_user_image
 
     image = Image.new("RGB", (3000, 1500), (250, 20, 20)).convert(mode)
     path = tmp_path / ("x.tiff" if mode in ("I;16", "CMYK") else "x.png")

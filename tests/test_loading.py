@@ -95,9 +95,10 @@ def test_the_shipped_toys_context_is_the_positions_its_lm_was_trained_on(toy):
 
 
 def test_app_cli_and_eval_get_the_same_settings_from_the_same_resolver(toy):
-    from app.app import build_parser as app_parser, settings_for as app_settings
-    from gill.__main__ import build_parser as cli_parser, settings_for as cli_settings
+    from app.app import build_parser as app_parser
+    from gill.__main__ import build_parser as cli_parser
     from gill.eval.__main__ import build_parser as eval_parser, settings_for as eval_settings
+    from gill.settings import settings_for as app_settings, settings_for as cli_settings  # the shared flags'
 
     eval_args = ["vist", "--annotations", "a.json", "--images", "imgs", "--out", "o"]
     got = {
@@ -118,13 +119,13 @@ def test_app_cli_and_eval_get_the_same_settings_from_the_same_resolver(toy):
 
 
 def test_the_apps_controls_admit_the_models_settings(toy):
-    from app.app import Defaults, build_demo
+    from app.app import build_demo
 
     demo = build_demo(toy)
     sliders = {c.label: c for c in demo.blocks.values() if type(c).__name__ == "Slider"}
-    d = Defaults.from_settings(toy.run_settings())
+    d = toy.run_settings()
     for label, value in (("Image frequency (scale factor)", d.img_scale_factor), ("Diffusion steps", d.steps),
-                         ("Guidance scale", d.guidance), ("Max tokens", d.max_new_tokens)):
+                         ("Guidance scale", d.guidance_scale), ("Max tokens", d.max_new_tokens)):
         s = sliders[label]
         assert s.minimum <= value <= s.maximum and s.value == value, (label, s.minimum, s.value, s.maximum)
 
@@ -387,10 +388,10 @@ LAYERS = [
     {"gill.tokens", "gill.decision"},
     {"gill.model"},
     {"gill.generate", "gill.opt_static", "gill.retrieval", "gill.index_format", "gill.index_trust",
-     "gill.original_embeddings", "gill.diffusion"},
+     "gill.original_embeddings", "gill.diffusion", "gill.run"},
     {"gill.checkpoint", "gill.backbones"},
     {"gill.loading"},
-    {"gill.pipeline"},
+    {"gill.pipeline", "gill.prompts", "gill.slots", "gill.saving", "gill.segments"},
     {"gill", "gill.demo", "gill.__main__", "gill.eval", "gill.eval.__main__", "gill.eval.data", "gill.eval.metrics",
      "gill.eval.report", "gill.eval.runner", "gill.eval.scorer", "gill.eval.protocol", "gill.eval.seeds",
      "gill.eval.shard", "gill.eval.retrieval"},
