@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: port {args.port} on {args.host} is in use (another app?); start this one with --port N",
               file=sys.stderr)
         return 1
-    from gill._quiet import quiet
+    from gill.quiet import quiet
 
     quiet(args.verbose)
     analytics_enabled()

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "generate":
         args.ordered = _ordered_items(argv[1:], parser_options(gen))
-    from gill._quiet import quiet
+    from gill.quiet import quiet
 
     quiet(args.verbose)
     from gill.checkpoint import CheckpointError

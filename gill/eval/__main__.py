@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from gill._quiet import quiet
+    from gill.quiet import quiet
 
     quiet(args.verbose)
     try:
@@ -250,7 +250,7 @@ def _run(args: argparse.Namespace, shard) -> int:
         return 0
     retrieval = None
     if args.task == "vist":
-        from gill._io import atomic_write_text
+        from gill.io import atomic_write_text
         from gill.eval.retrieval import vist_retrieval
 
         retrieval = vist_retrieval(gill, job.dataset, job.out, [n for n in job.names if n.startswith("gill/")],
@@ -349,7 +349,7 @@ def load_model(args: argparse.Namespace, protocol: Protocol, shard):
 def write_state(job: Job, gill) -> dict:
     """The run's settings resolved (flags > the model's > the library's) into ``job.args``, checked against
     an earlier run in the same folder and written to ``run.json``; returns that state."""
-    from gill._io import atomic_write_text
+    from gill.io import atomic_write_text
 
     args = job.args
     settings = settings_for(gill, args)

@@ -6,7 +6,7 @@ import html
 import json
 from pathlib import Path
 
-from gill._io import atomic_write_text
+from gill.io import atomic_write_text
 from gill.eval.data import skip_counts
 from gill.eval.runner import read_records
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gill._io import atomic_path, atomic_write_text, inside
+from gill.io import atomic_path, atomic_write_text, inside
 from gill.eval.data import TOO_LONG, UNREADABLE, UNREADABLE_OUTPUT, Dataset, Example, skip_counts
 from gill.eval.seeds import PerExampleSeeds, stable_seed  # noqa: F401  (stable_seed: re-exported)
 from gill.eval.shard import Shard
