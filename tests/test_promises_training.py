@@ -130,19 +130,17 @@ def test_make_shards_writes_each_image_with_its_caption(tmp_path):
 
 
 def _grads_at_step(run) -> dict[str, torch.Tensor]:
-    """The gradients the optimizer steps with (recorded at its step, which then runs)."""
+    """The gradients the optimizer steps with (recorded by a hook as its step starts)."""
     seen = {}
-    real = run.optimizer.step
     names = {id(p): n for n, p in run.model.adapter.named_parameters()}
 
-    def spy(*a, **k):
-        for group in run.optimizer.param_groups:
+    def record(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     seen[names[id(p)]] = p.grad.clone()
-        return real(*a, **k)
 
-    run.optimizer.step = spy
+    run.optimizer.register_step_pre_hook(record)
     return seen
 
 
