@@ -3,7 +3,6 @@ shard sources, each built and queried, the exact item found first."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np

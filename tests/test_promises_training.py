@@ -18,7 +18,8 @@ from training.data import Sample
 from training.train import batch_text
 
 from synthetic import draw, png_bytes
-from test_training import _first_batch, data, train_args  # noqa: F401 - data is a fixture
+from test_training import _first_batch, train_args
+from test_training import data  # noqa: F401 - a fixture: test_training's shards and their diffusion targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +145,7 @@ def _grads_at_step(run) -> dict[str, torch.Tensor]:
     return seen
 
 
-def test_grad_accum_gives_the_update_of_the_whole_batch(data, tmp_path):
+def test_grad_accum_gives_the_update_of_the_whole_batch(data, tmp_path):  # noqa: F811
     """--grad-accum 2 over a batch of 8 (two micro-batches of 4) steps with the gradient and gives the weights
     of one step on all 8 at once. In-batch contrastive negatives differ by construction (each micro-batch is
     its own set of negatives, as the original's): that loss is weighted 0 here, and the captions all have the
@@ -181,7 +182,7 @@ def test_grad_accum_gives_the_update_of_the_whole_batch(data, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_precision_bf16_runs_the_step_under_bf16_autocast(data, tmp_path, precision):
+def test_precision_bf16_runs_the_step_under_bf16_autocast(data, tmp_path, precision):  # noqa: F811
     """--precision bf16: the step's forward runs under CPU bf16 autocast (the LM's logits come out in bf16)
     and the trained weights stay float32 (fp32 master weights); fp32: no autocast, float32 logits."""
     from training.train import setup, train_step
@@ -212,7 +213,7 @@ def test_precision_bf16_runs_the_step_under_bf16_autocast(data, tmp_path, precis
     assert {p.dtype for p in run.model.trainable_parameters()} == {torch.float32}
 
 
-def test_the_best_checkpoint_is_the_step_with_the_best_validation_recall(data, tmp_path, monkeypatch):
+def test_the_best_checkpoint_is_the_step_with_the_best_validation_recall(data, tmp_path, monkeypatch):  # noqa: F811
     """Validations of recall 0.25, 0.5, 0.375, 0.5 after steps 1-4: best/ holds the weights of step 2 (the
     first best: a tie does not replace it, as the original's ``>``) and its metrics, not the last step's."""
     import training.train as train
