@@ -113,6 +113,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env=env)
 
 
+@pytest.mark.slow  # end to end through subprocesses (the quiet settings are process-wide): in the slow step
 def test_cli_verbose_shows_the_libraries_messages_and_answers_the_same(tmp_path):
     """``python -m gill --verbose generate ...`` prints the libraries' loading bars and warnings, which the
     default hides (its stderr is empty), and answers exactly what the default answers."""
