@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra and (args.command != "generate" or any(e.startswith("--") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "generate":
-        args.ordered = _ordered_items(argv[1:], parser_options(gen))
+        # the items follow the command word (global options such as --verbose may come before it)
+        args.ordered = _ordered_items(argv[argv.index("generate") + 1:], parser_options(gen))
     from gill.quiet import quiet
 
     quiet(args.verbose)

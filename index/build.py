@@ -201,11 +201,11 @@ def main(argv: list[str] | None = None, *, update: bool = False) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)
     from gill.retrieval import IndexFormatError
     from index.sources import SourceError
-    from index.store import BuildStateError
+    from index.store import BuildStateError, IndexTypeError
 
     try:
         return run(args, update=update)
-    except (SourceError, IndexFormatError, BuildStateError) as e:  # a source or index file at fault: named
+    except (SourceError, IndexFormatError, BuildStateError, IndexTypeError) as e:  # named: a source, a file, --index-type
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (sqlite3.OperationalError, OSError) as e:

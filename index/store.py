@@ -78,6 +78,10 @@ class BuildStateError(ValueError):
     """A build's work file that cannot be read; the message names it."""
 
 
+class IndexTypeError(ValueError):
+    """An index type the build's vectors are too few to train; the message says what to choose instead."""
+
+
 class WorkDB:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +185,9 @@ def default_nlist(count: int) -> int:
     return int(min(65536, max(16, 4 * math.sqrt(count))))
 
 
+PQ_CODES = 256  # ivfpq's codes per sub-vector (8 bits): its k-means needs at least this many vectors
+
+
 def build_faiss(vectors: np.ndarray, index_type: str, *, nlist: int | None = None, nprobe: int | None = None,
                 pq_m: int | None = None, hnsw_m: int = 32, ef_search: int = 128, train_size: int = 200_000,
                 seed: int = 0):
@@ -205,6 +212,9 @@ def build_faiss(vectors: np.ndarray, index_type: str, *, nlist: int | None = Non
             m = pq_m or max(1, d // 4)  # 64 bytes per 256-d vector
             if d % m:
                 raise ValueError(f"ivfpq: pq_m={m} must divide the dimension {d}")
+            if n < PQ_CODES:  # faiss would stop with a RuntimeError from its k-means
+                raise IndexTypeError(f"index type ivfpq trains {PQ_CODES} codes per sub-vector and needs at least "
+                                     f"{PQ_CODES} images; this index has {n}: choose flat, ivf or hnsw (or auto)")
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
             params["pq_m"] = m
         rng = np.random.default_rng(seed)

@@ -17,9 +17,21 @@ def images(pipe, seed=0):
     return np.asarray(out)
 
 
-def test_channels_last_gives_the_same_images():
-    stock = images(tiny_stable_diffusion(64, 16, image_size=32))
-    fast = images(speed_up_pipeline(tiny_stable_diffusion(64, 16, image_size=32), channels_last=True))
+def conv_weights(module) -> list[torch.Tensor]:
+    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
+def test_channels_last_puts_the_unet_and_vae_in_that_format_and_gives_the_same_images():
+    """Every (non-1x1) convolution weight of the UNet and the VAE is laid out channels-last, which the stock
+    pipeline's are not, and the images equal the stock pipeline's."""
+    stock_pipe = tiny_stable_diffusion(64, 16, image_size=32)
+    stock = images(stock_pipe)
+    pipe = speed_up_pipeline(tiny_stable_diffusion(64, 16, image_size=32), channels_last=True)
+    for part in (pipe.unet, pipe.vae):
+        weights = conv_weights(part)
+        assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(stock_pipe.unet))
+    fast = images(pipe)
     assert stock.shape == (2, 32, 32, 3)
     np.testing.assert_allclose(fast, stock, atol=1e-4)
 
