@@ -478,7 +478,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                     messages.append({"role": "assistant", "content": image_label(segment)})
                     if segment.image is not None:
                         messages.append({"role": "assistant", "content": save_image(segment.image, session.folder)})
-                        answer.append(segment.image)
+                    answer.append(segment)  # (its [IMG] tokens were produced, shown or not)
                 if not session.current(ticket):
                     return
                 yield messages, state, BUSY()
@@ -491,8 +491,7 @@ def build_demo(pipeline: Any, defaults: Defaults | None = None, title: str = "GI
                 yield messages, state, READY()
             return
         # the answer goes back as it was decoded, so the next turn's prompt holds the tokens the model produced
-        turn += chat.answer_items("".join(a for a in answer if isinstance(a, str)),
-                                  [a for a in answer if not isinstance(a, str)])
+        turn += chat.answer_items(answer, pipeline.img_tokens.text)
         if not answer:
             messages.append({"role": "assistant", "content": "(no answer)"})
         state = {**state, "turns": turns + [turn], "exchanges": state["exchanges"] + [True]}

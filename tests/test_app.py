@@ -446,7 +446,8 @@ def test_gradio_analytics_are_off_unless_the_user_turns_them_on(monkeypatch, tin
 def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     """gill.chat is the one statement of the turn format the app and the toy build's scripted chat use:
     the question framed as the original demo frames it, the answer cut at the next question, its leading
-    space kept, its pictures right after its text (where its [IMG] tokens were), then one newline."""
+    space kept, each picture it showed as the [IMG] tokens that made it (the original demo's history held the
+    answer's strings with "[IMG0]...[IMG7]", never the shown picture), then one newline."""
     from gill import chat
 
     assert chat.question("it turns blue.") == "Q: it turns blue.\nA:"
@@ -454,9 +455,13 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     assert chat.turn_items("", ["<img>"]) == ["<img>"]
     decoded = " now it is a blue circle.  \nQ: what next?\nA: more"
     assert chat.answer_text(decoded) == " now it is a blue circle.  "
-    assert chat.answer_items(decoded, ["<pic>"]) == [" now it is a blue circle.", "<pic>", "\n"]
-    assert chat.answer_items(" it is red. \n") == [" it is red.\n"]
-    assert chat.answer_items("", ["<pic>"]) == ["<pic>", "\n"]  # an answer that was only a picture
+    picture = object()  # a shown picture (a segment or an image): only its place matters
+    assert chat.answer_items([" now it is a blue circle.", picture, "  \nQ: what next?\nA: more"], "[I0][I1]") == \
+        [" now it is a blue circle.[I0][I1]\n"]
+    assert chat.answer_items([decoded], "[I0]") == [" now it is a blue circle.\n"]  # no picture: no [IMG]
+    assert chat.answer_items([" it is red. \n"], "[I0]") == [" it is red.\n"]
+    assert chat.answer_items([picture], "[I0]") == ["[I0]\n"]  # an answer that was only a picture
+    assert chat.answer_items([" a", picture, " b", picture], "<I>") == [" a<I> b<I>\n"]  # each where it was
     assert chat.STOP_STRINGS == ("\nQ:", "\nA:")
     # an answer that writes an answer line of its own ends there too (every turn marker stops it)
     assert chat.answer_text(" it is red.\nA: it is blue.\nQ: x") == " it is red."

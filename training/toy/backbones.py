@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from gill.toy import world
-from training.toy.plan import LM_LEN, TEXT_LEN, Plan, log, schedule
+from training.toy.plan import LM_LEN, LM_POSITIONS, TEXT_LEN, Plan, log, schedule
 
 
 def image_processor():
@@ -81,7 +81,7 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     # "on gray.") get the same output gradients and merge (" white" and " gray": cosine 0.995 in the v2.1
     # LM), after which nothing the LM computes tells them apart, nor can GILL's [IMG] tokens
     lm = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=96, word_embed_proj_dim=96, num_hidden_layers=3,
-                                  num_attention_heads=4, ffn_dim=384, max_position_embeddings=256, dropout=0.0,
+                                  num_attention_heads=4, ffn_dim=384, max_position_embeddings=LM_POSITIONS, dropout=0.0,
                                   pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=False))
     ids = [tokenizer(doc)["input_ids"][:LM_LEN - 1] + [2] for doc in docs]
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)

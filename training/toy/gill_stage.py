@@ -10,14 +10,14 @@ import shutil
 from pathlib import Path
 
 from gill.toy import world
-from training.toy.plan import GILL_THREADS, TEXT_LEN, TOY_RUN, Plan, run
+from training.toy.plan import GILL_LEN, GILL_THREADS, TEXT_LEN, TOY_RUN, VISUAL_TOKENS, Plan, run
 
 
 def gill_config(out: Path) -> Path:
     from gill.config import GILLConfig, MapperConfig, PreprocessConfig
 
     cfg = GILLConfig(
-        lm="lm", vision="vision", diffusion="sd", lm_hidden_size=96, vision_hidden_size=64, n_visual_tokens=2,
+        lm="lm", vision="vision", diffusion="sd", lm_hidden_size=96, vision_hidden_size=64, n_visual_tokens=VISUAL_TOKENS,
         ret_emb_dim=64, gen_seq_len=TEXT_LEN, gen_emb_dim=64,
         # dropout 0.3 in the mapper (the original's is 0): without it the mapper learnt the corpus's
         # compositions by heart and drew unseen ones right from single captions in 0.44, though its input
@@ -38,7 +38,7 @@ def _train(model: Path, run_dir: Path, steps: int, shards: str, out: Path, seed:
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(run_dir), "--steps", str(steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(steps * 3 // 4),
             "--save-every", str(steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
-            "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "false", "--renorm-img-output", "false"]
+            "--shuffle-buffer", "256", "--max-len", str(GILL_LEN), "--renorm-img-embeddings", "false", "--renorm-img-output", "false"]
 
 
 def stage_gill(out: Path, plan: Plan, seed: int) -> None:
