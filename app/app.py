@@ -276,21 +276,12 @@ def fit_context(pipeline: Any, turns: list[list], turn: list, max_new_tokens: in
 
 
 def model_hint(pipeline: Any) -> tuple[str, list[str]] | None:
-    """What the shipped toy model understands, with example messages; None for other models."""
-    from gill.presets import toy_dir
-
-    if pipeline.model_dir is None or Path(pipeline.model_dir).resolve() != toy_dir():
+    """What the model says a chat should know of it (its config's ``chat`` block: a hint, example
+    messages); None where it says nothing."""
+    card = pipeline.model.config.chat
+    if not card.hint and not card.examples:
         return None
-    from gill.toy import world
-
-    text = (f"**The toy world** knows only coloured shapes: colours {', '.join(world.COLORS)}; shapes "
-            f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)}; positions {', '.join(world.POSITIONS)}; "
-            f"backgrounds {', '.join(world.BACKGROUNDS)}. Describe a scene, then change it "
-            "(“it moves to the right.”, “it turns blue.”), or ask what colour or shape it is. It does not yet "
-            "read the pictures you attach: asked about one, it mostly guesses (its report, “Attached pictures read”).")
-    examples = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
-                "it turns yellow.", "a large green triangle in the middle on white."]
-    return text, examples
+    return card.hint, list(card.examples)
 
 
 def conversation_state(state: Any) -> dict:

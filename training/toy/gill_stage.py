@@ -87,6 +87,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--train-only", "mapper", "--reinit", "mapper", threads=GILL_THREADS)
     for name in ("config.json", "gill.safetensors"):
         (model / name).write_bytes((trained / name).read_bytes())
+    write_chat_card(model / "config.json")
     if not (model / "index" / "manifest.json").exists():  # the corpus travels inside the index directory
         shutil.copytree(data / "corpus", model / "index" / "images", dirs_exist_ok=True)
         run("-m", "index.build", "--model", str(model), "--source", str(model / "index" / "images"),
@@ -95,6 +96,31 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
     run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
         "--train-size", str(int(n * 0.7)), "--steps", "2000", "--lr", "1e-2", "--index", str(model / "index"),
         "--standardize", "--balance-classes", "--seed", str(seed), threads=GILL_THREADS)
+
+
+def chat_card():
+    """What the toy model tells a chat about itself (its config's ``chat`` block, which the app shows): the
+    world's words and the turns it answers, as its report's free chats measure them."""
+    from gill.config import ChatCard
+
+    hint = (f"**The toy world** knows only coloured shapes: colours {', '.join(world.COLORS)}; shapes "
+            f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)}; positions {', '.join(world.POSITIONS)}; "
+            f"backgrounds {', '.join(world.BACKGROUNDS)}. Describe a scene (“a large red circle on the left on "
+            "white.”), change it (“it moves to the right.”, “it turns blue.”, “it grows.”), "
+            "ask “what colour is it?” or “what shape is it?”, or attach a picture of one and ask "
+            "“what is this?”. How often it is right, turn by turn: its report's “Free chats”.")
+    examples = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
+                "it turns yellow.", "a large green triangle in the middle on white."]
+    return ChatCard(hint=hint, examples=examples)
+
+
+def write_chat_card(path: Path) -> None:
+    """Put ``chat_card`` into the model's config.json."""
+    from gill.config import GILLConfig
+
+    cfg = GILLConfig.from_json(path)
+    cfg.chat = chat_card()
+    cfg.to_json(path)
 
 
 def stage_eval(out: Path, plan: Plan, seed: int) -> None:
