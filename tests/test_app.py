@@ -123,7 +123,7 @@ def test_the_toy_hints_examples_each_get_the_worlds_answer_and_its_picture():
     colour and shape it names (the world's judge)."""
     from app.app import model_hint
     from gill import GILL
-    from gill.toy import world
+    from training.toy import world
 
     toy = GILL.from_pretrained("toy")
     demo = build_demo(toy)
@@ -484,7 +484,7 @@ def test_readme_main_job_holds_a_random_twelve_turn_chat_in_a_real_browser(readm
 
     from playwright.sync_api import sync_playwright
 
-    from gill.toy import world
+    from training.toy import world
 
     every = {(c, s) for c in world.COLORS for s in world.SHAPES}
     turns = world.conversation(random.Random("the browser's twelve-turn chat"), every, 12)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gill import GILL
-from gill.toy import world
+from training.toy import world
 from training.toy import free_chats as fc
 
 

@@ -11,7 +11,7 @@ import torch
 
 from gill.eval.data import load_vist
 from gill import chat
-from gill.toy import world
+from training.toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
 

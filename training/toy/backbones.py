@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gill.toy import world
+from training.toy import world
 from training.toy.plan import LM_LEN, LM_POSITIONS, TEXT_LEN, Plan, log, schedule
 
 

@@ -1,6 +1,6 @@
 """Stage 1, the world's data: the retrieval corpus, GILL's training shards (single captions, chats in the
 app's format, stories as text and as interleaved samples), VIST-format val/test stories, the LM's text and
-the decision annotations. Everything is drawn from ``gill.toy.world`` with one seed."""
+the decision annotations. Everything is drawn from ``training.toy.world`` with one seed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from gill.config import TokenConfig
-from gill.toy import world
+from training.toy import world
 from training.toy.plan import CHAT_TURNS, GILL_LEN, VISUAL_TOKENS, Plan, log
 
 

@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from gill.toy import world
+from training.toy import world
 
 KINDS = ("describe", "change", "ask", "attach")
 FIGURES = ("text_right", "picture_right", "attached_read")  # fractions; img_inside and unasked_picture: counts

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from gill.toy import world
+from training.toy import world
 from training.toy.plan import GILL_LEN, GILL_THREADS, TEXT_LEN, TOY_RUN, VISUAL_TOKENS, Plan, run
 
 
@@ -70,7 +70,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             # the background at the "."; with one that keeps it, that cost story retrieval: 0.17 vs 0.27);
             # see the README's toy section for the build's figures
             "--contrastive-queue", "512", "--weight-contrastive", "1", "--run-settings", json.dumps(TOY_RUN),
-            "--training-data", "the toy world (gill/toy/world.py): synthetic captioned shapes, chats and 5-step "
+            "--training-data", "the toy world (training/toy/world.py): synthetic captioned shapes, chats and 5-step "
             "stories (interleaved with their pictures), built by python -m training.toy", threads=GILL_THREADS)
     # the model directory: trained weights beside the backbones it names by relative path
     trained = out / "mapper-run" / "final" if plan.mapper_steps else out / "gill-run" / "final"

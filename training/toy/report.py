@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gill.toy import world
+from training.toy import world
 from training.toy.backbones import image_processor, pixels, text_inputs
 from training.toy.plan import log
 
