@@ -79,21 +79,12 @@ def fit_context(pipeline: Any, turns: list[list], turn: list, max_new_tokens: in
 
 
 def model_hint(pipeline: Any) -> tuple[str, list[str]] | None:
-    """What the shipped toy model understands, with example messages; None for other models."""
-    from gill.presets import toy_dir
-
-    if pipeline.model_dir is None or Path(pipeline.model_dir).resolve() != toy_dir():
+    """What the model says a chat should know of it (its config's ``chat`` block: a hint, example
+    messages); None where it says nothing."""
+    card = pipeline.model.config.chat
+    if not card.hint and not card.examples:
         return None
-    from gill.toy import world
-
-    text = (f"**The toy world** knows only coloured shapes: colours {', '.join(world.COLORS)}; shapes "
-            f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)}; positions {', '.join(world.POSITIONS)}; "
-            f"backgrounds {', '.join(world.BACKGROUNDS)}. Describe a scene, then change it "
-            "(“it moves to the right.”, “it turns blue.”), or ask what colour or shape it is. It does not yet "
-            "read the pictures you attach: asked about one, it mostly guesses (its report, “Attached pictures read”).")
-    examples = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
-                "it turns yellow.", "a large green triangle in the middle on white."]
-    return text, examples
+    return card.hint, list(card.examples)
 
 
 def conversation_state(state: Any) -> dict:
@@ -247,7 +238,7 @@ class Answers:
                     messages.append({"role": "assistant", "content": image_label(segment)})
                     if segment.image is not None:
                         messages.append({"role": "assistant", "content": save_image(segment.image, session.folder)})
-                        answer.append(segment.image)
+                    answer.append(segment)  # (its [IMG] tokens were produced, shown or not)
                 if not session.current(ticket):
                     return
                 yield messages, state, Box.BUSY
@@ -260,8 +251,7 @@ class Answers:
                 yield messages, state, Box.READY
             return
         # the answer goes back as it was decoded, so the next turn's prompt holds the tokens the model produced
-        turn += chat.answer_items("".join(a for a in answer if isinstance(a, str)),
-                                  [a for a in answer if not isinstance(a, str)])
+        turn += chat.answer_items(answer, self.pipeline.img_tokens.text)
         if not answer:
             messages.append({"role": "assistant", "content": "(no answer)"})
         state = {**state, "turns": turns + [turn], "exchanges": state["exchanges"] + [True]}

@@ -1,10 +1,10 @@
 """The chat turn format of the original GILL demo, in one place for every front end that holds a
-conversation (the app, the toy build's scripted chat): a question is "Q: <text>\\nA:", the model answers
-until it starts the next "\\nQ:" (or an "\\nA:" line) or has shown a picture, and the answer goes back into the conversation as
-it was decoded (its leading space kept, trailing whitespace dropped), then the pictures it showed, then one
-newline, so the next turn's prompt holds the very tokens the model produced and each picture sits where the
-model put its [IMG] tokens (the original demo fed back the answer's text with its "[IMG0] ... [IMG7]" and a
-newline).
+conversation (the app, the toy build's chats): a question is "Q: <text>\\nA:", the model answers until it
+starts the next "\\nQ:" (or an "\\nA:" line) or has shown a picture, and the answer goes back into the
+conversation as it was decoded (its leading space kept, trailing whitespace dropped), each picture it showed
+as the [IMG] tokens that made it, then one newline: the next turn's prompt holds the very tokens the model
+produced. The original demo did the same (demo/app_gradio.py: the history gets the answer's strings, which
+end in "[IMG0]...[IMG7]", and never the shown picture itself); a user's attached picture goes in as a picture.
 
 Pure functions on strings; no model code."""
 
@@ -44,14 +44,12 @@ def shown_text(decoded: str) -> str:
     return text
 
 
-def answer_items(decoded: str, pictures: Iterable[Any] = ()) -> list[Any]:
-    """The items an answer adds to the conversation: its text as decoded, the pictures it showed
-    (generated or retrieved) right after it, as its [IMG] tokens followed the text, then one newline."""
-    pictures = list(pictures)
-    text = answer_text(decoded).rstrip()
-    if not pictures:
-        return [text + "\n"]
-    return [*([text] if text else []), *pictures, "\n"]  # (no empty text item when [IMG] came first)
+def answer_items(parts: Iterable[Any], img_text: str) -> list[Any]:
+    """The items an answer adds to the conversation: its ``parts`` in order (decoded text pieces, and each
+    picture it showed, generated or retrieved), each picture as ``img_text`` (the model's [IMG] tokens,
+    ``GILL.img_tokens.text``), cut where the model began another turn, then one newline: one text item."""
+    text = "".join(p if isinstance(p, str) else img_text for p in parts)
+    return [answer_text(text).rstrip() + "\n"]
 
 
 def turn_items(text: str, attachments: Sequence[Any] = ()) -> list[Any]:

@@ -20,7 +20,8 @@ from gill.io import atomic_write_text
 from gill.settings import RunSettings
 
 # 2: the ``run`` block (run settings) and ``training_data``; version-1 files read as before (no run settings).
-FORMAT_VERSION = 2
+# 3: the ``chat`` block (what a chat should tell a user of the model); earlier files read as before (none).
+FORMAT_VERSION = 3
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -87,6 +88,15 @@ class DecisionConfig:
 
 
 @dataclass
+class ChatCard:
+    """What the model tells a chat about itself (the app shows it above the chat): a hint of what it knows
+    and understands (Markdown), and example messages a user may start with. Empty: the app shows none."""
+
+    hint: str = ""
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
 class GILLConfig:
     """Everything needed to rebuild a GILL model around its frozen backbones."""
 
@@ -113,6 +123,7 @@ class GILLConfig:
     # How the model is best run (gill.settings); unset fields fall back to the library's defaults.
     run: RunSettings = field(default_factory=RunSettings)
     training_data: str = ""  # what the trained layers were trained on, for the model card
+    chat: ChatCard = field(default_factory=ChatCard)
     format_version: int = FORMAT_VERSION
 
     @property

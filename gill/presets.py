@@ -1,6 +1,6 @@
 """Named models, as data. ``gill.loading`` turns a name (or a model directory, or a Hub repo id) into parts.
 
-- ``toy``: the toy world (``gill/toy``): every backbone trained from scratch on synthetic captioned shapes, GILL
+- ``toy``: the toy world (``training/toy``, its build): every backbone trained from scratch on synthetic captioned shapes, GILL
   trained on top with the project's own recipes, with its retrieval corpus and decision head; shipped with the
   package (``gill/assets/toy``, a few MB), offline and CPU-fast. Rebuilt by ``python -m training.toy``.
 - ``tiny-random``: tiny random backbones, a tiny random Stable Diffusion and a small corpus of solid-colour

@@ -123,7 +123,7 @@ def test_the_toy_hints_examples_each_get_the_worlds_answer_and_its_picture():
     colour and shape it names (the world's judge)."""
     from app.conversation import model_hint
     from gill import GILL
-    from gill.toy import world
+    from training.toy import world
 
     toy = GILL.from_pretrained("toy")
     demo = build_demo(toy)
@@ -446,7 +446,8 @@ def test_gradio_analytics_are_off_unless_the_user_turns_them_on(monkeypatch, tin
 def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     """gill.chat is the one statement of the turn format the app and the toy build's scripted chat use:
     the question framed as the original demo frames it, the answer cut at the next question, its leading
-    space kept, its pictures right after its text (where its [IMG] tokens were), then one newline."""
+    space kept, each picture it showed as the [IMG] tokens that made it (the original demo's history held the
+    answer's strings with "[IMG0]...[IMG7]", never the shown picture), then one newline."""
     from gill import chat
 
     assert chat.question("it turns blue.") == "Q: it turns blue.\nA:"
@@ -454,9 +455,13 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     assert chat.turn_items("", ["<img>"]) == ["<img>"]
     decoded = " now it is a blue circle.  \nQ: what next?\nA: more"
     assert chat.answer_text(decoded) == " now it is a blue circle.  "
-    assert chat.answer_items(decoded, ["<pic>"]) == [" now it is a blue circle.", "<pic>", "\n"]
-    assert chat.answer_items(" it is red. \n") == [" it is red.\n"]
-    assert chat.answer_items("", ["<pic>"]) == ["<pic>", "\n"]  # an answer that was only a picture
+    picture = object()  # a shown picture (a segment or an image): only its place matters
+    assert chat.answer_items([" now it is a blue circle.", picture, "  \nQ: what next?\nA: more"], "[I0][I1]") == \
+        [" now it is a blue circle.[I0][I1]\n"]
+    assert chat.answer_items([decoded], "[I0]") == [" now it is a blue circle.\n"]  # no picture: no [IMG]
+    assert chat.answer_items([" it is red. \n"], "[I0]") == [" it is red.\n"]
+    assert chat.answer_items([picture], "[I0]") == ["[I0]\n"]  # an answer that was only a picture
+    assert chat.answer_items([" a", picture, " b", picture], "<I>") == [" a<I> b<I>\n"]  # each where it was
     assert chat.STOP_STRINGS == ("\nQ:", "\nA:")
     # an answer that writes an answer line of its own ends there too (every turn marker stops it)
     assert chat.answer_text(" it is red.\nA: it is blue.\nQ: x") == " it is red."
@@ -466,3 +471,63 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
                                          " it is a square.\nQ:", " it is a square.\nQ: what", " it is a square.\nA",
                                          " it is a square.\nA: it")] == [" it is a square."] * 7
     assert chat.shown_text("IQ") == "IQ" and chat.shown_text("") == ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_readme_main_job_holds_a_random_twelve_turn_chat_in_a_real_browser(readme_main_job, tmp_path):
+    """A random chat of the toy world's grammar (describe, change, ask, attach a picture and ask what it is),
+    12 turns from a seed no build draws from, typed into the README's main job at its defaults as a person
+    would: every answer's text is the world's right answer."""
+    import random
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    from training.toy import world
+
+    every = {(c, s) for c in world.COLORS for s in world.SHAPES}
+    turns = world.conversation(random.Random("the browser's twelve-turn chat"), every, 12)
+    assert len(turns) == 12 and any(t.attached for t in turns) and any(t.scene is None and not t.attached for t in turns)
+    port = readme_main_job[0]
+    with sync_playwright() as p:
+        browser, page = open_page(p, f"http://127.0.0.1:{port}/")
+        box = page.locator("#input textarea")
+        box.wait_for(timeout=30_000)
+        for i, t in enumerate(turns):
+            if t.attached is not None:
+                world.render(t.attached).save(tmp_path / f"turn{i}.png")
+                page.locator("#input input[type=file]").set_input_files(str(tmp_path / f"turn{i}.png"))
+            box.fill(t.question)
+            deadline = time.time() + 180
+            while True:  # the page ignores Enter while it answers
+                box.press("Enter")
+                try:
+                    page.wait_for_function("document.querySelector('#input textarea').value === ''", timeout=3_000)
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise
+        # then wait until the last answer is in and the chat stands still
+        last, still = None, 0
+        while still < 4:
+            time.sleep(1)
+            now = page.locator("#chat").inner_text()
+            still = still + 1 if now == last else 0
+            last = now
+        rows = page.eval_on_selector_all("#chat [data-testid='user'], #chat [data-testid='bot']",
+                                         "els => els.map(e => [e.getAttribute('data-testid'), e.innerText.trim(), "
+                                         "e.querySelector('img') !== null])")
+        page.screenshot(path=str(tmp_path / "twelve-turns.png"), full_page=True)
+        browser.close()
+    keep_screenshots(tmp_path, "twelve-turns.png")
+    answers, current = [], None
+    for role, text, has_img in rows:  # each question's first text answer (not an image or its label)
+        if role == "user" and text and not has_img:
+            current = len(answers)
+            answers.append(None)
+        elif role == "bot" and current is not None and answers[current] is None and text and not has_img \
+                and not text.startswith(("Retrieved image", "Generated image")):
+            answers[current] = text
+    said = [(t.question, t.answer, a) for t, a in zip(turns, answers)]
+    assert len(answers) == 12 and all(a == t.answer for t, a in zip(turns, answers)), said

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gill.config import ConfigError, GILLConfig, MapperConfig, TokenConfig, config_from_model_args
+from gill.config import ChatCard, ConfigError, GILLConfig, MapperConfig, TokenConfig, config_from_model_args
 
 
 def test_json_round_trip_preserves_every_field(tmp_path):
@@ -11,6 +11,7 @@ def test_json_round_trip_preserves_every_field(tmp_path):
         tokens=TokenConfig(img_token_ids=[10, 11, 12, 13, 14, 15, 16, 17], vocab_size=18),
     )
     cfg.decision.use_ret_score = True
+    cfg.chat = ChatCard(hint="**knows** shapes", examples=["a red circle.", "it turns blue."])
     path = tmp_path / "config.json"
     cfg.to_json(path)
     back = GILLConfig.from_json(path)
@@ -25,6 +26,25 @@ def test_unknown_field_is_named_with_the_file(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"config\.json: unknown field\(s\) \['mapper.hiden_dim'\]"):
         GILLConfig.from_json(path)
+
+
+def test_a_chat_card_is_read_from_the_config_and_an_older_config_has_none(tmp_path):
+    """The model directory tells a chat what it knows (config.json's ``chat``: hint and examples), which the
+    app shows; a version-2 config (before the block) reads as none, and a bad block is named."""
+    from app.conversation import model_hint
+
+    old = GILLConfig().to_dict()
+    del old["chat"]
+    old["format_version"] = 2
+    assert GILLConfig.from_dict(old).chat == ChatCard()
+    data = {**GILLConfig().to_dict(), "chat": {"hint": "shapes only", "examples": ["a red circle."]}}
+    cfg = GILLConfig.from_dict(data)
+    pipeline = type("P", (), {"model": type("M", (), {"config": cfg})()})()
+    assert model_hint(pipeline) == ("shapes only", ["a red circle."])
+    pipeline.model.config = GILLConfig.from_dict(old)
+    assert model_hint(pipeline) is None
+    with pytest.raises(ConfigError, match=r"m/config.json: field chat.examples is 'a' \(str\)"):
+        GILLConfig.from_dict({**data, "chat": {"examples": "a"}}, source="m/config.json")
 
 
 def test_newer_format_is_refused():

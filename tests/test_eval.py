@@ -170,7 +170,7 @@ def test_the_clip_scorer_gives_known_similarities_on_fixed_images():
     from gill.eval.metrics import paired_cosine
     from gill.eval.scorer import ClipScorer
     from gill.presets import toy_metric_dir
-    from gill.toy import world
+    from training.toy import world
 
     by_caption = {s.caption(): s for s in world.all_scenes()}
     red_circle = by_caption["a large red circle on the left on white"]

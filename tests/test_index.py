@@ -316,7 +316,7 @@ def test_index_query_finds_the_exact_picture_by_text_and_by_image(tmp_path, caps
     the scene's own picture, each put that scene's picture first; --json lines carry rank, score, source,
     caption and hash; the plain lines are ranked."""
     from gill.presets import toy_dir
-    from gill.toy import world
+    from training.toy import world
     from index.query import main
 
     index = str(toy_dir() / "index")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gill import GILL
-from gill.toy import world
+from training.toy import world
 from training.toy import free_chats as fc
 
 
@@ -64,10 +64,10 @@ def test_free_chat_figures_count_the_recorded_turns_per_index_and_per_kind(run):
     json.dumps(got)  # the whole result goes into the report's JSON
 
 
-def test_free_chats_are_asked_as_the_app_asks_them_with_answers_and_pictures_fed_back(run):
+def test_free_chats_are_asked_as_the_app_asks_them_with_answers_and_pictures_fed_back(run, toy):
     """Turn k of every chat in one call; the app's turn format at the model's default settings (only the
     turn format's stop string and end at a picture; seed 0, as the report's chat_turn); an attached picture
-    goes in before its question; each answer's text and pictures go back into its chat."""
+    goes in before its question; each answer's text and its pictures' [IMG] tokens go back into its chat."""
     from PIL import Image
 
     from gill import chat
@@ -88,8 +88,12 @@ def test_free_chats_are_asked_as_the_app_asks_them_with_answers_and_pictures_fed
                 items = after[len(conv): len(after) - len(_turn_items(turns[k + 1]))]
                 assert after[: len(conv)] == conv
                 answer = got["records"][c * 4 + k]
-                assert "".join(x for x in items if isinstance(x, str)).strip() == answer["answer"]
-                assert sum(isinstance(x, Image.Image) for x in items) == (answer["shown"] is not None)
+                said = "".join(x for x in items if isinstance(x, str))
+                img = toy.img_tokens.text
+                assert said.replace(img, "").strip() == answer["answer"]
+                # a shown picture goes back as its [IMG] tokens, right after the text, never as a picture
+                assert not any(isinstance(x, Image.Image) for x in items)
+                assert said.count(img) == (answer["shown"] is not None) and (img not in said or said.rstrip().endswith(img))
 
 
 def _turn_items(turn):
@@ -117,13 +121,16 @@ def test_free_chats_are_none_of_the_builds_training_chats(monkeypatch):
     """Drawn from streams of their own: no free chat's first 3 or more turns are a chat the build trains on
     (GILL's chat samples and the LM's chats, world seed 0 and the full plan's draws)."""
     from training.toy import data
-    from training.toy.plan import Plan
+    from training.toy.plan import CHAT_TURNS, Plan
+
+    from gill.presets import toy_dir
 
     monkeypatch.setattr(data, "_png", lambda *a, **k: b"")  # the texts are what is compared
     train_comp, test_comp = world.split_compositions()
-    samples = data.training_samples(Plan(), random.Random(0), train_comp)
-    trained = {"".join(json.loads(s["context.json"])) + s["txt"] for s in samples if s["__key__"].startswith("chat-")}
-    lm = world.world_text(random.Random(1), train_comp | test_comp, common=train_comp)
+    samples = data.training_samples(Plan(), random.Random(0), train_comp, length=data.token_counter(toy_dir() / "lm"))
+    trained = {("".join(json.loads(s["context.json"])) + s["txt"]).replace(data.IMG_TEXT, "")
+               for s in samples if s["__key__"].startswith("chat-")}
+    lm = world.world_text(random.Random(1), train_comp | test_comp, common=train_comp, chat_turns=CHAT_TURNS)
     trained |= {line.replace(world.PICTURE, "").rstrip("\n") for line in lm if line.startswith("Q: ")}
     assert len(trained) > 1000
     free = fc.draw_chats(100, 10, seed=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gill import GILL, DiffusionOptions, GeneratedImage
-from gill.toy import world
+from training.toy import world
 
 
 @pytest.fixture(scope="module")

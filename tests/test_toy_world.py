@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gill.eval.data import load_vist
-from gill.toy import world
+from gill import chat
+from training.toy import world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,17 +108,21 @@ def test_a_chat_sample_is_laid_out_as_the_app_lays_out_a_conversation():
     turns = [world.Turn("what is this?", f"it is {a.caption()}.", None, attached=a),
              world.Turn("what colour is it?", "it is red."),
              world.Turn("it turns blue.", f"now it is {b.caption()}.", b)]
-    pairs, text, target = world.chat_sample(turns)
+    pairs, text, target = world.chat_sample(turns, "<I>")
     # the attached picture comes first, then its question; the last answer is what [IMG] follows
     assert pairs == [("", a)]
     assert text == (f"Q: what is this?\nA: it is {a.caption()}.\nQ: what colour is it?\nA: it is red.\n"
                     f"Q: it turns blue.\nA: now it is {b.caption()}.")
     assert target == b
-    # a picture shown in an earlier turn sits right after that answer's text, the newline after it
+    # a picture shown in an earlier turn is its [IMG] tokens right after that answer's text, the newline after
+    # them (gill.chat.answer_items), as the app feeds an answer back
     c = world.Scene("blue", "circle", "small", "left", "white")
-    pairs, text, target = world.chat_sample([turns[2], world.Turn("it shrinks.", f"now it is {c.caption()}.", c)])
-    assert pairs == [(f"Q: it turns blue.\nA: now it is {b.caption()}.", b)]
-    assert text == f"\nQ: it shrinks.\nA: now it is {c.caption()}." and target == c
+    pairs, text, target = world.chat_sample([turns[2], world.Turn("it shrinks.", f"now it is {c.caption()}.", c)], "<I>")
+    assert pairs == []
+    assert text == f"Q: it turns blue.\nA: now it is {b.caption()}.<I>\nQ: it shrinks.\nA: now it is {c.caption()}."
+    assert target == c
+    history = chat.turn_items(turns[2].question) + chat.answer_items([f" now it is {b.caption()}.", object()], "<I>")
+    assert "".join(history) + chat.question("it shrinks.") + f" now it is {c.caption()}." == text
 
 
 def test_story_sets_give_each_last_picture_one_right_answer():

@@ -56,12 +56,12 @@ def test_concatenated_sequences_are_two_examples_back_to_back(tiny_opt):
     backbones, config = tiny_opt
     model = GILLModel(backbones.lm, backbones.vision, config).eval()
     text = tokenize(backbones.tokenizer, ["a red circle", "a small blue square on the left"], 32, 8)
-    ids, mask, labels = img_token_inputs(model, text, concat=True, device="cpu")
+    ids, mask, labels, _ = img_token_inputs(model, text, concat=True, device="cpu")
     a, b = text.captions
     img = config.tokens.img_token_ids
     assert ids[0].tolist() == a + img + b[1:] + img  # the second caption loses its BOS
     assert labels[0].tolist() == a + [img[0]] + [-100] * 7 + b[1:] + [img[0]] + [-100] * 7
-    single, smask, _ = img_token_inputs(model, text, concat=False, device="cpu")
+    single, smask, _, _ = img_token_inputs(model, text, concat=False, device="cpu")
     with torch.no_grad():
         both = model.img_token_forward(ids, mask).img_hidden
         alone = model.img_token_forward(single, smask).img_hidden

@@ -68,7 +68,7 @@ def test_a_batch_without_context_trains_exactly_as_before(gill):
     captions = ["a red circle", "a small blue square on the left"]
     text = tokenize(gill.tokenizer, captions, 32, len(gill.img_tokens.ids))
     with torch.no_grad():
-        ids, mask, _ = img_token_inputs(gill.model, text, concat=False, device="cpu")
+        ids, mask, _, _ = img_token_inputs(gill.model, text, concat=False, device="cpu")
         plain = gill.model.img_token_forward(ids, mask).img_hidden
         mixed = tokenize(gill.tokenizer, captions, 32, len(gill.img_tokens.ids), contexts=[[], ["x"]], n_visual=2)
         mixed.context[1] = []  # as if its context were empty: the interleaved path on plain rows

@@ -128,18 +128,24 @@ def caption_token_weights(labels: torch.Tensor, text: TextBatch, concat: bool, w
 
 def img_token_inputs(model: GILLModel, text: TextBatch, concat: bool, device):
     """[BOS caption IMG0..n-1] (or two of them back to back, the second without BOS), right-padded:
-    ids, mask, labels (text and [IMG0] are targets)."""
+    ids, mask, labels (text and [IMG0] are targets) and the rows and columns (G, n) of the [IMG] groups
+    appended here, in order (a caption may hold [IMG] tokens of its own: a chat's earlier pictures)."""
     img = model.config.tokens.img_token_ids
-    rows = []
+    n = len(img)
+    rows, starts = [], []
     step = 2 if concat else 1
     for i in range(0, len(text.captions) - step + 1, step):
         row = text.captions[i] + img
+        starts.append((len(rows), len(row) - n))
         if concat:
             row = row + text.captions[i + 1][1:] + img
+            starts.append((len(rows), len(row) - n))
         rows.append(torch.tensor(row, device=device))
     ids = _pad(rows, 0)
     mask = _pad([torch.ones(len(r), dtype=torch.long, device=device) for r in rows], 0)
-    return ids, mask, losses.img_token_labels(ids, mask, model.img_token_ids)
+    r = torch.tensor([a for a, _ in starts], device=device)[:, None].expand(-1, n)
+    cols = torch.tensor([b for _, b in starts], device=device)[:, None] + torch.arange(n, device=device)
+    return ids, mask, losses.img_token_labels(ids, mask, model.img_token_ids), (r, cols)
 
 
 def interleaved_inputs(model: GILLModel, text: TextBatch, context_prefix: torch.Tensor | None, device):
@@ -189,9 +195,8 @@ def img_token_forward(model: GILLModel, text: TextBatch, concat: bool, device,
     if text.interleaved:
         embeds, mask, labels, (rows, cols) = interleaved_inputs(model, text, context_prefix, device)
     else:
-        ids, mask, labels = img_token_inputs(model, text, concat, device)
+        ids, mask, labels, (rows, cols) = img_token_inputs(model, text, concat, device)
         embeds = model.embed_tokens(ids)
-        rows, cols = model.img_token_positions(ids)
     out = model.lm_forward(embeds, mask)
     return out, labels, out.hidden[rows, cols]
 

@@ -1,5 +1,5 @@
 """The toy world's build, as a recipe: tiny backbones trained from scratch on synthetic captioned shapes
-(``gill.toy.world``), then GILL on top of them with the project's own recipes.
+(``training.toy.world``), then GILL on top of them with the project's own recipes.
 
     python -m training.toy --out toy-build                # the full build (seeded, CPU)
     python -m training.toy --out toy-small --small        # the reduced build the tests run

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gill.toy import world
-from training.toy.plan import LM_LEN, TEXT_LEN, Plan, log, schedule
+from training.toy import world
+from training.toy.plan import LM_LEN, LM_POSITIONS, TEXT_LEN, Plan, log, schedule
 
 
 def image_processor():
@@ -81,7 +81,7 @@ def stage_lm(out: Path, plan: Plan, seed: int) -> None:
     # "on gray.") get the same output gradients and merge (" white" and " gray": cosine 0.995 in the v2.1
     # LM), after which nothing the LM computes tells them apart, nor can GILL's [IMG] tokens
     lm = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=96, word_embed_proj_dim=96, num_hidden_layers=3,
-                                  num_attention_heads=4, ffn_dim=384, max_position_embeddings=256, dropout=0.0,
+                                  num_attention_heads=4, ffn_dim=384, max_position_embeddings=LM_POSITIONS, dropout=0.0,
                                   pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=False))
     ids = [tokenizer(doc)["input_ids"][:LM_LEN - 1] + [2] for doc in docs]
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
@@ -224,9 +224,8 @@ def stage_metric(out: Path, plan: Plan, seed: int) -> None:
 # ---- 4. the diffusion model ---------------------------------------------------------------------------------
 
 def stage_sd(out: Path, plan: Plan, seed: int) -> None:
-    from diffusers import (AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from diffusers.training_utils import EMAModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers.image_processor import VaeImageProcessor
     from transformers import AutoTokenizer, CLIPTextModel
 
     target = out / "model" / "sd"
@@ -239,10 +238,28 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
     # to v2.3), it drew them right from their own captions in 0.50 of them, and GILL in 0.25
     scenes = world.all_scenes()
     jitters = ((0, 0), (1, 0), (0, 1))
-    from diffusers.image_processor import VaeImageProcessor
-
     images = VaeImageProcessor(do_resize=False).preprocess([world.render(s, jitter=j) for s in scenes for j in jitters])
     captions = [s.caption() for s in scenes for _ in jitters]
+    vae, latents = train_vae(images, plan)
+    tokenizer = AutoTokenizer.from_pretrained(out / "sd-text" / "tokenizer", trust_remote_code=False)
+    text_encoder = CLIPTextModel.from_pretrained(out / "sd-text" / "text_encoder", trust_remote_code=False).eval()
+    with torch.no_grad():
+        unique = sorted(set(captions)) + [""]
+        states = dict(zip(unique, text_encoder(input_ids=text_inputs(tokenizer, unique).input_ids).last_hidden_state))
+    unet = train_unet(latents, torch.stack([states[c] for c in captions]), states[""], plan)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                                steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(target, safe_serialization=True)
+
+
+def train_vae(images: torch.Tensor, plan: Plan):
+    """The toy's VAE trained on ``images`` (in [-1, 1]), and their latents scaled to unit spread (the scale
+    recorded in its config, as Stable Diffusion's 0.18215)."""
+    from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -262,15 +279,14 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
         latents = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mean for i in range(0, len(images), 64)])
     scale = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
+    return vae, latents * scale
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "sd-text" / "tokenizer", trust_remote_code=False)
-    text_encoder = CLIPTextModel.from_pretrained(out / "sd-text" / "text_encoder", trust_remote_code=False).eval()
-    with torch.no_grad():
-        unique = sorted(set(captions)) + [""]
-        states = dict(zip(unique, text_encoder(input_ids=text_inputs(tokenizer, unique).input_ids).last_hidden_state))
-    cond = torch.stack([states[c] for c in captions])
-    empty = states[""]
+
+def train_unet(latents: torch.Tensor, cond: torch.Tensor, empty: torch.Tensor, plan: Plan):
+    """The toy's UNet trained to denoise ``latents`` given their captions' states ``cond`` (``empty``: the
+    empty caption's, for classifier-free guidance); its weights' moving average, as diffusion models ship."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
 
     unet = UNet2DConditionModel(
         sample_size=world.IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
@@ -281,7 +297,6 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
     sched = schedule(opt, 200, plan.unet_steps)
-    # an exponential moving average of the weights is what is saved, as diffusion models are trained
     ema = EMAModel(unet.parameters(), decay=0.999)
     unet.train()
     for step in range(plan.unet_steps):
@@ -299,10 +314,4 @@ def stage_sd(out: Path, plan: Plan, seed: int) -> None:
         if step % 250 == 0 or step == plan.unet_steps - 1:
             log(f"unet step {step} loss {loss.item():.4f}")
     ema.copy_to(unet.parameters())
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                                steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(target, safe_serialization=True)
+    return unet

@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-from gill.toy import world
+from training.toy import world
 
 KINDS = ("describe", "change", "ask", "attach")
 FIGURES = ("text_right", "picture_right", "attached_read")  # fractions; img_inside and unasked_picture: counts
@@ -90,7 +90,8 @@ def run_chats(gill, chats: list[list[world.Turn]]) -> list[list[dict]]:
         for c, items, n, answer in zip(rows, asked, dropped, answers):
             decoded = "".join(s.text for s in answer if isinstance(s, Text))
             pictures = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
-            history[c].append(items + fmt.answer_items(decoded, pictures))
+            parts = [s.text if isinstance(s, Text) else s for s in answer if isinstance(s, (Text, GeneratedImage, RetrievedImage))]
+            history[c].append(items + fmt.answer_items(parts, gill.img_tokens.text))
             out[c].append({"answer": fmt.answer_text(decoded), "shown": None, "dropped_turns": n})
             firsts += [(c, pictures[0])] if pictures else []
         for (c, _), scene in zip(firsts, world.scenes_shown([im for _, im in firsts]) if firsts else []):

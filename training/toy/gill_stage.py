@@ -9,15 +9,15 @@ import os
 import shutil
 from pathlib import Path
 
-from gill.toy import world
-from training.toy.plan import GILL_THREADS, TEXT_LEN, TOY_RUN, Plan, run
+from training.toy import world
+from training.toy.plan import GILL_LEN, GILL_THREADS, TEXT_LEN, TOY_RUN, VISUAL_TOKENS, Plan, run
 
 
 def gill_config(out: Path) -> Path:
     from gill.config import GILLConfig, MapperConfig, PreprocessConfig
 
     cfg = GILLConfig(
-        lm="lm", vision="vision", diffusion="sd", lm_hidden_size=96, vision_hidden_size=64, n_visual_tokens=2,
+        lm="lm", vision="vision", diffusion="sd", lm_hidden_size=96, vision_hidden_size=64, n_visual_tokens=VISUAL_TOKENS,
         ret_emb_dim=64, gen_seq_len=TEXT_LEN, gen_emb_dim=64,
         # dropout 0.3 in the mapper (the original's is 0): without it the mapper learnt the corpus's
         # compositions by heart and drew unseen ones right from single captions in 0.44, though its input
@@ -38,7 +38,7 @@ def _train(model: Path, run_dir: Path, steps: int, shards: str, out: Path, seed:
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(run_dir), "--steps", str(steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(steps * 3 // 4),
             "--save-every", str(steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
-            "--shuffle-buffer", "256", "--max-len", "128", "--renorm-img-embeddings", "false", "--renorm-img-output", "false"]
+            "--shuffle-buffer", "256", "--max-len", str(GILL_LEN), "--renorm-img-embeddings", "false", "--renorm-img-output", "false"]
 
 
 def stage_gill(out: Path, plan: Plan, seed: int) -> None:
@@ -70,7 +70,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             # the background at the "."; with one that keeps it, that cost story retrieval: 0.17 vs 0.27);
             # see the README's toy section for the build's figures
             "--contrastive-queue", "512", "--weight-contrastive", "1", "--run-settings", json.dumps(TOY_RUN),
-            "--training-data", "the toy world (gill/toy/world.py): synthetic captioned shapes, chats and 5-step "
+            "--training-data", "the toy world (training/toy/world.py): synthetic captioned shapes, chats and 5-step "
             "stories (interleaved with their pictures), built by python -m training.toy", threads=GILL_THREADS)
     # the model directory: trained weights beside the backbones it names by relative path
     trained = out / "mapper-run" / "final" if plan.mapper_steps else out / "gill-run" / "final"
@@ -87,6 +87,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
             "--train-only", "mapper", "--reinit", "mapper", threads=GILL_THREADS)
     for name in ("config.json", "gill.safetensors"):
         (model / name).write_bytes((trained / name).read_bytes())
+    write_chat_card(model / "config.json")
     if not (model / "index" / "manifest.json").exists():  # the corpus travels inside the index directory
         shutil.copytree(data / "corpus", model / "index" / "images", dirs_exist_ok=True)
         run("-m", "index.build", "--model", str(model), "--source", str(model / "index" / "images"),
@@ -95,6 +96,31 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
     run("-m", "training.train_decision", "--model", str(model), "--annotations", str(data / "decisions.tsv"),
         "--train-size", str(int(n * 0.7)), "--steps", "2000", "--lr", "1e-2", "--index", str(model / "index"),
         "--standardize", "--balance-classes", "--seed", str(seed), threads=GILL_THREADS)
+
+
+def chat_card():
+    """What the toy model tells a chat about itself (its config's ``chat`` block, which the app shows): the
+    world's words and the turns it answers, as its report's free chats measure them."""
+    from gill.config import ChatCard
+
+    hint = (f"**The toy world** knows only coloured shapes: colours {', '.join(world.COLORS)}; shapes "
+            f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)}; positions {', '.join(world.POSITIONS)}; "
+            f"backgrounds {', '.join(world.BACKGROUNDS)}. Describe a scene (“a large red circle on the left on "
+            "white.”), change it (“it moves to the right.”, “it turns blue.”, “it grows.”), "
+            "ask “what colour is it?” or “what shape is it?”, or attach a picture of one and ask "
+            "“what is this?”. How often it is right, turn by turn: its report's “Free chats”.")
+    examples = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
+                "it turns yellow.", "a large green triangle in the middle on white."]
+    return ChatCard(hint=hint, examples=examples)
+
+
+def write_chat_card(path: Path) -> None:
+    """Put ``chat_card`` into the model's config.json."""
+    from gill.config import GILLConfig
+
+    cfg = GILLConfig.from_json(path)
+    cfg.chat = chat_card()
+    cfg.to_json(path)
 
 
 def stage_eval(out: Path, plan: Plan, seed: int) -> None:

@@ -20,7 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 GILL_THREADS = 2
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
-LM_LEN = 160  # the toy LM's positions in training (a chat of up to 5 turns)
+# The toy LM's positions: its model has LM_POSITIONS, it is trained on documents of up to LM_LEN (chats of up
+# to CHAT_TURNS turns: ~300 tokens at 12), and LM_LEN is the model's context_length (the app keeps a chat
+# inside it). Until v2.9: 256 / 160 / chats of up to 5 turns, and free chats fell apart from turn 6.
+LM_POSITIONS = 512
+LM_LEN = 448
+CHAT_TURNS = 12
+VISUAL_TOKENS = 4  # GILL's visual prefix per picture (2 until v2.9, when attached pictures were not read)
+GILL_LEN = 256  # GILL's training sequences (training.train --max-len): a chat's oldest pairs dropped to fit
 
 # How the toy model is best run, saved in its config.json (run settings): its tiny diffusion model draws
 # colour and shape right from its own captions best at guidance 4.0 (0.97 of 40 seen compositions'
@@ -52,13 +59,14 @@ class Plan:
     # an earlier turn
     train_stories: int = 1600
     train_chats: int = 1600
+    attach_chats: int = 800  # more chats, each beginning with an attached picture (training.toy.data)
     test_stories: int = 60
     val_stories: int = 30
     decision_stories: int = 300
 
 
 SMALL = Plan(lm_steps=1500, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=1000, train_images_per_scene=4,
-             train_stories=800, train_chats=800, test_stories=24, val_stories=12, decision_stories=200)
+             train_stories=800, train_chats=800, attach_chats=400, test_stories=24, val_stories=12, decision_stories=200)
 
 
 def log(msg: str) -> None:

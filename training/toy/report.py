@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gill.toy import world
+from training.toy import world
 from training.toy.backbones import image_processor, pixels, text_inputs
 from training.toy.plan import log
 
@@ -109,8 +109,8 @@ class ChatAnswer:
 
 def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = True) -> ChatAnswer:
     """One turn as the app runs it (the "Q: ...\nA:" format, default settings, seed 0): the answer's text and
-    pictures; ``history`` is extended with the turn and the answer (its pictures too, unless not
-    ``feed_back_pictures``), as the app feeds an answer back."""
+    pictures; ``history`` is extended with the turn and the answer (its pictures as their [IMG] tokens, unless
+    not ``feed_back_pictures``), as the app feeds an answer back."""
     from gill import chat as turns_format
     from gill.pipeline import GeneratedImage, RetrievedImage, Text
 
@@ -119,7 +119,9 @@ def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = Tru
                                        end_at_image=turns_format.END_AT_IMAGE, seed=0)
     decoded = "".join(s.text for s in answer if isinstance(s, Text))
     pictures = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
-    history += turn + turns_format.answer_items(decoded, pictures if feed_back_pictures else [])
+    parts = [s.text if isinstance(s, Text) else s for s in answer
+             if isinstance(s, Text) or (feed_back_pictures and isinstance(s, (GeneratedImage, RetrievedImage)))]
+    history += turn + turns_format.answer_items(parts, gill.img_tokens.text)
     return ChatAnswer(turns_format.answer_text(decoded), pictures)
 
 

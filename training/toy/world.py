@@ -258,12 +258,11 @@ def chat_text(turns: list[Turn], picture: str = "") -> str:
     return "".join(f"Q: {t.question}\nA: {t.answer}{picture if t.scene is not None else ''}\n" for t in turns)
 
 
-def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]:
+def chat_sample(turns: list[Turn], img_text: str) -> tuple[list[tuple[str, Scene]], str, Scene]:
     """The last turn of a chat (whose answer shows a scene) as an interleaved training sample, laid out as
-    the app lays out a conversation: (context (text, scene) pairs, the text before [IMG], the scene shown).
-    An attached picture comes before its question; a shown picture right after its answer's text, before
-    the newline (``gill.chat.answer_items``), so an answer that shows something is never followed by "\\n"
-    in training: that is where its [IMG] tokens go."""
+    the app lays out a conversation (``gill.chat``): (context (text, scene) pairs, the text before [IMG], the
+    scene shown). An attached picture is a context picture before its question; a picture an earlier answer
+    showed is ``img_text`` (the model's [IMG] tokens) right after that answer's text, before its newline."""
     *before, last = turns
     assert last.scene is not None, "the last turn must show a scene"
     pairs, text = [], ""
@@ -274,10 +273,7 @@ def chat_sample(turns: list[Turn]) -> tuple[list[tuple[str, Scene]], str, Scene]
         text += f"Q: {t.question}\nA: {t.answer}"
         if t is last:
             break
-        if t.scene is not None:
-            pairs.append((text, t.scene))
-            text = ""
-        text += "\n"
+        text += (img_text if t.scene is not None else "") + "\n"
     return pairs, text, last.scene
 
 
