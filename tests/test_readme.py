@@ -60,7 +60,7 @@ def quick_start():
 def test_readme_answer_is_the_worlds_answer_with_its_picture(quick_start):
     """The README's chat ("it moves to the right.") gets the toy world's own answer and a picture of it."""
     from gill import GeneratedImage, RetrievedImage, Text
-    from gill.toy import world
+    from training.toy import world
 
     answer = quick_start["answer"]
     said = world.Scene("red", "circle", "large", "left", "white")
