@@ -23,7 +23,6 @@ MAX_FUNCTION_LINES = 80
 KNOWN_LONG_MODULES = {
 }
 KNOWN_LONG_FUNCTIONS = {
-    "training/toy/backbones.py::stage_sd": "coordinator, issues 38/40 (training/toy)",
 }
 KNOWN_PRIVATE_IMPORTS = {
 }
