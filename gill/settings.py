@@ -174,10 +174,14 @@ def scorer_spec(text: str) -> str:
     return text
 
 
-def run_flags(*, scorer: bool = False) -> dict[str, dict[str, Any]]:
+DECODING_FIELDS = ("max_new_tokens", "temperature", "top_p", "img_scale_factor")  # the decoder's run settings
+
+
+def run_flags(*, scorer: bool = False, decoding: bool = True) -> dict[str, dict[str, Any]]:
     """RunSettings field -> the keyword arguments of its flag ``--FIELD-NAME`` (argparse's ``type`` or
     ``choices`` and ``help``). ``context_length`` is the model's (what it was trained on), not a flag;
-    ``scorer`` (the evaluation's) only with ``scorer``."""
+    ``scorer`` (the evaluation's) only with ``scorer``; the decoder's settings (``DECODING_FIELDS``) only with
+    ``decoding`` (a front end that never decodes, as the evaluation, takes no flag it would ignore)."""
     d = LIBRARY_DEFAULTS
     flags = {
         "max_new_tokens": dict(type=int_in(1), help=f"text tokens and [IMG] tokens of an answer, >= 1, at most the "
@@ -191,6 +195,8 @@ def run_flags(*, scorer: bool = False) -> dict[str, dict[str, Any]]:
         "scheduler": dict(choices=list(SCHEDULERS), help="diffusion scheduler (library: the pipeline's own)"),
         "seed": dict(type=seed_arg(), help=f"decoding and diffusion seed, 0-{MAX_SEED} (library: {d.seed})"),
     }
+    if not decoding:
+        flags = {name: kwargs for name, kwargs in flags.items() if name not in DECODING_FIELDS}
     if scorer:
         flags["scorer"] = dict(type=scorer_spec, help="the evaluation's CLIP scorer, hf:NAME_OR_PATH or "
                                                       "open_clip:MODEL/PRETRAINED (library: CLIP ViT-L/14, as the paper)")
@@ -198,12 +204,16 @@ def run_flags(*, scorer: bool = False) -> dict[str, dict[str, Any]]:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, index: bool = True, verbose: bool = True,
-                      scorer: bool = False, title: str = "model and run settings") -> Any:
+                      scorer: bool = False, decoding: bool = True, title: str = "model and run settings",
+                      helps: dict[str, str] | None = None) -> Any:
     """Add the flags every front end shares to ``parser``, as one argument group (returned): ``--model``,
     ``--index`` (with ``index``), ``--device``, ``--dtype``, ``--verbose`` (with ``verbose``; a front end with
-    subcommands keeps it on its top parser), and one flag per run setting named as its field (``run_flags``),
-    each left unset (None) unless given: the model's setting, else the library's."""
+    subcommands keeps it on its top parser), and one flag per run setting named as its field (``run_flags``:
+    ``scorer`` and ``decoding`` as there), each left unset (None) unless given: the model's setting, else the
+    library's. ``helps``: a front end's own help text for a flag, by its destination (``{"device": ...}``)."""
     from gill.presets import DEFAULT_MODEL
+
+    helps = helps or {}
 
     group = parser.add_argument_group(title, "each run setting left out is the model's (its config.json's run "
                                              "block), else the library's")
@@ -211,11 +221,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, index: bool = True, ve
                        help=f"model directory, preset or Hub repo id (default: {DEFAULT_MODEL}, the offline toy world)")
     if index:
         group.add_argument("--index", default=None, help="retrieval index directory (default: the model's own corpus)")
-    group.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
-    group.add_argument("--dtype", choices=list(DTYPES), default=None, help="the backbones' dtype (default: as stored)")
+    group.add_argument("--device", default=None, help=helps.get("device", "e.g. cuda (default: cpu)"))
+    group.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help=helps.get("dtype", "the backbones' dtype (default: as stored)"))
     if verbose:
         group.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
-    for name, kwargs in run_flags(scorer=scorer).items():
+    for name, kwargs in run_flags(scorer=scorer, decoding=decoding).items():
+        kwargs = {**kwargs, "help": helps.get(name, kwargs["help"])}
         group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kwargs)
         for alias in FLAG_ALIASES.get(name, ()):
             group.add_argument(alias, dest=name, default=None, **{**kwargs, "help": argparse.SUPPRESS})

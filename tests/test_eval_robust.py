@@ -315,6 +315,7 @@ BASE = ["vist", "--annotations", "a.json", "--images", "imgs", "--out", "o"]
     ("--batch-size", "two", "an integer >= 1"), ("--limit", "0", "an integer >= 1"),
     ("--steps", "0", "an integer from 1 to 1000"), ("--steps", "1001", "an integer from 1 to 1000"),
     ("--steps", "2.5", "an integer from 1 to 1000"), ("--guidance", "-1", "a number >= 0"),
+    ("--guidance-scale", "-1", "a number >= 0"),
     ("--guidance", "nan", "a number >= 0"), ("--guidance", "inf", "a number >= 0"),
     ("--seed", "-1", "an integer from 0 to 4294967295"), ("--seed", str(2**32), "an integer from 0 to 4294967295"),
     ("--scorer", "clip-vit", "'hf:NAME_OR_PATH' or 'open_clip:MODEL/PRETRAINED'"),
@@ -343,5 +344,25 @@ def test_in_range_arguments_parse():
 
     args = build_parser().parse_args(BASE + ["--batch-size", "1", "--limit", "5", "--steps", "1000", "--guidance", "0",
                                              "--seed", "0", "--scorer", "hf:openai/clip-vit-large-patch14"])
-    assert (args.batch_size, args.limit, args.steps, args.guidance, args.seed) == (1, 5, 1000, 0.0, 0)
+    assert (args.batch_size, args.limit, args.steps, args.guidance_scale, args.seed) == (1, 5, 1000, 0.0, 0)
     assert build_parser().parse_args(BASE).batch_size == 8 and not build_parser().parse_args(BASE).allow_outside_root
+
+
+def test_guidance_is_read_under_its_fields_name_and_its_earlier_spelling():
+    """The shared flag ``--guidance-scale``; ``--guidance`` (scripts written before) still sets the same field."""
+    from gill.eval.__main__ import build_parser
+
+    assert build_parser().parse_args(BASE + ["--guidance-scale", "2.5"]).guidance_scale == 2.5
+    assert build_parser().parse_args(BASE + ["--guidance", "3.5"]).guidance_scale == 3.5
+    assert build_parser().parse_args(BASE).guidance_scale is None  # unset: the model's, else the library's
+
+
+@pytest.mark.parametrize("flag", ["--temperature", "--top-p", "--max-new-tokens", "--img-scale-factor", "--index"])
+def test_flags_the_eval_would_ignore_are_refused(flag, capsys):
+    """The evaluation draws from the [IMG] slot without decoding and searches its own gallery: a decoder
+    setting or an index given to it would be dropped silently, so it is no flag of it."""
+    from gill.eval.__main__ import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(BASE + [flag, "1"])
+    assert e.value.code == 2 and f"unrecognized arguments: {flag} 1" in capsys.readouterr().err

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gill.arguments import MAX_SEED, float_in, int_in, out_dir_arg
+from gill.arguments import DTYPES, MAX_SEED, int_in, out_dir_arg
 from gill.eval.protocol import PROTOCOLS, Protocol
-from gill.settings import MAX_STEPS, SCHEDULERS
+from gill.settings import add_run_arguments, scorer_spec, settings_for  # settings_for: the one resolver, re-exported
+
 MAX_ROUNDS = 10  # a VisDial dialog has 10 rounds
-DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def vist_settings(protocol) -> dict:
@@ -52,47 +52,29 @@ def visdial_settings(rounds: list[int]) -> dict:
     return out
 
 
-def settings_for(gill, args: argparse.Namespace):
-    """The evaluation's run settings: its flags > the model's settings (the toy's own metric model as
-    scorer, for instance) > the library's defaults (CLIP ViT-L/14 as the paper, seed 42 as the original)."""
-    return gill.run_settings({"steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
-                              "scorer": args.scorer, "scheduler": getattr(args, "scheduler", None)})
-
-
-def scorer_spec(text: str) -> str:
-    """``hf:NAME_OR_PATH`` or ``open_clip:MODEL/PRETRAINED``, checked before any image is generated."""
-    kind, sep, name = text.partition(":")
-    if not sep or kind not in ("hf", "open_clip") or not name:
-        raise argparse.ArgumentTypeError(f"must be 'hf:NAME_OR_PATH' or 'open_clip:MODEL/PRETRAINED', got {text!r}")
-    return text
-
-
 def common(p: argparse.ArgumentParser) -> None:
-    from gill.presets import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model directory or preset (default: {DEFAULT_MODEL})")
+    """A task's flags: the dataset, the output, and the front ends' shared group (``--model``, ``--device``,
+    ``--dtype`` and one flag per run setting the evaluation uses, named as its field: ``--steps``,
+    ``--guidance-scale``, ``--scheduler``, ``--seed``, ``--scorer``). The evaluation draws every image at
+    once from the [IMG] slot (no decoding), so the decoder's settings are not among its flags."""
+    helps = {"device": "e.g. cuda; under torchrun each process takes cuda:LOCAL_RANK (default: cpu)",
+             "dtype": "the LM, vision encoder and mapper (default: original protocol bfloat16, as the original "
+                      "ran them; clean: as stored)",
+             "seed": f"base seed, 0-{MAX_SEED} (library: 42, as the original): the original protocol's one noise "
+                     "stream, the clean protocol's per-example seeds",
+             "scorer": "hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: the model's run settings, e.g. the "
+                       "toy world's own metric model; else CLIP ViT-L/14 as the paper)"}
+    add_run_arguments(p, index=False, verbose=False, scorer=True, decoding=False, helps=helps)
     p.add_argument("--images", required=True, help="folder of the dataset's images")
     p.add_argument("--out", type=out_dir_arg(), required=True, help="output folder (made if missing; a rerun resumes it)")
     p.add_argument("--settings", nargs="+", default=None, help="subset of settings (default: all)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain Stable Diffusion settings")
     p.add_argument("--limit", type=int_in(1), default=None, help="first N (usable) examples only")
-    own = "default: the model's run settings, else the library's"
-    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=None, help=f"diffusion steps, 1-{MAX_STEPS} ({own}: 50)")
-    p.add_argument("--guidance", type=float_in(0), default=None, help=f"classifier-free guidance, >= 0 ({own}: 7.5)")
-    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help=f"diffusion scheduler ({own}: the pipeline's)")
-    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=None,
-                   help=f"base seed, 0-{MAX_SEED} ({own}: 42, as the original)")
     p.add_argument("--batch-size", type=int_in(1), default=8, help="examples per forward (default: 8)")
-    p.add_argument("--scorer", type=scorer_spec, default=None, help="hf:NAME_OR_PATH or open_clip:MODEL/PRETRAINED (default: the "
-                   "model's run settings, e.g. the toy world's own metric model; else CLIP ViT-L/14 as the paper)")
     p.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package)")
     p.add_argument("--no-score", action="store_true",
                    help="generate only; score later with 'python -m gill.eval score OUT --task TASK'")
-    p.add_argument("--device", default=None, help="e.g. cuda; under torchrun each process takes cuda:LOCAL_RANK")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="the LM, vision encoder and mapper (default: original protocol bfloat16, as the original "
-                        "ran them; clean: as stored)")
-    p.add_argument("--sd-dtype", choices=DTYPES, default=None,
+    p.add_argument("--sd-dtype", choices=list(DTYPES), default=None,
                    help="Stable Diffusion (default: original protocol float16, as the original; clean: --dtype)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="original",
                    help="original (default): the released scripts' way, quirks included, to compare with the paper; "
@@ -330,13 +312,14 @@ def dtypes(args: argparse.Namespace, protocol: Protocol) -> tuple[str | None, st
 
 def load_model(args: argparse.Namespace, protocol: Protocol, shard):
     """GILL in the run's dtypes (``dtypes``; the mapper too, which loads as stored) on its device."""
-    import torch
-
+    from gill.arguments import torch_dtype
     from gill.pipeline import GILL
+    from gill.settings import load_kwargs
 
     args.dtype, args.sd_dtype = dtypes(args, protocol)
-    lm, sd = (getattr(torch, d) if d else None for d in (args.dtype, args.sd_dtype))
-    gill = GILL.from_pretrained(args.model, torch_dtype=lm, diffusion_dtype=sd, device=shard.device(args.device))
+    lm, sd = torch_dtype(args.dtype), torch_dtype(args.sd_dtype)
+    gill = GILL.from_pretrained(args.model, **{**load_kwargs(args), "diffusion_dtype": sd,
+                                               "device": shard.device(args.device)})
     if gill.diffusion is None:
         raise ValueError(f"model {args.model} has no diffusion pipeline: evaluation generates images")
     if lm is not None:
@@ -347,22 +330,24 @@ def load_model(args: argparse.Namespace, protocol: Protocol, shard):
 
 
 def write_state(job: Job, gill) -> dict:
-    """The run's settings resolved (flags > the model's > the library's) into ``job.args``, checked against
-    an earlier run in the same folder and written to ``run.json``; returns that state."""
+    """The run's settings resolved once (flags > the model's > the library's: ``gill.settings.settings_for``)
+    into ``job.args``, each under its field's name, checked against an earlier run in the same folder and
+    written to ``run.json`` (its keys as earlier runs wrote them: ``guidance``); returns that state."""
     from gill.io import atomic_write_text
+    from gill.run import DIFFUSION_SETTINGS
 
     args = job.args
     settings = settings_for(gill, args)
-    args.steps, args.guidance, args.seed, args.scorer = settings.steps, settings.guidance_scale, settings.seed, settings.scorer
-    args.scheduler = settings.scheduler
+    for name in (*DIFFUSION_SETTINGS, "scorer"):
+        setattr(args, name, getattr(settings, name))
     job.out.mkdir(parents=True, exist_ok=True)
-    run_info = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "scheduler": settings.scheduler,
+    run_info = {"steps": args.steps, "guidance": args.guidance_scale, "seed": args.seed, "scheduler": args.scheduler,
                 "scorer": args.scorer, "batch_size": args.batch_size, "truncate": args.truncate,
                 "caption_field": getattr(args, "caption_field", None), "limit": args.limit,
                 "processes": job.shard.world, "dtype": args.dtype, "sd_dtype": args.sd_dtype,
                 "rounds": getattr(args, "rounds", None)}
     state = {"task": args.task, "model": str(args.model), "scorer": args.scorer, "seed": args.seed, "steps": args.steps,
-             "guidance": args.guidance, "scheduler": settings.scheduler, "settings": job.names,
+             "guidance": args.guidance_scale, "scheduler": args.scheduler, "settings": job.names,
              "skipped": job.dataset.skipped, "context_dir": str(Path(args.images).resolve()),
              "protocol": job.protocol.as_dict(), "run": run_info, "compare_with": compare_with(args)}
     check_resumable(job.out / "run.json", state)
@@ -401,9 +386,11 @@ def generate(job: Job, gill) -> dict[str, dict]:
     from gill.eval.runner import Setting, merge_setting, run_setting
     from gill.eval.seeds import PerExampleSeeds, SeedStream, pipeline_latent_shape
     from gill.eval.shard import barrier
+    from gill.run import DIFFUSION_SETTINGS
 
     args, shard, pipe = job.args, job.shard, gill.diffusion.pipe
-    options = DiffusionOptions(steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler)
+    # the resolved settings (write_state): the noise below seeds each image, from the base seed
+    options = DiffusionOptions(**{name: getattr(args, name) for name in DIFFUSION_SETTINGS})
     counts = {}
     for name in job.names:
         if job.protocol.seeds == "stream":  # a fresh stream per setting: the original ran one script per setting
