@@ -84,11 +84,11 @@ def test_the_library_call_uses_the_models_settings_and_answers_a_caption_with_an
 
 
 def test_the_shipped_toys_context_is_the_positions_its_lm_was_trained_on(toy):
-    """The toy LM has 256 positions but was trained on LM_LEN (160): its run settings say so, the build writes
-    it (TOY_RUN), and the library's limit is that."""
-    from training.toy.plan import INSTALLED_SCORER, LM_LEN, TOY_RUN
+    """The toy LM has 512 positions but was trained on documents of LM_LEN (448): its run settings say so, the
+    build writes it (TOY_RUN), and the library's limit is that."""
+    from training.toy.plan import INSTALLED_SCORER, LM_LEN, LM_POSITIONS, TOY_RUN
 
-    assert toy.context_length == LM_LEN == 160 < toy.max_positions
+    assert toy.context_length == LM_LEN == 448 < toy.max_positions == LM_POSITIONS == 512
     assert TOY_RUN["context_length"] == LM_LEN
     shipped = json.loads((toy_dir() / "config.json").read_text())["run"]
     assert {k: v for k, v in shipped.items() if v is not None} == {**TOY_RUN, "scorer": INSTALLED_SCORER}

@@ -64,7 +64,8 @@ def test_readme_answer_is_the_worlds_answer_with_its_picture(quick_start):
 
     answer = quick_start["answer"]
     said = world.Scene("red", "circle", "large", "left", "white")
-    assert _readme_chat()[0] == f"Q: {said.caption()}.\nA: {said.caption()}."  # the scene the chat names
+    shown = quick_start["gill"].img_tokens.text  # the first answer's picture, as a chat feeds it back
+    assert quick_start["chat"] == [f"Q: {said.caption()}.\nA: {said.caption()}.{shown}\nQ: it moves to the right.\nA:"]
     moved = world.Scene("red", "circle", "large", "right", "white")
     assert isinstance(answer[0], Text) and answer[0].text.strip() == world.now_it_is(moved), answer
     pictures = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage))]
@@ -104,24 +105,13 @@ def test_stream_and_generate_interleaved_agree_on_images(quick_start, policy):
     from gill import DiffusionOptions, GeneratedImage, RetrievedImage
 
     gill = quick_start["gill"]
-    chat = _readme_chat()
+    chat = quick_start["chat"]
     kw = dict(policy=policy, max_new_tokens=24, diffusion=DiffusionOptions(steps=2), seed=7)
     streamed = list(gill.stream(chat, **kw))
     answered = gill.generate_interleaved(chat, **kw)
     kinds = {type(s) for s in answered}
     assert RetrievedImage in kinds and (policy == "auto" or GeneratedImage in kinds), answered
     same_segments(streamed, answered)
-
-
-def _readme_chat() -> list:
-    """The conversation of the README's first call, read from the README's code (its image rebuilt)."""
-    from PIL import Image
-
-    block = python_blocks()[0]
-    texts = re.findall(r'^\s*\["(Q: .*?)",\s*$.*?^\s*Image\.new\("RGB", \(64, 64\), "red"\), "(.*?)"\],', block, re.S | re.M)
-    assert len(texts) == 1, "the README's first call changed: update _readme_chat"
-    first, last = (bytes(t, "utf-8").decode("unicode_escape") for t in texts[0])
-    return [first, Image.new("RGB", (64, 64), "red"), last]
 
 
 def test_readme_model_quick_start_runs():
