@@ -217,10 +217,11 @@ def test_the_best_checkpoint_is_the_step_with_the_best_validation_recall(data, t
     """Validations of recall 0.25, 0.5, 0.375, 0.5 after steps 1-4: best/ holds the weights of step 2 (the
     first best: a tie does not replace it, as the original's ``>``) and its metrics, not the last step's."""
     import training.train as train
+    import training.validation
     from gill.checkpoint import load_safetensors
 
     recalls = iter([0.25, 0.5, 0.375, 0.5])
-    monkeypatch.setattr(train, "validate", lambda *a, **k: {"val/t2i_recall@1": next(recalls), "val/caption_loss": 1.0})
+    monkeypatch.setattr(training.validation, "validate", lambda *a, **k: {"val/t2i_recall@1": next(recalls), "val/caption_loss": 1.0})
     run = train.setup(train_args(data, tmp_path / "run", "--warmup-steps", 0, "--save-every", 100,
                                  "--val-data", data["val"], "--val-sd-embeddings", data["sd"]))
     samples = _first_batch(run, data)
