@@ -111,7 +111,7 @@ class ImageSlots:
         if need_ret_score and use_head and self.retriever is None:
             raise ValueError("this decision head reads the max retrieval score; load a retrieval index")
         may_edit = self.diffusion is not None and (
-            policy == "edit" or (policy == "auto" and use_head and len(model.config.decision.labels) == 3))
+            policy == "edit" or (policy == "auto" and use_head and self.decision.linear.out_features == 3))
         from_corpus = may_edit and any(sources[r] is None for r, _ in slots)  # an edit may start from the best hit
         candidates = None
         if self.retriever is not None and (policy in ("auto", "retrieve", "both") or need_ret_score or from_corpus):
