@@ -111,6 +111,18 @@ def test_an_edit_hands_img2img_the_source_the_mappers_embeddings_the_strength_an
     assert np.array_equal(pixels(e.image), pixels(call["out"][0]))  # the picture img2img drew
 
 
+def test_a_batch_edits_each_conversations_own_picture_seeded_as_its_first_image(tiny_gill, img2img_calls):
+    """Each conversation's k-th image is seeded with seed + k (as generated ones): two conversations' first
+    edits both draw with the seed itself, each from its own picture."""
+    a, b = picture(20), picture(21)
+    answers = tiny_gill.generate_interleaved([["a red circle", a, "it turns blue."], ["a square", b, "now green."]],
+                                             policy="edit", **FORCE, settings={"steps": 4, "seed": 7})
+    assert len(img2img_calls) == 1 and img2img_calls[0]["seeds"] == [7, 7]
+    assert [pixels(x).tolist() for x in img2img_calls[0]["image"]] == [pixels(a).tolist(), pixels(b).tolist()]
+    sources = [next(s for s in answer if isinstance(s, EditedImage)).source.image for answer in answers]
+    assert np.array_equal(pixels(sources[0]), pixels(a)) and np.array_equal(pixels(sources[1]), pixels(b))
+
+
 def test_the_library_default_strength_is_0_6_and_a_strength_outside_0_1_is_refused_naming_it(tiny_gill, img2img_calls):
     from gill.settings import LIBRARY_DEFAULTS, RunSettings
 
