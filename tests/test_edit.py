@@ -411,6 +411,7 @@ def test_train_decision_learns_a_three_way_head_from_annotations_with_edit(tmp_p
     files = read_model_dir(tmp_path / "m")
     assert files.config.decision.labels == ("gen", "ret", "edit")
     assert files.decision["linear.weight"].shape[0] == 3
+    assert "| decision head | yes: gen, ret, edit |" in (tmp_path / "m" / "README.md").read_text()  # the model card
     two = tmp_path / "two.tsv"
     two.write_text("\n".join(r for r in rows if not r.endswith("\tedit")) + "\n")
     assert read_annotations(two).names == ("gen", "ret")  # no "edit": the original's two-way head
