@@ -89,14 +89,37 @@ def model_hint(pipeline: Any) -> tuple[str, list[str]] | None:
 
 def conversation_state(state: Any) -> dict:
     """The model's side of a chat: ``turns`` (each the items of one turn: attached images, the "Q: ...\\nA:"
-    text, the answer's text and images), ``told`` (the chat has said older turns were dropped) and
+    text, the answer's text and images), ``told`` (the chat has said older turns were dropped),
     ``exchanges`` (one per message shown, True where it became a turn, False where it was refused: Undo
-    takes a turn back only for the former)."""
+    takes a turn back only for the former) and ``pictures`` (one list per answered turn since the chat began,
+    older turns dropped from ``turns`` included: the pictures the user attached and the answer showed, each
+    ``{"image", "place"}``, "attached picture 2" / "shown in answer 3": what an edit starts from, since the
+    model reads a shown picture as its [IMG] tokens only)."""
     if isinstance(state, dict):
         turns = list(state.get("turns", []))
         exchanges = list(state.get("exchanges", [True] * len(turns)))
-        return {"turns": turns, "told": bool(state.get("told", False)), "exchanges": exchanges}
-    return {"turns": [], "told": False, "exchanges": []}
+        return {"turns": turns, "told": bool(state.get("told", False)), "exchanges": exchanges,
+                "pictures": list(state.get("pictures", []))}
+    return {"turns": [], "told": False, "exchanges": [], "pictures": []}
+
+
+def last_picture(state: dict) -> Any:
+    """The conversation's last picture (attached or shown) as a ``gill.EditSource``, or None: where the
+    model's edits start from."""
+    from gill.pipeline import EditSource
+
+    shown = [p for turn in state["pictures"] for p in turn]
+    return EditSource(shown[-1]["image"], place=shown[-1]["place"]) if shown else None
+
+
+def turn_pictures(state: dict, attached: list, answer: list) -> list[dict]:
+    """The pictures of the turn about to be committed: ``attached`` (PIL images) and the images of ``answer``
+    (its segments and text pieces) that could be shown, each with its place in the conversation."""
+    before = sum(1 for turn in state["pictures"] for p in turn if p["place"].startswith("attached"))
+    number = len(state["pictures"]) + 1  # this answer's number in the conversation
+    pictures = [{"image": im, "place": f"attached picture {before + i}"} for i, im in enumerate(attached, 1)]
+    return pictures + [{"image": s.image, "place": f"shown in answer {number}"} for s in answer
+                       if not isinstance(s, str) and s.image is not None]
 
 
 def drop_last_exchange(messages: list, state: Any) -> tuple[list, dict]:
@@ -110,10 +133,10 @@ def drop_last_exchange(messages: list, state: Any) -> tuple[list, dict]:
         messages.pop()
     while messages and role(messages[-1]) == "user":
         messages.pop()
-    turns, exchanges = state["turns"], state["exchanges"]
+    turns, exchanges, pictures = state["turns"], state["exchanges"], state["pictures"]
     if not exchanges or exchanges.pop():
-        turns = turns[:-1]
-    return messages, {**state, "turns": turns, "exchanges": exchanges}
+        turns, pictures = turns[:-1], pictures[:-1]
+    return messages, {**state, "turns": turns, "exchanges": exchanges, "pictures": pictures}
 
 
 def check_seed(seed: Any) -> int:
@@ -203,6 +226,9 @@ class Answers:
             shown.append({"role": "user", "content": save_image(image, session.folder)})
         if not text and not turn:
             raise BadInput("Please type a message or attach an image.")
+        if controls.policy == "edit" and not turn and last_picture(state) is None and self.pipeline.retriever is None:
+            raise BadInput("Edit needs a picture to start from: attach one, or ask for a picture first "
+                           "(this model has no retrieval index to take one from).")
         settings = controls.settings(self.given)
         turn = chat.turn_items(text, turn)  # the original demo's turn format
         turns, dropped = fit_context(self.pipeline, [list(t) for t in state["turns"]], turn, settings.max_new_tokens)
@@ -212,14 +238,19 @@ class Answers:
                 settings: RunSettings, policy: str) -> Iterator[tuple[list, dict, Box]]:
         """The model's answer streamed into the chat, then the turn committed with it; a model error is shown
         in the chat and the conversation stays as it was. Stops where Reset or Undo came since."""
-        from gill.pipeline import Text, TextDelta
+        from gill.pipeline import NoEditSourceError, Text, TextDelta
 
         answer: list[Any] = []
         current = None  # the assistant text message being streamed
+        attached = [item for item in turn if not isinstance(item, str)]
+        # an edit starts from the conversation's last picture: this turn's last attachment, else the last one
+        # attached or shown before (the model reads a shown picture as its [IMG] tokens, not as a picture)
+        now = turn_pictures(state, attached, [])
+        source = last_picture({"pictures": [now]}) or last_picture(state)
         try:
             for segment in self.pipeline.stream([item for t in turns + [turn] for item in t], settings=settings,
                                                 policy=policy, deltas=True, stop_strings=chat.STOP_STRINGS,
-                                                end_at_image=chat.END_AT_IMAGE):
+                                                end_at_image=chat.END_AT_IMAGE, edit_source=source):
                 if not session.current(ticket):  # Reset or Undo: the answer is abandoned
                     return
                 if isinstance(segment, TextDelta):
@@ -243,8 +274,11 @@ class Answers:
                     return
                 yield messages, state, Box.BUSY
         except Exception as e:  # a model error is shown in the chat; the conversation stays as it was
-            LOG.exception("the model failed on a message")
-            failed = f"⚠️ The model failed: {type(e).__name__}: {e}"
+            if isinstance(e, NoEditSourceError):  # what was asked cannot be done: said as such, in one line
+                failed = f"⚠️ {e}"
+            else:
+                LOG.exception("the model failed on a message")
+                failed = f"⚠️ The model failed: {type(e).__name__}: {e}"
             messages.append({"role": "assistant", "content": escaped(failed)})
             state = {**state, "exchanges": state["exchanges"] + [False]}
             if session.commit(ticket, messages, state, done=True):
@@ -254,6 +288,7 @@ class Answers:
         turn += chat.answer_items(answer, self.pipeline.img_tokens.text)
         if not answer:
             messages.append({"role": "assistant", "content": "(no answer)"})
-        state = {**state, "turns": turns + [turn], "exchanges": state["exchanges"] + [True]}
+        state = {**state, "turns": turns + [turn], "exchanges": state["exchanges"] + [True],
+                 "pictures": state["pictures"] + [turn_pictures(state, attached, answer)]}
         if session.commit(ticket, messages, state, done=True):
             yield messages, state, Box.READY

@@ -79,8 +79,10 @@ class _Page:
 def _layout(gr: Any, title: str, hint: tuple[str, list[str]] | None, d: Any, policy: str) -> _Page:
     """The page, inside an open ``gr.Blocks``: the model's hint and examples (if it gives them), the chat,
     the buttons, and the settings controls starting at the resolved run settings ``d``."""
-    gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated** "
-                "and **retrieved** images, each labelled with the decision behind it.")
+    from gill.decision import POLICIES
+
+    gr.Markdown(f"# {title}\nType a message and attach images; answers interleave text with **generated**, "
+                "**retrieved** and **edited** images, each labelled with the decision behind it.")
     if hint is not None:
         gr.Markdown(hint[0], elem_id="hint")
     chatbot = gr.Chatbot(label="Conversation", height=620, elem_id="chat")
@@ -104,7 +106,7 @@ def _layout(gr: Any, title: str, hint: tuple[str, list[str]] | None, d: Any, pol
         with gr.Row():
             frequency = gr.Slider(0, max(5.0, d.img_scale_factor), value=d.img_scale_factor, step=0.05,
                                   label="Image frequency (scale factor)")
-            chosen_policy = gr.Radio(["auto", "generate", "retrieve", "both"], value=policy, label="Decision policy")
+            chosen_policy = gr.Radio(list(POLICIES), value=policy, label="Decision policy")
         with gr.Row():
             steps = gr.Slider(1, max(100, d.steps), value=d.steps, step=1, label="Diffusion steps")
             guidance = gr.Slider(0, max(15.0, d.guidance_scale), value=d.guidance_scale, step=0.5,

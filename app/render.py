@@ -26,9 +26,14 @@ def image_label(segment: Any) -> str:
     """The caption shown above an answer's image: kind, decision and provenance. What comes from the
     index (caption, source) is escaped: shown as text, whatever it holds."""
     d = segment.decision
-    probs = f"p(gen)={d.p_gen:.2f} · p(ret)={d.p_ret:.2f}" if d.p_gen is not None else "no classifier"
-    if type(segment).__name__ == "GeneratedImage":
+    probs = " · ".join(f"p({k})={v:.2f}" for k in ("gen", "ret", "edit")
+                       if (v := getattr(d, f"p_{k}", None)) is not None) or "no classifier"  # those the head has
+    kind = type(segment).__name__
+    if kind == "GeneratedImage":
         return f"**Generated image** · {probs} · policy: {escaped(d.policy)}"
+    if kind == "EditedImage":
+        return (f"**Edited image** · from {escaped(one_line(segment.source.describe()))} · strength "
+                f"{segment.strength:.2f} · {probs} · policy: {escaped(d.policy)}")
     caption = f" · “{escaped(one_line(segment.caption))}”" if segment.caption else ""
     return (f"**Retrieved image** · {probs} · policy: {escaped(d.policy)} · score {segment.score:.2f} · "
             f"source: {escaped(one_line(segment.source))}{caption}")

@@ -9,8 +9,9 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (its ``generate`` subcommand's parser is ``.generate``). Numbers out of range
     and an --out that is a file are refused when the command line is parsed, naming the flag."""
-    from gill.arguments import MAX_SEED, int_in, out_dir_arg, seed_arg
-    from gill.settings import add_run_arguments
+    from gill.arguments import MAX_SEED, float_in, int_in, out_dir_arg, seed_arg
+    from gill.decision import POLICIES
+    from gill.settings import LIBRARY_DEFAULTS, add_run_arguments
 
     parser = argparse.ArgumentParser(prog="python -m gill", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="show the libraries' warnings and progress bars")
@@ -37,9 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("items", nargs="*", help="text segments (in order with the --image options)")
     gen.add_argument("--image", action="append", default=[], help="an image file (repeatable, keeps its position)")
     gen.add_argument("--out", type=out_dir_arg(), default="gill-output", help="folder for the answer's images")
-    gen.add_argument("--policy", choices=["auto", "generate", "retrieve", "both"], default="auto")
+    gen.add_argument("--policy", choices=list(POLICIES), default="auto",
+                     help="auto: the model's decision head; edit: redraw the picture to edit (default: auto)")
+    gen.add_argument("--edit-source", default=None, metavar="PATH",
+                     help="the picture an edit starts from (default: the last --image, else the best retrieved one)")
     gen.add_argument("--top-k", type=int_in(0), default=0, help=">= 0; 0 keeps every token")
-    add_run_arguments(gen, verbose=False)  # --model, --index, --device, --dtype and the run settings
+    group = add_run_arguments(gen, verbose=False)  # --model, --index, --device, --dtype and the run settings
+    group.add_argument("--edit-strength", dest="edit_strength", type=float_in(0, 1, above=True), default=None,
+                       help="an edit's image-to-image strength, in (0, 1]: the share of the diffusion schedule "
+                            f"redrawn (library: {LIBRARY_DEFAULTS.edit_strength:g})")
 
     parser.generate = gen
     return parser
@@ -125,13 +132,18 @@ def _ordered_items(argv: list[str], options: dict[str, bool]) -> list[tuple[str,
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gill.pipeline import GILL, GeneratedImage, RetrievedImage, Text
+    from gill.images import open_image
+    from gill.pipeline import GILL, EditSource, Text
     from gill.settings import load_kwargs, settings_from_args
 
     inputs = [Path(v) if kind == "image" else v for kind, v in args.ordered]
     if not inputs:
         print("error: give at least one text or --image", file=sys.stderr)
         return 2
+    source = None
+    if args.edit_source is not None:  # opened before the model loads: a bad file is said at once
+        source = EditSource(open_image(args.edit_source, name=f"--edit-source {args.edit_source}"),
+                            place=f"--edit-source {args.edit_source}")
     gill = GILL.from_pretrained(args.model, **load_kwargs(args))
     if gill.retriever is not None and len(gill.retriever) == 0:  # an empty index: said, not a vanished image
         where = args.index or f"{args.model}'s own corpus"
@@ -140,7 +152,8 @@ def _generate(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         print(f"warning: the retrieval index {where} is empty: no image will be retrieved", file=sys.stderr)
-    answer = gill.generate_interleaved(inputs, policy=args.policy, settings=settings_from_args(args), top_k=args.top_k)
+    answer = gill.generate_interleaved(inputs, policy=args.policy, settings=settings_from_args(args), top_k=args.top_k,
+                                       edit_source=source)
     out = Path(args.out)
     n = 0
     for segment in answer:
@@ -148,18 +161,32 @@ def _generate(args: argparse.Namespace) -> int:
             print(segment.text)
             continue
         d = segment.decision
-        probs = f"p_gen={d.p_gen:.3f} p_ret={d.p_ret:.3f}" if d.p_gen is not None else "no classifier"
+        probs = " ".join(f"p_{k}={v:.3f}" for k, v in d.probabilities.items()) or "no classifier"
         if segment.image is None:
             print(f"[retrieved image {segment.source} could not be loaded; {probs}]")
             continue
         n += 1
         out.mkdir(parents=True, exist_ok=True)
-        kind = "generated" if isinstance(segment, GeneratedImage) else "retrieved"
+        kind = image_kind(segment)
         path = out / f"{n:02d}-{kind}.png"
         segment.image.save(path)
-        extra = f" from {segment.source} ({segment.caption!r}, score {segment.score:.2f})" if isinstance(segment, RetrievedImage) else ""
-        print(f"[{kind} image {path}{extra}; policy {d.policy}, chose {d.choice}, {probs}]")
+        print(f"[{kind} image {path}{provenance(segment)}; policy {d.policy}, chose {d.choice}, {probs}]")
     return 0
+
+
+def image_kind(segment) -> str:
+    """"generated", "retrieved" or "edited": how an image segment is named in the output and its file."""
+    return {"GeneratedImage": "generated", "RetrievedImage": "retrieved", "EditedImage": "edited"}[type(segment).__name__]
+
+
+def provenance(segment) -> str:
+    """Where an image came from, as the command prints it after its path."""
+    kind = image_kind(segment)
+    if kind == "retrieved":
+        return f" from {segment.source} ({segment.caption!r}, score {segment.score:.2f})"
+    if kind == "edited":
+        return f" from {segment.source.describe()}, strength {segment.strength:.2f}"
+    return ""
 
 
 if __name__ == "__main__":

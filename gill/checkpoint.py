@@ -199,7 +199,7 @@ def model_card(config: GILLConfig, has_decision: bool) -> str:
         f"| image generator | `{config.diffusion or 'none'}` |",
         f"| visual prefix | {config.n_visual_tokens} tokens |",
         f"| retrieval space | {config.ret_emb_dim}-d |",
-        f"| decision head | {'yes' if has_decision else 'no'} |",
+        f"| decision head | {'yes: ' + ', '.join(config.decision.labels) if has_decision else 'no'} |",
         f"| training data | {config.training_data or 'not recorded'} |",
         "", "## Run settings", "",
         "Used when a caller passes none (explicit argument > these > the library's defaults):", "",

@@ -76,9 +76,13 @@ class PreprocessConfig:
     std: tuple[float, float, float] = CLIP_STD
 
 
+DECISION_LABELS = (("gen", "ret"), ("gen", "ret", "edit"))  # the decision heads' outputs, in order
+
+
 @dataclass
 class DecisionConfig:
-    """The retrieve-vs-generate classifier: Dropout -> Linear(features, len(labels))."""
+    """The image-slot classifier: Dropout -> Linear(features, len(labels)). Its outputs are ``labels``:
+    ("gen", "ret"), the release's, or ("gen", "ret", "edit"), a head trained to edit too."""
 
     labels: tuple[str, ...] = ("gen", "ret")
     dropout: float = 0.5
@@ -148,6 +152,9 @@ class GILLConfig:
             cfg.run.validated(f"{source}.run")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if tuple(cfg.decision.labels) not in DECISION_LABELS:
+            raise ConfigError(f"{source}: field decision.labels is {list(cfg.decision.labels)}; expected one of "
+                              f"{[list(x) for x in DECISION_LABELS]}")
         if cfg.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"{source}: format_version {cfg.format_version} is newer than this library reads "

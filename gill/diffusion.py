@@ -1,12 +1,16 @@
 """Image generation: GILL's mapper output drives a stock diffusers pipeline through ``prompt_embeds``.
 
 Works with ``StableDiffusionPipeline`` and any SD-family pipeline whose ``__call__`` takes
-``prompt_embeds`` (and ``negative_prompt_embeds``). diffusers is imported where used.
+``prompt_embeds`` (and ``negative_prompt_embeds``). Edits (``DiffusionGenerator.edit``) draw with diffusers'
+stock image-to-image pipeline of the same family, built from the loaded pipeline's own components
+(``AutoPipelineForImage2Image.from_pipe``: the same UNet, VAE and text encoder objects, no second copy).
+diffusers is imported where used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +35,9 @@ class DiffusionOptions:
     guidance_scale: float | None = None
     seed: int | None = None  # image i of a call uses seed + i
     scheduler: str | None = None  # one of SCHEDULERS; None keeps the pipeline's (SD v1.5: PNDM)
+    # an edit's image-to-image strength in (0, 1]: the share of the schedule redrawn from the noised source
+    # (None: the image-to-image pipeline's own, diffusers' 0.8)
+    edit_strength: float | None = None
     height: int | None = None
     width: int | None = None
     # (1, L, D) or (G, L, D) conditioning for classifier-free guidance; None encodes the empty prompt.
@@ -46,8 +53,8 @@ class DiffusionOptions:
                                  f"{MAX_IMAGE_SIDE}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"diffusion options: scheduler is {self.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
-        RunSettings(steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
-                    scheduler=self.scheduler).validated("diffusion options")
+        RunSettings(steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed, scheduler=self.scheduler,
+                    edit_strength=self.edit_strength).validated("diffusion options")
         return self
 
 
@@ -107,14 +114,28 @@ class DiffusionGenerator:
     def _generate(self, prompt_embeds: torch.Tensor, options: DiffusionOptions,
                   negative_prompt_embeds: torch.Tensor | None, seeds: list[int] | None,
                   latents: torch.Tensor | None = None) -> list[Any]:
-        if negative_prompt_embeds is None:
-            negative_prompt_embeds = options.negative_prompt_embeds
-        device = getattr(self.pipe, "device", torch.device("cpu"))
         if latents is not None and seeds is not None:
             raise ValueError("give seeds or latents, not both")
         if latents is not None and len(latents) != len(prompt_embeds):
             raise ValueError(f"{len(latents)} latents for {len(prompt_embeds)} images")
-        if seeds is None and latents is None and options.seed is not None:
+        kwargs = self._call_kwargs(prompt_embeds, options, negative_prompt_embeds, seeds, seeded=latents is None)
+        if latents is not None:
+            kwargs["latents"] = latents.to(kwargs["prompt_embeds"].device)
+        if options.height is not None:
+            kwargs["height"] = options.height
+        if options.width is not None:
+            kwargs["width"] = options.width
+        return list(self.pipe(**kwargs).images)
+
+    def _call_kwargs(self, prompt_embeds: torch.Tensor, options: DiffusionOptions,
+                     negative_prompt_embeds: torch.Tensor | None, seeds: list[int] | None,
+                     seeded: bool = True) -> dict[str, Any]:
+        """What a draw and an edit hand the pipeline alike: the conditioning (and the negative one), one seeded
+        generator per image (``seeds``, else ``options.seed + i`` where ``seeded``), steps and guidance."""
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = options.negative_prompt_embeds
+        device = getattr(self.pipe, "device", torch.device("cpu"))
+        if seeds is None and seeded and options.seed is not None:
             seeds = [options.seed + i for i in range(len(prompt_embeds))]
         generator = None
         if seeds is not None:
@@ -131,15 +152,67 @@ class DiffusionGenerator:
             kwargs["num_inference_steps"] = options.steps
         if options.guidance_scale is not None:
             kwargs["guidance_scale"] = options.guidance_scale
-        if latents is not None:
-            kwargs["latents"] = latents.to(device)
         if negative_prompt_embeds is not None:
             kwargs["negative_prompt_embeds"] = negative_prompt_embeds.to(device)
-        if options.height is not None:
-            kwargs["height"] = options.height
-        if options.width is not None:
-            kwargs["width"] = options.width
-        return list(self.pipe(**kwargs).images)
+        return kwargs
+
+    # ---- edits: image-to-image from a source picture ------------------------------------------------------
+
+    def image_to_image(self, pipe: Any = None) -> Any:
+        """diffusers' stock image-to-image pipeline of ``pipe``'s family (default: this generator's pipeline),
+        built from its components: the very same UNet, VAE, text encoder and scheduler objects (no weights are
+        copied; milliseconds). Its progress-bar setting is the pipeline's."""
+        from diffusers import AutoPipelineForImage2Image
+
+        pipe = self.pipe if pipe is None else pipe
+        img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        progress = getattr(pipe, "_progress_bar_config", None)
+        if progress is not None:
+            img2img.set_progress_bar_config(**progress)
+        return img2img
+
+    def draw_size(self, options: DiffusionOptions) -> tuple[int, int]:
+        """(width, height) of a draw with ``options``: theirs where set, else the pipeline's default (its UNet's
+        sample size times the VAE's scale factor, as diffusers' text-to-image call takes it)."""
+        side = self.pipe.unet.config.sample_size * getattr(self.pipe, "vae_scale_factor", 8)
+        return options.width or side, options.height or side
+
+    @torch.no_grad()
+    def edit(
+        self,
+        prompt_embeds: torch.Tensor,
+        images: list[Any],
+        options: DiffusionOptions | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        seeds: list[int] | None = None,
+    ) -> list[Any]:
+        """(G, L, D) conditioning and G source pictures -> G PIL images: each source, noised to
+        ``options.edit_strength`` of the schedule, redrawn under its conditioning by the stock image-to-image
+        pipeline (``image_to_image``). Sources are resized to the size a draw has (``draw_size``), so an edit
+        is the size of a generated image. Seeds, steps, guidance and scheduler as in ``generate``; an edit
+        runs ``int(steps * edit_strength)`` of the steps (diffusers' rule), so a pair that leaves none is
+        refused naming both."""
+        from PIL import Image
+
+        options = (options or DiffusionOptions()).validated()
+        if len(images) != len(prompt_embeds):
+            raise ValueError(f"{len(images)} source pictures for {len(prompt_embeds)} edits")
+        if options.steps is not None and options.edit_strength is not None \
+                and int(options.steps * options.edit_strength) < 1:
+            raise ValueError(f"an edit at edit_strength {options.edit_strength:g} with {options.steps} diffusion steps "
+                             f"runs none of them; give steps >= {math.ceil(1 / options.edit_strength)} or a larger "
+                             "edit_strength")
+        size = self.draw_size(options)
+        sources = [im.convert("RGB").resize(size, Image.BICUBIC) if im.size != size or im.mode != "RGB" else im
+                   for im in images]
+        kwargs = self._call_kwargs(prompt_embeds, options, negative_prompt_embeds, seeds)
+        kwargs["image"] = sources
+        if options.edit_strength is not None:
+            kwargs["strength"] = options.edit_strength
+        with self._lock:  # built around the pipeline's own scheduler, then given the call's (as ``scheduled``)
+            img2img = self.image_to_image()
+            img2img.scheduler = self.scheduler_for(options.scheduler)
+            return list(img2img(**kwargs).images)
 
 
 def speed_up_pipeline(pipe: Any, *, channels_last: bool = True, compile: bool = False,

@@ -2,14 +2,14 @@
 diffusion pipeline, behind one call, ``generate_interleaved(inputs)`` (or ``stream``).
 
 Inputs are ordered lists of ``str`` (text), ``PIL.Image.Image`` and ``pathlib.Path`` (an image file). The
-answer is an ordered list of segments: ``Text``, ``GeneratedImage`` and ``RetrievedImage``, each image
-with the decision taken at its slot.
+answer is an ordered list of segments: ``Text``, ``GeneratedImage``, ``RetrievedImage`` and ``EditedImage``
+(a picture redrawn from the conversation's last one), each image with the decision taken at its slot.
 
 The class is written in parts, one module each: this one loads a model and answers (a call's run settings
 resolved once, ``gill.run``; decoding, ``gill.generate``); ``gill.prompts`` builds prompts and keeps them in
 the model's context; ``gill.slots`` decides, retrieves and generates at each image slot; ``gill.saving``
 writes model directories; ``gill.segments`` holds what an answer is made of. Everything is imported from
-here as before (``from gill.pipeline import GILL, Text, GeneratedImage, RetrievedImage, ...``).
+here as before (``from gill.pipeline import GILL, Text, GeneratedImage, RetrievedImage, EditedImage, ...``).
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from gill.prompts import Prompt, Prompting, PromptTooLongError
 from gill.retrieval import EmbeddingIndex
 from gill.run import Run, resolve_run
 from gill.saving import Saving
-from gill.segments import (GeneratedImage, InputItem, RetrievedImage, Segment, Text, TextDelta, as_conversations,
-                           check_policy, finish, truncate_like_original)
+from gill.segments import (EditedImage, EditSource, GeneratedImage, InputItem, NoEditSourceError, RetrievedImage,
+                           Segment, Text, TextDelta, as_conversations, check_policy, edit_sources, finish,
+                           truncate_like_original)
 from gill.settings import RunSettings, context_limit, resolve_settings
-from gill.slots import ImageSlots, SlotEmbeddings
+from gill.slots import ImageSlots, SlotEmbeddings, no_source_message
 from gill.tokens import ImageTokens
 
-__all__ = ["GILL", "Text", "TextDelta", "GeneratedImage", "RetrievedImage", "Segment", "InputItem",
-           "SlotEmbeddings", "PromptTooLongError", "truncate_like_original"]
+__all__ = ["GILL", "Text", "TextDelta", "GeneratedImage", "RetrievedImage", "EditedImage", "EditSource", "Segment",
+           "InputItem", "SlotEmbeddings", "PromptTooLongError", "NoEditSourceError", "truncate_like_original"]
 
 
 class GILL(Prompting, ImageSlots, Saving):
@@ -147,6 +148,18 @@ class GILL(Prompting, ImageSlots, Saving):
             decode_text=self.tokenizer.decode, generator=generator,
         )
 
+    def _edit_sources(self, conversations: list[list[InputItem]], given: Any, batched: bool,
+                      policy: str) -> list[EditSource | None]:
+        """Each conversation's picture an edit starts from (``gill.segments.edit_sources``); a forced edit that
+        has none and no index to take one from is refused here, before anything runs."""
+        sources = edit_sources(conversations, given, batched)
+        if policy == "edit":
+            if self.diffusion is None:
+                raise ValueError("policy 'edit' needs a diffusion pipeline, and none is loaded")
+            if self.retriever is None and any(s is None for s in sources):
+                raise NoEditSourceError(no_source_message(None))
+        return sources
+
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -163,6 +176,7 @@ class GILL(Prompting, ImageSlots, Saving):
         seed: int | None = None,
         original_truncation: bool = False,
         truncate: bool = False,
+        edit_source: Any = None,
         **decode_overrides: Any,
     ) -> list[Segment] | list[list[Segment]]:
         """Answer one conversation (a list of items) or several (a list of lists, decoded as one batch).
@@ -178,15 +192,24 @@ class GILL(Prompting, ImageSlots, Saving):
         stop_strings, img_scale_factor, min_tokens_before_image, ...). ``original_truncation`` reproduces
         the original's post-processing for evaluation parity: each text cut at its first newline or
         period, and text after the last image dropped.
+
+        An edit (``policy="edit"``, or ``auto`` with a three-way decision head that chooses it) redraws a picture
+        at the run's ``edit_strength``: ``edit_source`` (a ``PIL.Image``, an image path, or an ``EditSource``
+        saying where it is, e.g. ``EditSource(image, place="shown in answer 3")``; a list of such, one per
+        conversation, for a batch), else the conversation's last picture ("attached picture N"), else the best
+        retrieved image. A chat, whose shown pictures go back as [IMG] tokens, passes its last shown picture.
+        A forced edit with none of these raises ``NoEditSourceError`` before anything runs.
         """
         batched, conversations = as_conversations(inputs)
         check_policy(policy)
         run = self._run(settings, options, diffusion, seed, decode_overrides)
+        sources = self._edit_sources(conversations, edit_source, batched, policy)
         prompts = self.build_prompts(conversations)
         self._fit(prompts, run.decode, truncate)
         results = decode(**self._decode_args(prompts, run))
         slots = [(row, s) for row, r in enumerate(results) for s in r.images]
-        images = self._images(slots, prompts, policy, run.diffusion, [set() for _ in prompts], [0] * len(prompts))
+        images = self._images(slots, prompts, policy, run.diffusion, [set() for _ in prompts], [0] * len(prompts),
+                              sources)
         answers = []
         k = 0
         for r in results:
@@ -212,16 +235,19 @@ class GILL(Prompting, ImageSlots, Saving):
         seed: int | None = None,
         deltas: bool = False,
         truncate: bool = False,
+        edit_source: Any = None,
         **decode_overrides: Any,
     ) -> Iterator[Segment | TextDelta]:
         """Answer one conversation, yielding each segment as soon as it is complete: a text run when an
-        image slot starts or decoding ends, an image when it has been retrieved or generated. With
-        ``deltas=True`` text comes as ``TextDelta`` pieces while it is decoded (for chat UIs) instead."""
+        image slot starts or decoding ends, an image when it has been retrieved, generated or edited. With
+        ``deltas=True`` text comes as ``TextDelta`` pieces while it is decoded (for chat UIs) instead.
+        ``edit_source``: as in ``generate_interleaved``."""
         batched, conversations = as_conversations(inputs)
         if batched:
             raise TypeError("stream answers one conversation: give a list of texts and images, not a list of lists")
         check_policy(policy)
         run = self._run(settings, options, diffusion, seed, decode_overrides)
+        sources = self._edit_sources(conversations, edit_source, False, policy)
         prompts = self.build_prompts(conversations)
         self._fit(prompts, run.decode, truncate)
         retrieved: list[set[str]] = [set()]
@@ -247,7 +273,8 @@ class GILL(Prompting, ImageSlots, Saving):
                 pending = []
                 if text:
                     yield Text(text)
-                yield from self._images([(0, event.slot)], prompts, policy, run.diffusion, retrieved, count)[0]
+                yield from self._images([(0, event.slot)], prompts, policy, run.diffusion, retrieved, count,
+                                        sources)[0]
                 count[0] += 1
             elif isinstance(event, DoneEvent):
                 text = self._text(pending)

@@ -18,7 +18,7 @@ from gill.generate import DecodeOptions
 from gill.settings import RunSettings, as_settings, resolve_settings
 
 DECODE_SETTINGS = ("max_new_tokens", "temperature", "top_p", "img_scale_factor")  # DecodeOptions' run settings
-DIFFUSION_SETTINGS = ("steps", "guidance_scale", "scheduler", "seed")  # DiffusionOptions' run settings
+DIFFUSION_SETTINGS = ("steps", "guidance_scale", "scheduler", "seed", "edit_strength")  # DiffusionOptions' run settings
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ class RunSettings:
     # the LM positions (prompt and answer together) the model was trained on: its usable context, at most the
     # LM's own (a larger value is refused when the model is built); unset everywhere: the LM's own positions
     context_length: int | None = None
+    edit_strength: float | None = None  # an edit's image-to-image strength, in (0, 1]: how much of the source is redrawn
 
     def to_dict(self, *, set_only: bool = False) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -81,12 +82,14 @@ class RunSettings:
             "scheduler": lambda v: isinstance(v, str) and v in SCHEDULERS,
             "scorer": lambda v: isinstance(v, str) and bool(v),
             "context_length": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+            "edit_strength": lambda v: _number(v) and 0 < v <= 1,
         }
         wanted = {
             "steps": f"an integer from 1 to {MAX_STEPS}", "guidance_scale": "a number >= 0", "img_scale_factor": "a number >= 0",
             "top_p": "a number in (0, 1]", "temperature": "a number >= 0", "max_new_tokens": "an integer >= 1",
             "seed": f"an integer from 0 to {MAX_SEED}", "scheduler": f"one of {sorted(SCHEDULERS)}", "scorer": "a scorer spec",
             "context_length": "an integer >= 1 (the LM positions the model was trained on)",
+            "edit_strength": "a number in (0, 1]",
         }
         for name, ok in checks.items():
             value = getattr(self, name)
@@ -114,6 +117,9 @@ LIBRARY_DEFAULTS = RunSettings(
     seed=42,
     scorer="hf:openai/clip-vit-large-patch14",
     context_length=None,  # the LM's own positions (``context_limit``)
+    # an edit redraws 60% of the diffusion schedule from its source: SDEdit's (Meng et al. 2022) faithful-vs-
+    # realistic range is 0.3-0.6; at its top, colours and small shapes change while the layout stays
+    edit_strength=0.6,
 )
 
 

@@ -1,13 +1,17 @@
-"""Train the retrieve-vs-generate classifier on PartiPrompts-style decisions.
+"""Train the image-slot classifier (retrieve / generate, or retrieve / generate / edit) on PartiPrompts-style
+decisions.
 
     python -m training.train_decision --model DIR --annotations PartiPromptsDecisionsConfident.tsv
 
-The annotations are a TSV with ``Prompt`` and ``Decision`` columns (``gen``, ``ret`` or ``same``; other
-columns are ignored). As in the original notebook: ``same`` is dropped, the first ``--train-size`` (600)
+The annotations are a TSV with ``Prompt`` and ``Decision`` columns (``gen``, ``ret``, ``edit`` or ``same``;
+other columns are ignored). Annotations that carry ``edit`` train a three-way head (labels gen, ret, edit: it
+may edit the conversation's last picture), the others the original's two-way one; the labels go into the
+model's config (``decision.labels``). As in the original notebook: ``same`` is dropped, the first ``--train-size`` (600)
 examples train and the rest are held out; the features are the [IMG0] last-layer state of a teacher-forced
 forward of ``prompt + [IMG0..7]``; the head (Dropout 0.5 + Linear) is trained full-batch with AdamW
-(lr 1e-3, no weight decay) for 2000 steps with cross-entropy. Prints macro-F1 on the held-out split and
-writes ``decision.safetensors`` into the model directory (``--out`` to write a copy elsewhere).
+(lr 1e-3, no weight decay) for 2000 steps with cross-entropy. Prints macro-F1 and balanced accuracy on the
+held-out split (and each label's recall) and writes ``decision.safetensors`` into the model directory
+(``--out`` to write a copy elsewhere).
 """
 
 from __future__ import annotations
@@ -23,27 +27,35 @@ from pathlib import Path
 import torch
 
 
+TWO_WAY, THREE_WAY = ("gen", "ret"), ("gen", "ret", "edit")  # a head's outputs (gill.config.DECISION_LABELS)
+
+
 @dataclass
 class Annotations:
     prompts: list[str]
-    labels: list[int]  # index into ("gen", "ret")
+    labels: list[int]  # index into ``names``
+    names: tuple[str, ...] = TWO_WAY  # ("gen", "ret"), or ("gen", "ret", "edit") where any row says "edit"
 
 
-def read_annotations(path: str | Path, labels: tuple[str, ...] = ("gen", "ret")) -> Annotations:
+def read_annotations(path: str | Path, labels: tuple[str, ...] | None = None) -> Annotations:
+    """The usable rows of a decision TSV. ``labels``: the head's outputs; default: ("gen", "ret", "edit") where
+    any row says "edit", else ("gen", "ret")."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if not rows or "Prompt" not in rows[0] or "Decision" not in rows[0]:
         raise ValueError(f"{path}: expected a TSV with 'Prompt' and 'Decision' columns")
+    decisions = [(row["Decision"] or "").strip() for row in rows]
+    if labels is None:
+        labels = THREE_WAY if "edit" in decisions else TWO_WAY
     prompts, ys = [], []
-    for i, row in enumerate(rows):
-        decision = (row["Decision"] or "").strip()
+    for i, (row, decision) in enumerate(zip(rows, decisions)):
         if decision == "same":
             continue
         if decision not in labels:
             raise ValueError(f"{path}: row {i + 2}: decision {decision!r} is not one of {list(labels) + ['same']}")
         prompts.append(row["Prompt"])
         ys.append(labels.index(decision))
-    return Annotations(prompts, ys)
+    return Annotations(prompts, ys, tuple(labels))
 
 
 @torch.no_grad()
@@ -112,6 +124,21 @@ def train_head(head, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, lr: fl
     return head.eval()
 
 
+def scores(head, x: torch.Tensor, y: torch.Tensor, n: int, names: tuple[str, ...]) -> dict:
+    """The head's figures on the first ``n`` examples (train) and the rest (held out): macro-F1, balanced
+    accuracy and each label's recall, beside the majority class's macro-F1."""
+    k = len(names)
+    with torch.no_grad():
+        pred = head(x).argmax(-1)
+    test, truth = pred[n:], y[n:]
+    recall = {f"test_recall_{name}": ((test == c) & (truth == c)).sum().item() / (truth == c).sum().item()
+              for c, name in enumerate(names) if (truth == c).any()}
+    return {"labels": list(names), "train_examples": n, "test_examples": len(y) - n,
+            "train_macro_f1": macro_f1(pred[:n], y[:n], k), "test_macro_f1": macro_f1(test, truth, k),
+            "test_balanced_accuracy": balanced_accuracy(test, truth, k), **recall,
+            "test_majority_macro_f1": macro_f1(torch.full_like(truth, int(y[:n].bincount().argmax())), truth, k)}
+
+
 def parse(argv: list[str] | None):
     from gill.arguments import float_in, int_in, seed_arg
 
@@ -127,7 +154,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--standardize", action="store_true",
                    help="train on standardized features (folded into the saved head: same format)")
     p.add_argument("--balance-classes", action="store_true",
-                   help="weigh both classes alike in the loss (for annotations where one class is rare)")
+                   help="weigh every class alike in the loss (for annotations where one class is rare)")
     p.add_argument("--index", default=None,
                    help="retrieval index: the head also reads the best retrieval score (``use_ret_score``)")
     return p.parse_args(argv)
@@ -151,23 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     model = gill.model
     retriever = gill.retriever if args.index else None
     model.config.decision.use_ret_score = retriever is not None
+    model.config.decision.labels = data.names  # the head's outputs: two, or three with edit
     x = features(model, gill.tokenizer, gill.img_tokens, data.prompts, retriever=retriever)
     y = torch.tensor(data.labels)
     n = args.train_size
     torch.manual_seed(args.seed)  # the head's initial weights too: the same command gives the same head
     head = train_head(DecisionHead.from_config(model.config), x[:n], y[:n], args.steps, args.lr, args.seed,
                       standardize=args.standardize, balance=args.balance_classes)
-    with torch.no_grad():
-        train_f1 = macro_f1(head(x[:n]).argmax(-1), y[:n])
-        test_f1 = macro_f1(head(x[n:]).argmax(-1), y[n:])
-        test_balanced = balanced_accuracy(head(x[n:]).argmax(-1), y[n:])
     out = Path(args.out) if args.out else Path(args.model)
     if args.out and Path(args.model).is_dir() and out != Path(args.model):
         shutil.copytree(args.model, out, dirs_exist_ok=True)
     save_model(out, model, head)
-    result = {"train_examples": n, "test_examples": len(y) - n, "train_macro_f1": train_f1, "test_macro_f1": test_f1,
-              "test_balanced_accuracy": test_balanced,
-              "test_majority_macro_f1": macro_f1(torch.full_like(y[n:], int(y[:n].bincount().argmax())), y[n:])}
+    result = scores(head, x, y, n, data.names)
     (out / "decision_metrics.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0
