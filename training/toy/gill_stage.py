@@ -107,8 +107,9 @@ def chat_card():
             f"{', '.join(world.SHAPES)}; sizes {', '.join(world.SIZES)}; positions {', '.join(world.POSITIONS)}; "
             f"backgrounds {', '.join(world.BACKGROUNDS)}. Describe a scene (“a large red circle on the left on "
             "white.”), change it (“it moves to the right.”, “it turns blue.”, “it grows.”), "
-            "ask “what colour is it?” or “what shape is it?”, or attach a picture of one and ask "
-            "“what is this?”. How often it is right, turn by turn: its report's “Free chats”.")
+            "ask “what colour is it?” or “what shape is it?”. It reads a picture you attach to a chat's first "
+            "message (“what is this?”), hardly ever one attached later. How often it is right, turn by turn: its "
+            "report's “Free chats”.")
     examples = ["a large red circle on the left on white.", "a small blue square on the right on gray.",
                 "it turns yellow.", "a large green triangle in the middle on white."]
     return ChatCard(hint=hint, examples=examples)
