@@ -385,3 +385,15 @@ def test_an_output_folder_is_resumed_only_with_the_settings_it_was_made_with(tmp
     assert "steps: 1 -> 2" in capsys.readouterr().err
     assert main(args + ["--batch-size", "3"]) == 0  # how it is batched does not change the outputs
     assert "0 generated, 3 already done" in capsys.readouterr().out
+    # a folder whose run.json records the same protocol's rules otherwise (an earlier gill.eval's): each rule
+    # that differs is named, not the protocol's unchanged name
+    import json
+
+    run = tmp_path / "out" / "run.json"
+    recorded = json.loads(run.read_text())
+    recorded["protocol"] = {k: v for k, v in recorded["protocol"].items() if k != "retrieval"} | {"seeds": "older"}
+    run.write_text(json.dumps(recorded))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "protocol 'original''s rules as recorded then (" in err and "seeds: 'older' -> " in err, err
+    assert "retrieval: '(none)' -> " in err and "protocol: 'original' -> 'original'" not in err, err

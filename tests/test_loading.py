@@ -84,12 +84,12 @@ def test_the_library_call_uses_the_models_settings_and_answers_a_caption_with_an
 
 
 def test_the_shipped_toys_context_is_the_positions_its_lm_was_trained_on(toy):
-    """The toy LM has 512 positions but was trained on documents of LM_LEN (448): its run settings say so, the
-    build writes it (TOY_RUN), and the library's limit is that."""
-    from training.toy.plan import INSTALLED_SCORER, LM_LEN, LM_POSITIONS, TOY_RUN
+    """The toy LM has 512 positions and was trained on documents of 448, GILL on sequences of GILL_LEN (256):
+    its run settings say so, the build writes it (TOY_RUN), and the library's limit is that."""
+    from training.toy.plan import GILL_LEN, INSTALLED_SCORER, LM_LEN, LM_POSITIONS, TOY_RUN
 
-    assert toy.context_length == LM_LEN == 448 < toy.max_positions == LM_POSITIONS == 512
-    assert TOY_RUN["context_length"] == LM_LEN
+    assert toy.context_length == GILL_LEN == 256 < LM_LEN == 448 < toy.max_positions == LM_POSITIONS == 512
+    assert TOY_RUN["context_length"] == GILL_LEN
     shipped = json.loads((toy_dir() / "config.json").read_text())["run"]
     assert {k: v for k, v in shipped.items() if v is not None} == {**TOY_RUN, "scorer": INSTALLED_SCORER}
 

@@ -144,7 +144,12 @@ def check_resumable(path: Path, state: dict) -> None:
     changed = [f"{k}: {before.get(k)!r} -> {state[k]!r}" for k in RESUME_KEYS if k in before and before[k] != state[k]]
     was, now = before.get("protocol", {}), state["protocol"]
     if isinstance(was, dict) and was and was != now:
-        changed.append(f"protocol: {was.get('name')!r} -> {now['name']!r}")
+        if was.get("name") != now["name"]:
+            changed.append(f"protocol: {was.get('name')!r} -> {now['name']!r}")
+        else:  # the same protocol, as an earlier version of gill.eval wrote its rules
+            rules = [f"{k}: {was.get(k, '(none)')!r} -> {now.get(k, '(none)')!r}" for k in sorted(set(was) | set(now))
+                     if was.get(k) != now.get(k)]
+            changed.append(f"protocol {now['name']!r}'s rules as recorded then ({', '.join(rules)})")
     was_run = before.get("run", {}) if isinstance(before.get("run"), dict) else {}
     changed += [f"{k}: {was_run[k]!r} -> {state['run'][k]!r}" for k in RESUME_RUN_KEYS
                 if k in was_run and was_run[k] != state["run"][k]]

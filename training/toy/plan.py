@@ -21,13 +21,18 @@ GILL_THREADS = 2
 INSTALLED_SCORER = "hf:../toy-metric-clip"  # where install puts the metric model, beside gill/assets/toy
 TEXT_LEN = 16  # the CLIP-style text encoders' positions (captions are at most 15 tokens: one pad pools)
 # The toy LM's positions: its model has LM_POSITIONS, it is trained on documents of up to LM_LEN (chats of up
-# to CHAT_TURNS turns: ~300 tokens at 12), and LM_LEN is the model's context_length (the app keeps a chat
-# inside it). Until v2.9: 256 / 160 / chats of up to 5 turns, and free chats fell apart from turn 6.
+# to CHAT_TURNS turns: ~300 tokens at 12). Until v2.9: 256 / 160 / chats of up to 5 turns, and free chats fell
+# apart from turn 6.
 LM_POSITIONS = 512
 LM_LEN = 448
 CHAT_TURNS = 12
 VISUAL_TOKENS = 4  # GILL's visual prefix per picture (2 until v2.9, when attached pictures were not read)
-GILL_LEN = 256  # GILL's training sequences (training.train --max-len): a chat's oldest pairs dropped to fit
+# GILL's training sequences (training.train --max-len; a chat's oldest whole turns dropped to fit), and so the
+# model's context_length, which the library and the app keep a chat inside: [IMG] tokens and visual prefixes
+# were never trained further in. v3.0 at the LM's 448 instead: 40 random 12-turn chats without attached
+# pictures right at turns 1-10 in 0.93-1.00, then 0.47 and 0.15; at 256: 0.95-1.00 at every turn, 36 of the
+# 40 chats right throughout (the app drops the oldest whole turns, which the current object outlives).
+GILL_LEN = 256
 
 # How the toy model is best run, saved in its config.json (run settings): its tiny diffusion model draws
 # colour and shape right from its own captions best at guidance 4.0 (0.97 of 40 seen compositions'
@@ -38,9 +43,9 @@ GILL_LEN = 256  # GILL's training sequences (training.train --max-len): a chat's
 # own word for a picture's place, " (picture)", by ~1% of its logit in v2.8, v2.9 and two of three reduced
 # builds; 1.1 shows those pictures and left every other row of the report as it was, 1.2 already cost the
 # story-following row, 1.4 cut a chat answer short (README's toy section, the figures). Its context is the
-# positions its LM was trained on: the library and the app keep prompt and answer inside them.
+# positions GILL was trained on (GILL_LEN): the library and the app keep prompt and answer inside them.
 TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer": "hf:../metric-clip",
-           "context_length": LM_LEN}
+           "context_length": GILL_LEN}
 
 
 @dataclass
