@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gill.config import TokenConfig
 from training.toy import world
-from training.toy.plan import CHAT_TURNS, GILL_LEN, VISUAL_TOKENS, Plan, log
+from training.toy.plan import CHAT_TURNS, VISUAL_TOKENS, Plan, log
 
 
 def _png(scene: world.Scene, jitter: tuple[int, int] = (0, 0)) -> bytes:
@@ -40,7 +40,7 @@ def interleaved(key: str, pairs: list[tuple[str, world.Scene]], text: str, targe
 def training_samples(plan: Plan, rng: random.Random, train_comp: set, length=len) -> list[dict]:
     """GILL's training samples: what the [IMG] tokens follow (``txt``), the picture (``png``), the picture's
     own caption as the diffusion target (``sd.txt``) and, for stories and chats, the context. ``length``: a
-    text's tokens (the LM's tokenizer with the [IMG] tokens), by which chats are fitted to GILL_LEN."""
+    text's tokens (the LM's tokenizer with the [IMG] tokens), by which chats are fitted to ``plan.gill_len``."""
     samples = []
     for s in (s for s in world.all_scenes() if s.composition in train_comp):
         for k in range(plan.train_images_per_scene):
@@ -68,7 +68,7 @@ def training_samples(plan: Plan, rng: random.Random, train_comp: set, length=len
         while turns and turns[-1].scene is None:
             turns.pop()
         if turns:
-            samples.append(interleaved(f"chat-{n:05d}", *fitted_chat(turns, length)))
+            samples.append(interleaved(f"chat-{n:05d}", *fitted_chat(turns, length, plan.gill_len)))
     rng.shuffle(samples)
     return samples
 
@@ -76,14 +76,14 @@ def training_samples(plan: Plan, rng: random.Random, train_comp: set, length=len
 IMG_TEXT = "".join(TokenConfig().strings)  # the [IMG] tokens GILL adds to the toy's tokenizer (gill_stage's config)
 
 
-def fitted_chat(turns: list[world.Turn], length) -> tuple[list[tuple[str, world.Scene]], str, world.Scene]:
+def fitted_chat(turns: list[world.Turn], length, max_len: int) -> tuple[list[tuple[str, world.Scene]], str, world.Scene]:
     """``world.chat_sample`` of the chat's most recent whole turns whose sample (texts by ``length``, visual
-    tokens and the closing [IMG] tokens) fits GILL's training sequences, as the app keeps a chat inside the
+    tokens and the closing [IMG] tokens) fits ``max_len`` (GILL's training sequences), as the app keeps a chat inside the
     model's context: training.train would otherwise cut the end of the text, the answer the sample is for."""
     for start in range(len(turns)):
         pairs, text, scene = world.chat_sample(turns[start:], IMG_TEXT)
         used = length(text) + sum(length(t) + VISUAL_TOKENS for t, _ in pairs) + len(TokenConfig().strings) + 1
-        if used <= GILL_LEN:
+        if used <= max_len:
             break
     return pairs, text, scene
 

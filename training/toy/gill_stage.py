@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from training.toy import world
-from training.toy.plan import GILL_LEN, GILL_THREADS, TEXT_LEN, TOY_RUN, VISUAL_TOKENS, Plan, run
+from training.toy.plan import GILL_THREADS, TEXT_LEN, VISUAL_TOKENS, Plan, run, run_settings
 
 
 def gill_config(out: Path) -> Path:
@@ -31,14 +31,14 @@ def gill_config(out: Path) -> Path:
     return path
 
 
-def _train(model: Path, run_dir: Path, steps: int, shards: str, out: Path, seed: int) -> list[str]:
+def _train(model: Path, run_dir: Path, steps: int, shards: str, out: Path, seed: int, max_len: int) -> list[str]:
     """training.train with the toy's schedule (AdamW 2e-3, warmup 50, x0.1 at 3/4 of the steps, batch 32) and
     its [IMG] rows left free; the caller adds what its run trains."""
     return ["-m", "training.train", "--model", str(model), "--recipe", "tiny", "--data", shards,
             "--sd-embeddings", str(out / "sd-emb"), "--out", str(run_dir), "--steps", str(steps),
             "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "50", "--decay-every", str(steps * 3 // 4),
             "--save-every", str(steps), "--seed", str(seed), "--no-progress", "--no-tensorboard",
-            "--shuffle-buffer", "256", "--max-len", str(GILL_LEN), "--renorm-img-embeddings", "false", "--renorm-img-output", "false"]
+            "--shuffle-buffer", "256", "--max-len", str(max_len), "--renorm-img-embeddings", "false", "--renorm-img-output", "false"]
 
 
 def stage_gill(out: Path, plan: Plan, seed: int) -> None:
@@ -62,14 +62,14 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
         # the retrieval head read whatever the LM's seed happened to leave at the "." (an LM of the same text
         # and another seed: exact retrieval 0.43, story retrieval 0.10); free, [IMG0]'s state holds the
         # scene after captions, chats and stories alike (see the README's toy section for the figures).
-        run(*_train(config, out / "gill-run", plan.gill_steps, shards, out, seed),
+        run(*_train(config, out / "gill-run", plan.gill_steps, shards, out, seed, plan.gill_len),
             # [IMG0] starts as a second full stop: the LM's state at a "." already gathers the scene
             "--img-init", ".",
             # extra retrieval negatives: a batch of 32 rarely holds two scenes that differ in one attribute
             # (v2.1 also weighted the retrieval loss 4x with a queue of 2048, for an LM that kept little of
             # the background at the "."; with one that keeps it, that cost story retrieval: 0.17 vs 0.27);
             # see the README's toy section for the build's figures
-            "--contrastive-queue", "512", "--weight-contrastive", "1", "--run-settings", json.dumps(TOY_RUN),
+            "--contrastive-queue", "512", "--weight-contrastive", "1", "--run-settings", json.dumps(run_settings(plan)),
             "--training-data", "the toy world (training/toy/world.py): synthetic captioned shapes, chats and 5-step "
             "stories (interleaved with their pictures), built by python -m training.toy", threads=GILL_THREADS)
     # the model directory: trained weights beside the backbones it names by relative path
@@ -83,7 +83,7 @@ def stage_gill(out: Path, plan: Plan, seed: int) -> None:
         # compositions GILL never trained on somewhat better (all 48 unseen scenes from single captions, GILL
         # seeds 0 / 1 / 2: 0.58 / 0.67 / 0.69 -> 0.67 / 0.77 / 0.71), story ends and chats mixed; the
         # README's toy section has the figures.
-        run(*_train(model, out / "mapper-run", plan.mapper_steps, shards, out, seed),
+        run(*_train(model, out / "mapper-run", plan.mapper_steps, shards, out, seed, plan.gill_len),
             "--train-only", "mapper", "--reinit", "mapper", threads=GILL_THREADS)
     for name in ("config.json", "gill.safetensors"):
         (model / name).write_bytes((trained / name).read_bytes())

@@ -27,8 +27,8 @@ LM_POSITIONS = 512
 LM_LEN = 448
 CHAT_TURNS = 12
 VISUAL_TOKENS = 4  # GILL's visual prefix per picture (2 until v2.9, when attached pictures were not read)
-# GILL's training sequences (training.train --max-len; a chat's oldest whole turns dropped to fit), and so the
-# model's context_length, which the library and the app keep a chat inside: [IMG] tokens and visual prefixes
+# GILL's training sequences in the full build (Plan.gill_len: training.train --max-len; a chat's oldest whole
+# turns dropped to fit), and so the model's context_length, which the library and the app keep a chat inside: [IMG] tokens and visual prefixes
 # were never trained further in. v3.0 at the LM's 448 instead: 40 random 12-turn chats without attached
 # pictures right at turns 1-10 in 0.93-1.00, then 0.47 and 0.15; at 256: 0.95-1.00 at every turn, 36 of the
 # 40 chats right throughout (the app drops the oldest whole turns, which the current object outlives).
@@ -48,12 +48,18 @@ TOY_RUN = {"steps": 25, "guidance_scale": 4.0, "img_scale_factor": 1.1, "scorer"
            "context_length": GILL_LEN}
 
 
+def run_settings(plan: Plan) -> dict:
+    """The run settings a build of ``plan`` writes: TOY_RUN, its context the positions GILL trained on."""
+    return {**TOY_RUN, "context_length": plan.gill_len}
+
+
 @dataclass
 class Plan:
     lm_steps: int = 2000  # (3000 until v2.2: its loss was flat after 2000; the time went to GILL's steps)
     clip_steps: int = 1200
     vae_steps: int = 1000
     unet_steps: int = 4200  # (3500 until v2.3, on the corpus's compositions only: 504 pictures, now 648)
+    gill_len: int = GILL_LEN  # GILL's training sequences, and the built model's context_length (run_settings)
     gill_steps: int = 1700  # (1600 in v2.1, 2000 in v2.2, 1800 in v2.3-v2.4: the same report, 40 s more)
     # then the mapper alone, afresh, on the trained model's final [IMG] states (gill_stage; `--mapper-steps`;
     # 0: not refitted, as shipped: it draws unseen compositions better but costs minutes; README toy section)
@@ -70,7 +76,9 @@ class Plan:
     decision_stories: int = 300
 
 
-SMALL = Plan(lm_steps=1500, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=1000, train_images_per_scene=4,
+# The reduced build (CI's slow test) trains GILL on sequences of 128, chats of about 3 turns: at 256 its GILL
+# stage took 24 min beside another build (1000 steps), at 128 about a quarter of that
+SMALL = Plan(gill_len=128, lm_steps=1500, clip_steps=400, vae_steps=300, unet_steps=800, gill_steps=1000, train_images_per_scene=4,
              train_stories=800, train_chats=800, attach_chats=400, test_stories=24, val_stories=12, decision_stories=200)
 
 
