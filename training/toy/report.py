@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.toy import world
+from training.toy import free_chats, world
 from training.toy.backbones import image_processor, pixels, text_inputs
 from training.toy.plan import log
 
@@ -115,7 +115,9 @@ def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = Tru
     from gill.pipeline import GeneratedImage, RetrievedImage, Text
 
     turn = turns_format.turn_items(question)
-    answer = gill.generate_interleaved(history + turn, stop_strings=turns_format.STOP_STRINGS,
+    # the most recent whole turns that fit the model's context, as the app keeps a chat (free_chats.fit_turns)
+    kept, _ = free_chats.fit_turns(gill, split_turns(history), turn, gill.run_settings().max_new_tokens)
+    answer = gill.generate_interleaved([x for t in kept for x in t] + turn, stop_strings=turns_format.STOP_STRINGS,
                                        end_at_image=turns_format.END_AT_IMAGE, seed=0)
     decoded = "".join(s.text for s in answer if isinstance(s, Text))
     pictures = [s.image for s in answer if isinstance(s, (GeneratedImage, RetrievedImage)) and s.image is not None]
@@ -123,6 +125,19 @@ def chat_turn(gill, history: list, question: str, feed_back_pictures: bool = Tru
              if isinstance(s, Text) or (feed_back_pictures and isinstance(s, (GeneratedImage, RetrievedImage)))]
     history += turn + turns_format.answer_items(parts, gill.img_tokens.text)
     return ChatAnswer(turns_format.answer_text(decoded), pictures)
+
+
+def split_turns(history: list) -> list[list]:
+    """A chat's items (``chat_turn``'s history) as its turns: each from its attached pictures or its question
+    ("Q: ...") to the end of its answer."""
+    turns: list[list] = []
+    for item in history:
+        opens = not isinstance(item, str) or item.startswith("Q: ")
+        after_picture = bool(turns) and not isinstance(turns[-1][-1], str)  # a question after its attachment
+        if not turns or (opens and not after_picture):
+            turns.append([])
+        turns[-1].append(item)
+    return turns
 
 
 def chat(gill) -> dict:
