@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gill import synthetic
 from gill.config import GILLConfig, PreprocessConfig
 from gill.tokens import ImageTokens, add_image_tokens, check_image_tokens
 
@@ -151,10 +152,10 @@ def config_for_backbones(lm: nn.Module, vision: nn.Module, img_tokens: ImageToke
 
 DEFAULT_CORPUS = tuple(
     f"a {size} {color} {shape} {where}"
-    for size in ("small", "large")
-    for color in ("red", "green", "blue", "yellow")
-    for shape in ("circle", "square", "triangle")
-    for where in ("on the left", "on the right", "in the middle", "moves to the right", "next to it")
+    for size in synthetic.SIZES
+    for color in synthetic.TINY_COLORS
+    for shape in synthetic.SHAPES
+    for where in synthetic.PLACES
 )
 
 

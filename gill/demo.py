@@ -14,17 +14,14 @@ from pathlib import Path
 
 import torch
 
-from gill import losses
+from gill import losses, synthetic
 from gill.backbones import tiny_backbones
 from gill.checkpoint import load_model, save_model
 from gill.model import GILLModel
 
 LOG = logging.getLogger(__name__)
 
-COLORS = {
-    "red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40),
-    "purple": (140, 40, 160), "orange": (240, 140, 20), "black": (10, 10, 10), "white": (245, 245, 245),
-}
+COLORS = synthetic.COLORS  # the library's one synthetic world (gill.synthetic)
 
 
 @dataclass

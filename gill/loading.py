@@ -336,7 +336,9 @@ def _tiny_corpus(parts: ModelParts) -> EmbeddingIndex:
     """tiny-random's corpus: four solid-colour squares, embedded by its own model."""
     from PIL import Image
 
-    colors = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+    from gill.synthetic import COLORS, TINY_COLORS
+
+    colors = {name: COLORS[name] for name in TINY_COLORS}
     images = {name: Image.new("RGB", (32, 32), rgb) for name, rgb in colors.items()}
     records = [ImageRecord(i, f"tiny-random://{name}", f"a {name} square", sha256=f"tiny-{name}")
                for i, name in enumerate(colors)]

@@ -382,7 +382,7 @@ def test_missing_release_files_are_named_with_what_to_set(hub_home, tmp_path):
 
 # DESIGN.md's order inside gill/: a module imports only modules of its own layer or below.
 LAYERS = [
-    {"gill._io", "gill._quiet", "gill.io", "gill.quiet", "gill.chat", "gill.images", "gill.arguments", "gill.settings", "gill.presets", "gill.layers", "gill.losses", "gill.sampling"},
+    {"gill._io", "gill._quiet", "gill.io", "gill.quiet", "gill.chat", "gill.images", "gill.arguments", "gill.settings", "gill.presets", "gill.layers", "gill.losses", "gill.sampling", "gill.synthetic"},
     {"gill.config"},
     {"gill.tokens", "gill.decision"},
     {"gill.model"},
