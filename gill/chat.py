@@ -48,6 +48,11 @@ def answer_items(parts: Iterable[Any], img_text: str) -> list[Any]:
     """The items an answer adds to the conversation: its ``parts`` in order (decoded text pieces, and each
     picture it showed, generated or retrieved), each picture as ``img_text`` (the model's [IMG] tokens,
     ``GILL.img_tokens.text``), cut where the model began another turn, then one newline: one text item."""
+    if isinstance(parts, str) or not isinstance(img_text, str):
+        # the form before [IMG] tokens were fed back, answer_items(decoded, pictures), would silently leave the
+        # pictures out of the history, and a chat then loses its thread within a few turns
+        raise TypeError("answer_items(parts, img_text): the answer's text pieces and pictures in order, and the "
+                        "model's [IMG] tokens as text (GILL.img_tokens.text)")
     text = "".join(p if isinstance(p, str) else img_text for p in parts)
     return [answer_text(text).rstrip() + "\n"]
 

@@ -462,6 +462,10 @@ def test_the_chat_turn_format_feeds_an_answer_back_as_decoded():
     assert chat.answer_items([" it is red. \n"], "[I0]") == [" it is red.\n"]
     assert chat.answer_items([picture], "[I0]") == ["[I0]\n"]  # an answer that was only a picture
     assert chat.answer_items([" a", picture, " b", picture], "<I>") == [" a<I> b<I>\n"]  # each where it was
+    # the earlier form, answer_items(decoded, pictures), would drop the pictures' [IMG] tokens: refused
+    for bad in ((" it is red.", [picture]), (" it is red.", "<I>"), ([" it is red."], [picture])):
+        with pytest.raises(TypeError, match="GILL.img_tokens.text"):
+            chat.answer_items(*bad)
     assert chat.STOP_STRINGS == ("\nQ:", "\nA:")
     # an answer that writes an answer line of its own ends there too (every turn marker stops it)
     assert chat.answer_text(" it is red.\nA: it is blue.\nQ: x") == " it is red."
